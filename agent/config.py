@@ -1,0 +1,293 @@
+"""Configuration: YAML validated into frozen msgspec structs, with ``INFERD_<SECTION>__<KEY>`` overrides.
+
+Every error names the field path (``$.models[0].threads``) and the reason, and is raised as
+:class:`ConfigError`; the CLI turns it into one line and exit code 78 (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from agent.errors import ConfigError
+
+EX_CONFIG = 78
+
+Scalar = str | int | float | bool
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TOPIC_BAD = re.compile(r"[#+\x00]")
+PROVIDERS = ("tensorrt", "cuda", "cpu")
+
+
+def _check_name(what: str, value: str) -> None:
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"{what} {value!r} must be 1-64 letters, digits, '_', '.', '-' (no slashes or spaces)"
+        )
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every config section: immutable, unknown keys are an error."""
+
+
+class ModelConfig(_Section):
+    name: str
+    path: str
+    runtime: Literal["onnxruntime", "tflite"] = "onnxruntime"
+    providers: tuple[Literal["tensorrt", "cuda", "cpu"], ...] = ("cpu",)
+    threads: int = 1
+    inter_op_threads: int = 1
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    optimized_model_cache: bool = False
+    device_id: int = 0
+    tensorrt_fp16: bool = False
+    tensorrt_int8: bool = False
+    provider_options: dict[str, dict[str, Scalar]] = {}
+    warmup_runs: int = 1
+    max_concurrency: int = 4
+    labels: tuple[str, ...] = ()
+    log_tensors: bool = False
+
+    def __post_init__(self) -> None:
+        _check_name("model name", self.name)
+        if not self.providers:
+            raise ValueError("providers must name at least one of tensorrt, cuda, cpu")
+        if len(set(self.providers)) != len(self.providers):
+            raise ValueError("providers must not repeat")
+        for bad in set(self.provider_options) - set(PROVIDERS):
+            raise ValueError(f"provider_options key {bad!r} is not one of {', '.join(PROVIDERS)}")
+        if self.threads < 0 or self.inter_op_threads < 0:
+            raise ValueError("threads must be >= 0 (0 lets the runtime choose)")
+        if self.warmup_runs < 0:
+            raise ValueError("warmup_runs must be >= 0")
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+
+
+class ApiConfig(_Section):
+    listen: str = "127.0.0.1:8080"
+    max_body_bytes: int = 16 * 1024 * 1024
+    workers: int = 8
+
+    def __post_init__(self) -> None:
+        listen_address(self.listen)
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be >= 1024")
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
+
+
+class TlsConfig(_Section):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+
+
+class MqttConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topic_prefix: str = "inferd"
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None
+    tls: TlsConfig | None = None
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive_s: int = 30
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError("port must be 1-65535")
+        if not self.topic_prefix or _TOPIC_BAD.search(self.topic_prefix):
+            raise ValueError("topic_prefix must be non-empty and free of '#', '+'")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ValueError("need 0 < reconnect_min_s <= reconnect_max_s")
+
+    def __repr__(self) -> str:  # never show the password
+        return f"MqttConfig(host={self.host!r}, port={self.port}, username={self.username!r})"
+
+    def secret(self) -> str | None:
+        """The password, read from ``password_file`` when that is how it is given."""
+        if self.password_file is not None:
+            try:
+                return Path(self.password_file).read_text(encoding="utf-8").strip()
+            except OSError as err:
+                raise ConfigError(
+                    f"mqtt.password_file: cannot read {self.password_file}: {err.strerror}"
+                ) from err
+        return self.password
+
+
+class TelemetryConfig(_Section):
+    metrics_interval_s: float = 10.0
+    prediction_sample_rate: float = 1.0
+    prediction_batch_size: int = 500
+    prediction_batch_ms: int = 1000
+    spool_max_bytes: int = 64 * 1024 * 1024
+    metrics_qos: Literal[0, 1] = 0
+
+    def __post_init__(self) -> None:
+        if self.metrics_interval_s <= 0:
+            raise ValueError("metrics_interval_s must be > 0")
+        if not 0.0 <= self.prediction_sample_rate <= 1.0:
+            raise ValueError("prediction_sample_rate must be between 0 and 1")
+        if self.prediction_batch_size < 1 or self.prediction_batch_ms < 1:
+            raise ValueError("prediction_batch_size and prediction_batch_ms must be >= 1")
+        if self.spool_max_bytes < 64 * 1024:
+            raise ValueError("spool_max_bytes must be >= 65536")
+
+
+class UpdatesConfig(_Section):
+    enabled: bool = True
+    repository_url: str = "http://127.0.0.1:8000/"
+    trusted_root: str = "/etc/inferd/root.json"
+    poll_interval_s: float = 300.0
+    max_download_bytes: int = 512 * 1024 * 1024
+    state_timeout_s: float = 600.0
+    trial_window_s: float = 60.0
+    trial_min_requests: int = 20
+    trial_max_error_rate: float = 0.05
+    trial_max_latency_ratio: float = 3.0
+    crash_loop_restarts: int = 3
+    keep_versions: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.repository_url.startswith(("http://", "https://", "file://")):
+            raise ValueError("repository_url must be an http(s):// or file:// URL")
+        if self.poll_interval_s <= 0 or self.state_timeout_s <= 0 or self.trial_window_s < 0:
+            raise ValueError("poll_interval_s and state_timeout_s must be > 0")
+        if not 0.0 <= self.trial_max_error_rate <= 1.0:
+            raise ValueError("trial_max_error_rate must be between 0 and 1")
+        if self.keep_versions < 1:
+            raise ValueError("keep_versions must be >= 1")
+
+
+class QualityConfig(_Section):
+    window_count: int = 1000
+    window_s: float = 3600.0
+    join_window_s: float = 600.0
+    join_max_pending: int = 10000
+    max_classes: int = 20
+    drift_window: int = 500
+    drift_psi_threshold: float = 0.2
+    publish_interval_s: float = 60.0
+
+
+class Config(_Section):
+    device_id: str = msgspec.field(default_factory=socket.gethostname)
+    groups: tuple[str, ...] = ()
+    state_dir: str = "/var/lib/inferd"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    models: tuple[ModelConfig, ...] = ()
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    updates: UpdatesConfig = msgspec.field(default_factory=UpdatesConfig)
+    quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
+
+    def __post_init__(self) -> None:
+        _check_name("device_id", self.device_id)
+        for group in self.groups:
+            _check_name("group", group)
+        names = [m.name for m in self.models]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"model name {name!r} is used twice")
+
+    def model(self, name: str) -> ModelConfig:
+        """The config of the model slot called ``name``."""
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"models: no model named {name!r}")
+
+
+def listen_address(listen: str) -> tuple[str, int] | str:
+    """``host:port`` as a tuple, or ``unix:/path`` as the path; ValueError when neither."""
+    if listen.startswith("unix:"):
+        path = listen[len("unix:") :]
+        if not path.startswith("/"):
+            raise ValueError("unix socket path must be absolute: unix:/run/inferd/api.sock")
+        return path
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536 or not host:
+        raise ValueError(f"listen {listen!r} must be HOST:PORT or unix:/PATH")
+    return host.strip("[]"), int(port)
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for key, raw in environ.items():
+        if not key.startswith("INFERD_") or key in ("INFERD_CONFIG",):
+            continue
+        parts = key[len("INFERD_") :].lower().split("__")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: not a YAML scalar: {err}") from err
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+
+
+def parse_config(
+    data: Any, *, base_dir: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Validate an already-parsed YAML document (plus env overrides) into a :class:`Config`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("$: the config must be a mapping of sections")
+    _apply_env(data, os.environ if environ is None else environ)
+    try:
+        cfg = msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as err:
+        raise ConfigError(str(err)) from err
+    if base_dir is not None:
+        cfg = _resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def res(p: str) -> str:
+        return p if os.path.isabs(p) else str((base / p).resolve())
+
+    models = tuple(msgspec.structs.replace(m, path=res(m.path)) for m in cfg.models)
+    return msgspec.structs.replace(cfg, models=models)
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file; relative model paths are taken from its folder."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read config: {err.strerror}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} invalid YAML: {getattr(err, 'problem', err)}") from err
+    return parse_config(data, base_dir=p.resolve().parent, environ=environ)

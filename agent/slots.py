@@ -1,0 +1,223 @@
+"""Model slots: a named place that serves one model version at a time and swaps atomically.
+
+A swap replaces the slot's reference in one assignment. Requests that already hold the old
+model finish on it; the old backend is closed when the last of them returns, so no request
+fails because of a swap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.backends import Backend, open_backend
+from agent.config import ModelConfig
+from agent.errors import BackendError, InputError, NotReadyError
+
+log = logging.getLogger(__name__)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """What listeners hear about each request: enough for metrics, prediction logs and quality."""
+
+    model: str
+    version: str
+    request_id: str
+    ts: float
+    latency_ns: int
+    feeds: Mapping[str, np.ndarray]
+    outputs: Mapping[str, np.ndarray] | None
+    error: str | None = None
+
+
+Listener = Callable[[Prediction], None]
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One loaded model version; reference-counted so a swap never closes it under a request."""
+
+    backend: Backend
+    version: str
+    path: Path
+    digest: str
+    loaded_at: float = field(default_factory=time.time)
+    _inflight: int = 0
+    _retired: bool = False
+    _closed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _idle: threading.Condition = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._idle = threading.Condition(self._lock)
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self._retired:
+                return False
+            self._inflight += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.notify_all()
+                if self._retired:
+                    self._close_locked()
+
+    def retire(self) -> None:
+        """Stop taking new requests; close once the in-flight ones have finished."""
+        with self._lock:
+            self._retired = True
+            if self._inflight == 0:
+                self._close_locked()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request holds this model; False on timeout."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+    def _close_locked(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.backend.close()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+
+def load_model(
+    config: ModelConfig, path: str | Path, version: str, cache_dir: Path | None
+) -> LoadedModel:
+    """Open a backend for ``path`` (warmed up) and wrap it with its version and digest."""
+    p = Path(path)
+    backend = open_backend(p, config, cache_dir)
+    return LoadedModel(backend=backend, version=version, path=p, digest=file_digest(p))
+
+
+class ModelSlot:
+    """Serves the current model of one configured slot; ``predict`` is thread-safe."""
+
+    def __init__(self, config: ModelConfig, cache_dir: Path | None = None) -> None:
+        self.config = config
+        self.cache_dir = cache_dir
+        self._current: LoadedModel | None = None
+        self._swap_lock = threading.Lock()
+        self._gate = threading.BoundedSemaphore(config.max_concurrency)
+        self.listeners: list[Listener] = []
+        self.update_state = "idle"
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def current(self) -> LoadedModel:
+        model = self._current
+        if model is None:
+            raise NotReadyError(f"model {self.name!r} is not loaded")
+        return model
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    def load(self, path: str | Path, version: str) -> LoadedModel:
+        """Load a model file for this slot without serving it (validation, then :meth:`swap`)."""
+        return load_model(self.config, path, version, self.cache_dir)
+
+    def swap(self, new: LoadedModel) -> LoadedModel | None:
+        """Serve ``new`` from now on; the previous model is retired and returned."""
+        with self._swap_lock:
+            old = self._current
+            self._current = new
+        if old is not None:
+            old.retire()
+        log.info("%s: now serving version %s", self.name, new.version)
+        return old
+
+    def _acquire(self) -> LoadedModel:
+        while True:
+            model = self._current
+            if model is None:
+                raise NotReadyError(f"model {self.name!r} is not loaded")
+            if model.acquire():
+                return model
+
+    def predict(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        output_names: Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> tuple[dict[str, np.ndarray], LoadedModel, str]:
+        """Check and run ``feeds``; returns (outputs, the model that served, request id)."""
+        model = self._acquire()
+        try:
+            backend = model.backend
+            backend.check_feeds(feeds)
+            if output_names:
+                known = {o.name for o in backend.outputs}
+                for name in output_names:
+                    if name not in known:
+                        raise InputError(
+                            f"unknown output {name!r}; the model gives {', '.join(sorted(known))}"
+                        )
+            rid = request_id or uuid.uuid4().hex
+            with self._gate:
+                start = time.perf_counter_ns()
+                try:
+                    outputs = backend.run(feeds, output_names)
+                except BackendError as err:
+                    self._tell(model, rid, time.perf_counter_ns() - start, feeds, None, str(err))
+                    raise
+                latency = time.perf_counter_ns() - start
+            self._tell(model, rid, latency, feeds, outputs, None)
+            return outputs, model, rid
+        finally:
+            model.release()
+
+    def _tell(
+        self,
+        model: LoadedModel,
+        rid: str,
+        latency_ns: int,
+        feeds: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray] | None,
+        error: str | None,
+    ) -> None:
+        if not self.listeners:
+            return
+        event = Prediction(
+            self.name, model.version, rid, time.time(), latency_ns, feeds, outputs, error
+        )
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("%s: prediction listener failed", self.name)
+
+    def close(self) -> None:
+        with self._swap_lock:
+            old, self._current = self._current, None
+        if old is not None:
+            old.retire()
