@@ -1,0 +1,7 @@
+"""Shared pytest setup. Fixture modules live in tests/fixtures/ and are listed here."""
+
+from __future__ import annotations
+
+pytest_plugins = [
+    "tests.fixtures.models",
+]
