@@ -1,4 +1,6 @@
-"""Configuration: YAML validated into frozen msgspec structs, with ``INFERD_<SECTION>__<KEY>`` overrides.
+"""Configuration: YAML validated into frozen msgspec structs, with env overrides.
+
+Any key can be overridden with ``INFERD_<SECTION>__<KEY>`` (``INFERD_MQTT__HOST``).
 
 Every error names the field path (``$.models[0].threads``) and the reason, and is raised as
 :class:`ConfigError`; the CLI turns it into one line and exit code 78 (EX_CONFIG).
@@ -34,13 +36,10 @@ def _check_name(what: str, value: str) -> None:
         )
 
 
-class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Base of every config section: immutable, unknown keys are an error."""
-
-
-class ModelConfig(_Section):
+class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     name: str
     path: str
+    version: str = "1"
     runtime: Literal["onnxruntime", "tflite"] = "onnxruntime"
     providers: tuple[Literal["tensorrt", "cuda", "cpu"], ...] = ("cpu",)
     threads: int = 1
@@ -72,7 +71,7 @@ class ModelConfig(_Section):
             raise ValueError("max_concurrency must be >= 1")
 
 
-class ApiConfig(_Section):
+class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:8080"
     max_body_bytes: int = 16 * 1024 * 1024
     workers: int = 8
@@ -85,7 +84,7 @@ class ApiConfig(_Section):
             raise ValueError("workers must be >= 1")
 
 
-class TlsConfig(_Section):
+class TlsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -96,7 +95,7 @@ class TlsConfig(_Section):
             raise ValueError("cert_file and key_file must be given together")
 
 
-class MqttConfig(_Section):
+class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 1883
@@ -136,7 +135,7 @@ class MqttConfig(_Section):
         return self.password
 
 
-class TelemetryConfig(_Section):
+class TelemetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     metrics_interval_s: float = 10.0
     prediction_sample_rate: float = 1.0
     prediction_batch_size: int = 500
@@ -155,7 +154,7 @@ class TelemetryConfig(_Section):
             raise ValueError("spool_max_bytes must be >= 65536")
 
 
-class UpdatesConfig(_Section):
+class UpdatesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     repository_url: str = "http://127.0.0.1:8000/"
     trusted_root: str = "/etc/inferd/root.json"
@@ -180,7 +179,7 @@ class UpdatesConfig(_Section):
             raise ValueError("keep_versions must be >= 1")
 
 
-class QualityConfig(_Section):
+class QualityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     window_count: int = 1000
     window_s: float = 3600.0
     join_window_s: float = 600.0
@@ -191,7 +190,7 @@ class QualityConfig(_Section):
     publish_interval_s: float = 60.0
 
 
-class Config(_Section):
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     device_id: str = msgspec.field(default_factory=socket.gethostname)
     groups: tuple[str, ...] = ()
     state_dir: str = "/var/lib/inferd"

@@ -1,4 +1,4 @@
-"""Runtime backends and their registry; runtime modules are imported only when a model needs them."""
+"""Runtime backends and their registry; a runtime is imported only when a model needs it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ __all__ = ["REGISTRY", "Backend", "TensorSpec", "backend_class", "open_backend"]
 
 # runtime name -> (module, class, pip extra that provides it)
 REGISTRY: dict[str, tuple[str, str, str]] = {
-    "onnxruntime": ("agent.backends.onnx", "OnnxBackend", "inferd (onnxruntime is a core dependency)"),
+    "onnxruntime": (
+        "agent.backends.onnx",
+        "OnnxBackend",
+        "inferd (onnxruntime is a core dependency)",
+    ),
     "tflite": ("agent.backends.tflite", "TfliteBackend", "inferd[tflite]"),
 }
 

@@ -99,9 +99,7 @@ class Backend(ABC):
         self.providers: tuple[str, ...] = ()
 
     @classmethod
-    def open(
-        cls, path: str | Path, options: ModelConfig, cache_dir: Path | None = None
-    ) -> Backend:
+    def open(cls, path: str | Path, options: ModelConfig, cache_dir: Path | None = None) -> Backend:
         """Load ``path`` with ``options`` and warm it up; raises ModelLoadError with one line."""
         p = Path(path)
         if not p.is_file():
@@ -183,9 +181,9 @@ class Backend(ABC):
                 raise InputError(f"missing input {name!r}")
             arr = feeds[name]
             if arr.dtype.name != spec.dtype:
+                got = V2_DATATYPES.get(arr.dtype.name, arr.dtype.name)
                 raise InputError(
-                    f"input {name!r} has datatype {V2_DATATYPES.get(arr.dtype.name, arr.dtype.name)}"
-                    f", the model expects {V2_DATATYPES[spec.dtype]}"
+                    f"input {name!r} has datatype {got}, the model expects {V2_DATATYPES[spec.dtype]}"
                 )
             if not spec.accepts(arr.shape):
                 want = [-1 if d is None else d for d in spec.shape]
