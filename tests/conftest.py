@@ -4,4 +4,5 @@ from __future__ import annotations
 
 pytest_plugins = [
     "tests.fixtures.models",
+    "tests.fixtures.daemon",
 ]

@@ -182,9 +182,8 @@ class Backend(ABC):
             arr = feeds[name]
             if arr.dtype.name != spec.dtype:
                 got = V2_DATATYPES.get(arr.dtype.name, arr.dtype.name)
-                raise InputError(
-                    f"input {name!r} has datatype {got}, the model expects {V2_DATATYPES[spec.dtype]}"
-                )
+                want = V2_DATATYPES[spec.dtype]
+                raise InputError(f"input {name!r} has datatype {got}, the model expects {want}")
             if not spec.accepts(arr.shape):
                 want = [-1 if d is None else d for d in spec.shape]
                 raise InputError(

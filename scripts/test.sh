@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test command: lint, format check, type check, then the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+echo "== ruff check" && ruff check .
+echo "== ruff format --check" && ruff format --check .
+echo "== mypy" && mypy
+echo "== pytest"
+set +e
+pytest -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests (exit 5)"; exit 0
+fi
+exit "$rc"
