@@ -1,0 +1,398 @@
+"""Model quality from fed-back labels: metrics, rolling windows and the ``quality`` payload.
+
+The metric functions reproduce scikit-learn's definitions (``accuracy_score``,
+``precision_recall_fscore_support`` with ``zero_division=0``, ``roc_auc_score``,
+``confusion_matrix``, ``mean_absolute_error``, root mean squared error) in a few lines of
+numpy, because scikit-learn with scipy is far too heavy for a Raspberry Pi daemon; the tests
+check equality against scikit-learn on random data. Where scikit-learn raises (ROC-AUC for a
+class that has no positives or no negatives in the window) the metric here is ``None`` and the
+macro average is taken over the classes where it is defined.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+import numpy as np
+
+Task = Literal["classification", "multilabel", "regression"]
+SCHEMA_VERSION = 1
+
+
+# -- payload types --------------------------------------------------------------------------
+
+
+class ClassQuality(msgspec.Struct, frozen=True, kw_only=True):
+    """One class (or one label of a multi-label model) in the window."""
+
+    label: str
+    support: int
+    tp: int
+    fp: int
+    fn: int
+    precision: float
+    recall: float
+    f1: float
+    roc_auc: float | None = None
+
+
+class ClassificationQuality(msgspec.Struct, frozen=True, kw_only=True):
+    """Single-label or multi-label classification metrics over a window.
+
+    ``accuracy`` is subset accuracy for multi-label. ``per_class`` holds the ``max_classes``
+    classes with the largest support; the macro averages cover every class seen. ``confusion``
+    (rows: true, columns: predicted, in ``labels`` order) is given for single-label windows
+    with at most ``max_classes`` classes.
+    """
+
+    accuracy: float
+    precision_macro: float
+    recall_macro: float
+    f1_macro: float
+    roc_auc: float | None
+    per_class: list[ClassQuality]
+    labels: list[str] | None = None
+    confusion: list[list[int]] | None = None
+
+
+class RegressionQuality(msgspec.Struct, frozen=True, kw_only=True):
+    mae: float
+    rmse: float
+    bias: float
+    """Mean of prediction minus truth: the sign says whether the model over- or under-shoots."""
+
+
+class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
+    """Drift of one feature (or channel) of one tensor against its reference statistics."""
+
+    tensor: str
+    index: int
+    psi: float
+    mean_shift: float
+    """(window mean - reference mean) / reference std."""
+    std_ratio: float
+    """window std / reference std."""
+
+
+class DriftQuality(msgspec.Struct, frozen=True, kw_only=True):
+    samples: int
+    psi_max: float
+    threshold: float
+    drifted: bool
+    features: list[FeatureDrift]
+    """The most drifted features, worst first."""
+
+
+class FeedbackCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """How fed-back labels fared in the join with predictions, per model since start.
+
+    ``unmatched`` = ``late`` (the prediction had left the join window) + ``unknown`` (no
+    prediction with that id arrived in time) + ``duplicate`` + ``invalid`` (did not fit the
+    prediction, e.g. a class label for a regression output).
+    """
+
+    matched: int = 0
+    unmatched: int = 0
+    late: int = 0
+    unknown: int = 0
+    duplicate: int = 0
+    invalid: int = 0
+    expired_predictions: int = 0
+    """Predictions that got no label within the join window (normal when few are labelled)."""
+    evicted_predictions: int = 0
+    """Predictions pushed out by the pending bound before their window ended."""
+    pending_predictions: int = 0
+    pending_labels: int = 0
+
+
+class QualityPayload(msgspec.Struct, frozen=True, kw_only=True):
+    """Published on ``{prefix}/{device}/quality`` for each model version with data."""
+
+    schema_version: int = SCHEMA_VERSION
+    ts: str
+    device_id: str
+    model: str
+    version: str
+    task: Task | None
+    samples: int
+    """Labelled samples in the window (0 when only drift is known)."""
+    window_count: int
+    window_s: float
+    classification: ClassificationQuality | None = None
+    regression: RegressionQuality | None = None
+    drift: DriftQuality | None = None
+    feedback: FeedbackCounts | None = None
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den with 0 where den is 0 (scikit-learn's ``zero_division=0``)."""
+    out = np.zeros(num.shape, dtype=np.float64)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def binary_roc_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:
+    """Area under the ROC curve for 0/1 truth and a score; None unless both classes occur.
+
+    Computed as the Mann-Whitney U statistic with average ranks for ties, which equals the
+    trapezoidal area scikit-learn integrates.
+    """
+    y = np.asarray(y_true).astype(bool).ravel()
+    s = np.asarray(score, dtype=np.float64).ravel()
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    sorted_s = s[order]
+    # average rank (1-based) of each run of equal scores
+    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+    ends = np.r_[starts[1:], s.size]
+    run_rank = (starts + ends + 1) / 2.0
+    ranks = np.empty(s.size, dtype=np.float64)
+    ranks[order] = np.repeat(run_rank, ends - starts)
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def _prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, ...]:
+    precision = _ratio(tp, tp + fp)
+    recall = _ratio(tp, tp + fn)
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    return precision, recall, f1
+
+
+def _per_class(
+    names: Sequence[str],
+    tp: np.ndarray,
+    fp: np.ndarray,
+    fn: np.ndarray,
+    support: np.ndarray,
+    aucs: Sequence[float | None],
+    max_classes: int,
+) -> tuple[list[ClassQuality], float, float, float]:
+    precision, recall, f1 = _prf(tp, fp, fn)
+    # the classes that matter most to an operator: largest support first, then index order
+    keep = sorted(range(len(names)), key=lambda i: (-int(support[i]), i))[:max_classes]
+    per_class = [
+        ClassQuality(
+            label=names[i],
+            support=int(support[i]),
+            tp=int(tp[i]),
+            fp=int(fp[i]),
+            fn=int(fn[i]),
+            precision=float(precision[i]),
+            recall=float(recall[i]),
+            f1=float(f1[i]),
+            roc_auc=aucs[i],
+        )
+        for i in sorted(keep)
+    ]
+    return per_class, float(precision.mean()), float(recall.mean()), float(f1.mean())
+
+
+def _mean_defined(values: Sequence[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def classification_quality(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    scores: np.ndarray | None = None,
+    *,
+    label_names: Sequence[str] = (),
+    max_classes: int = 20,
+) -> ClassificationQuality:
+    """Single-label metrics for integer class indices.
+
+    ``scores`` is ``[n, C]`` (one column per class index, e.g. softmax output) and gives the
+    one-vs-rest ROC-AUC per class and its macro average; for two columns the binary ROC-AUC of
+    class 1. The classes reported are those present in ``y_true`` or ``y_pred``, as scikit-learn
+    does by default.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64).ravel()
+    y_pred = np.asarray(y_pred, dtype=np.int64).ravel()
+    classes = np.union1d(y_true, y_pred)
+    k = classes.size
+    ti = np.searchsorted(classes, y_true)
+    pi = np.searchsorted(classes, y_pred)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (ti, pi), 1)
+    tp = np.diag(confusion)
+    support = confusion.sum(axis=1)
+    fp = confusion.sum(axis=0) - tp
+    fn = support - tp
+    aucs: list[float | None] = [None] * k
+    roc_auc: float | None = None
+    if scores is not None:
+        s = np.asarray(scores, dtype=np.float64)
+        s = s.reshape(s.shape[0], -1)
+        n_cols = s.shape[1]
+        for j, c in enumerate(classes):
+            if 0 <= c < n_cols:
+                aucs[j] = binary_roc_auc(y_true == c, s[:, c])
+        binary = n_cols == 2
+        roc_auc = binary_roc_auc(y_true == 1, s[:, 1]) if binary else _mean_defined(aucs)
+    names = [_name(int(c), label_names) for c in classes]
+    per_class, p_macro, r_macro, f1_macro = _per_class(
+        names, tp, fp, fn, support, aucs, max_classes
+    )
+    small = k <= max_classes
+    return ClassificationQuality(
+        accuracy=float(tp.sum() / y_true.size) if y_true.size else 0.0,
+        precision_macro=p_macro,
+        recall_macro=r_macro,
+        f1_macro=f1_macro,
+        roc_auc=roc_auc,
+        per_class=per_class,
+        labels=names if small else None,
+        confusion=confusion.tolist() if small else None,
+    )
+
+
+def multilabel_quality(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    scores: np.ndarray | None = None,
+    *,
+    label_names: Sequence[str] = (),
+    max_classes: int = 20,
+) -> ClassificationQuality:
+    """Multi-label metrics for ``[n, L]`` 0/1 indicator matrices (subset accuracy, macro P/R/F1)."""
+    t = np.asarray(y_true).astype(bool)
+    p = np.asarray(y_pred).astype(bool)
+    tp = (t & p).sum(axis=0)
+    fp = (~t & p).sum(axis=0)
+    fn = (t & ~p).sum(axis=0)
+    support = t.sum(axis=0)
+    n_labels = t.shape[1]
+    aucs: list[float | None] = [None] * n_labels
+    if scores is not None:
+        s = np.asarray(scores, dtype=np.float64)
+        aucs = [binary_roc_auc(t[:, j], s[:, j]) for j in range(n_labels)]
+    names = [_name(j, label_names) for j in range(n_labels)]
+    per_class, p_macro, r_macro, f1_macro = _per_class(
+        names, tp, fp, fn, support, aucs, max_classes
+    )
+    return ClassificationQuality(
+        accuracy=float(np.all(t == p, axis=1).mean()) if t.shape[0] else 0.0,
+        precision_macro=p_macro,
+        recall_macro=r_macro,
+        f1_macro=f1_macro,
+        roc_auc=_mean_defined(aucs) if scores is not None else None,
+        per_class=per_class,
+    )
+
+
+def regression_quality(y_true: np.ndarray, y_pred: np.ndarray) -> RegressionQuality:
+    """MAE, RMSE and mean error of predictions against true values."""
+    err = (
+        np.asarray(y_pred, dtype=np.float64).ravel() - np.asarray(y_true, dtype=np.float64).ravel()
+    )
+    return RegressionQuality(
+        mae=float(np.abs(err).mean()),
+        rmse=math.sqrt(float(np.square(err).mean())),
+        bias=float(err.mean()),
+    )
+
+
+def _name(index: int, label_names: Sequence[str]) -> str:
+    return label_names[index] if 0 <= index < len(label_names) else str(index)
+
+
+# -- rolling windows -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One labelled prediction row.
+
+    ``truth``/``predicted`` are a class index (classification), a 0/1 vector (multilabel) or a
+    float (regression); ``scores`` are the model's per-class scores where it gave any.
+    """
+
+    ts: float
+    truth: int | float | np.ndarray
+    predicted: int | float | np.ndarray
+    scores: np.ndarray | None = None
+
+
+class QualityWindow:
+    """The last ``max_count`` samples no older than ``max_age_s`` for one model version and task."""
+
+    def __init__(
+        self,
+        task: Task,
+        max_count: int,
+        max_age_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.task: Task = task
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._samples: deque[Sample] = deque(maxlen=max_count)
+
+    def add(self, sample: Sample) -> None:
+        self._samples.append(sample)
+
+    def _prune(self) -> None:
+        horizon = self.clock() - self.max_age_s
+        while self._samples and self._samples[0].ts < horizon:
+            self._samples.popleft()
+
+    def __len__(self) -> int:
+        self._prune()
+        return len(self._samples)
+
+    def compute(
+        self, label_names: Sequence[str] = (), max_classes: int = 20
+    ) -> ClassificationQuality | RegressionQuality | None:
+        """Metrics over the current window; None when it is empty."""
+        self._prune()
+        samples = list(self._samples)
+        if not samples:
+            return None
+        if self.task == "regression":
+            return regression_quality(
+                np.array([s.truth for s in samples]), np.array([s.predicted for s in samples])
+            )
+        scores = _stack_scores(samples)
+        if self.task == "multilabel":
+            return multilabel_quality(
+                np.stack([np.asarray(s.truth) for s in samples]),
+                np.stack([np.asarray(s.predicted) for s in samples]),
+                scores,
+                label_names=label_names,
+                max_classes=max_classes,
+            )
+        return classification_quality(
+            np.array([s.truth for s in samples]),
+            np.array([s.predicted for s in samples]),
+            scores,
+            label_names=label_names,
+            max_classes=max_classes,
+        )
+
+
+def _stack_scores(samples: Sequence[Sample]) -> np.ndarray | None:
+    """Scores of all samples as one matrix, or None unless every sample has same-width scores."""
+    first = samples[0].scores
+    if first is None:
+        return None
+    width = first.shape[-1]
+    rows = []
+    for s in samples:
+        if s.scores is None or s.scores.shape[-1] != width:
+            return None
+        rows.append(s.scores)
+    return np.stack(rows)
