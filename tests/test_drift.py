@@ -1,0 +1,110 @@
+"""Drift on synthetic data: a shifted feature is found, an unshifted one stays quiet, no labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from telemetry.drift import (
+    DriftError,
+    DriftTracker,
+    compute_reference,
+    feature_axis,
+    load_reference,
+    psi,
+)
+
+
+def feed(tracker: DriftTracker, name: str, data: np.ndarray, batch: int = 10) -> list:
+    reports = []
+    for i in range(0, len(data), batch):
+        r = tracker.observe({name: data[i : i + batch]})
+        if r is not None:
+            reports.append(r)
+    return reports
+
+
+def test_shifted_feature_drifts_and_unshifted_does_not() -> None:
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(5000, 3)).astype(np.float32)
+    ref = compute_reference({"x": train})
+    tracker = DriftTracker(ref, window=1000, threshold=0.2)
+
+    same = rng.normal(size=(1000, 3)).astype(np.float32)
+    (calm,) = feed(tracker, "x", same)
+    assert not calm.drifted
+    assert calm.psi_max < 0.05
+    assert calm.samples == 1000
+
+    shifted = rng.normal(size=(1000, 3)).astype(np.float32)
+    shifted[:, 1] += 1.0  # one standard deviation on feature 1 only
+    (report,) = feed(tracker, "x", shifted)
+    assert report.drifted
+    worst = report.features[0]
+    assert (worst.tensor, worst.index) == ("x", 1)
+    assert worst.psi > 0.5
+    assert worst.mean_shift == pytest.approx(1.0, abs=0.1)
+    assert worst.std_ratio == pytest.approx(1.0, abs=0.1)
+    others = [f for f in report.features if f.index != 1]
+    assert all(f.psi < 0.05 for f in others)
+
+
+def test_spread_change_shows_in_std_ratio_and_psi() -> None:
+    rng = np.random.default_rng(1)
+    ref = compute_reference({"x": rng.normal(size=(4000, 1))})
+    tracker = DriftTracker(ref, window=2000, threshold=0.2)
+    (report,) = feed(tracker, "x", rng.normal(scale=2.0, size=(2000, 1)), batch=100)
+    assert report.features[0].std_ratio == pytest.approx(2.0, rel=0.1)
+    assert abs(report.features[0].mean_shift) < 0.15
+    assert report.drifted
+
+
+def test_image_channels_are_tracked_per_channel() -> None:
+    rng = np.random.default_rng(2)
+    images = rng.uniform(size=(200, 3, 8, 8)).astype(np.float32)
+    ref = compute_reference({"image": images}, bins=8)
+    (tensor,) = ref.tensors
+    assert tensor.axis == 1
+    assert len(tensor.features) == 3
+    tracker = DriftTracker(ref, window=50, threshold=0.2)
+    darker = rng.uniform(size=(50, 3, 8, 8)).astype(np.float32)
+    darker[:, 2] *= 0.5  # the blue channel only
+    (report,) = feed(tracker, "image", darker)
+    assert report.features[0].index == 2
+    assert report.drifted
+    assert {f.index for f in report.features if f.psi > 0.2} == {2}
+
+
+def test_reference_survives_json_and_discrete_features() -> None:
+    counts = np.array([[0], [1], [1], [2], [2], [2]] * 50, dtype=np.int64)
+    ref = compute_reference({"k": counts}, bins=10)
+    back = load_reference(ref.to_json())
+    assert back == ref
+    (feature,) = back.tensors[0].features
+    assert len(feature.shares) == len(feature.edges) + 1
+    assert sum(feature.shares) == pytest.approx(1.0)
+    tracker = DriftTracker(back, window=len(counts), threshold=0.2)
+    (report,) = feed(tracker, "k", counts, batch=len(counts))
+    assert report.psi_max == pytest.approx(0.0, abs=1e-12)
+
+
+def test_feature_axis_guesses() -> None:
+    assert feature_axis((1, 20)) == 1
+    assert feature_axis((1, 3, 224, 224)) == 1
+    assert feature_axis((1, 224, 224, 3)) == 3
+    assert feature_axis((1, 16000)) is None  # raw audio: pooled, not 16000 histograms
+    assert feature_axis((8,)) is None
+
+
+def test_psi_of_identical_shares_is_zero_and_empty_bins_are_finite() -> None:
+    assert psi([0.5, 0.5], [0.5, 0.5]) == 0.0
+    assert np.isfinite(psi([0.5, 0.5, 0.0], [0.0, 0.5, 0.5]))
+
+
+def test_reference_that_does_not_fit_the_tensor_is_an_error() -> None:
+    ref = compute_reference({"x": np.zeros((10, 3))})
+    tracker = DriftTracker(ref, window=5, threshold=0.2)
+    with pytest.raises(DriftError, match="has 4 features, the reference has 3"):
+        tracker.observe({"x": np.zeros((1, 4))})
+    with pytest.raises(DriftError, match="reference stats"):
+        load_reference(b'{"samples": 1}')
