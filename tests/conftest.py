@@ -4,5 +4,6 @@ from __future__ import annotations
 
 pytest_plugins = [
     "tests.fixtures.models",
+    "tests.fixtures.tflite_models",
     "tests.fixtures.daemon",
 ]
