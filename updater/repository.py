@@ -282,7 +282,7 @@ class OperatorRepository(Repository):
         reference_stats: str | Path | None = None,
         force: bool = False,
     ) -> ModelMeta:
-        """Publish ``model_file`` as ``version`` of slot ``name``: new targets, snapshot, timestamp."""
+        """Publish ``model_file`` as ``version`` of slot ``name`` and sign the new metadata."""
         src = Path(model_file)
         _label("model name", name)
         _label("version", version)
