@@ -62,8 +62,10 @@ class ApiServer:
         self._thread: threading.Thread | None = None
         self.requests = 0
         self.bad_requests = 0
-        self._connections: set[socket.socket] = set()
+        # Connections waiting for their next request; the rest are mid-request.
+        self._idle: set[socket.socket] = set()
         self._conn_lock = threading.Lock()
+        self._stopping = False
 
     @property
     def address(self) -> tuple[str, int] | str:
@@ -108,10 +110,11 @@ class ApiServer:
         if self._server is None:
             return
         self._server.shutdown()
-        # Idle keep-alive connections would block the join below: end their reading side so
-        # each connection thread finishes the request it is on (if any) and then sees EOF.
+        # Idle keep-alive connections would block the join below: end their reading side.
+        # A connection in the middle of a request finishes it, then sees the flag and closes.
         with self._conn_lock:
-            for conn in self._connections:
+            self._stopping = True
+            for conn in self._idle:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RD)
         self._server.server_close()  # ThreadingMixIn joins the request threads here
@@ -247,11 +250,26 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
             if self.connection.family in (socket.AF_INET, socket.AF_INET6):
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with api._conn_lock:
-                api._connections.add(self.connection)
+                api._idle.add(self.connection)
+
+        def handle(self) -> None:
+            self.close_connection = True
+            self.handle_one_request()
+            while not self.close_connection:
+                with api._conn_lock:
+                    if api._stopping:
+                        return
+                    api._idle.add(self.connection)
+                self.handle_one_request()
+
+        def parse_request(self) -> bool:
+            with api._conn_lock:
+                api._idle.discard(self.connection)
+            return super().parse_request()
 
         def finish(self) -> None:
             with api._conn_lock:
-                api._connections.discard(self.connection)
+                api._idle.discard(self.connection)
             with contextlib.suppress(OSError):  # the client went away: nothing to flush to
                 super().finish()
 

@@ -239,8 +239,8 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         parts = key[len("INFERD_") :].lower().split("__")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{key}: not a YAML scalar: {err}") from err
+        except yaml.YAMLError:
+            value = raw  # not YAML: keep the text and let validation name the field
         node = data
         for part in parts[:-1]:
             child = node.setdefault(part, {})

@@ -1,0 +1,117 @@
+"""Config loading: the example file, field-path errors, env overrides, exit code 78."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+import yaml
+
+from agent.config import Config, load_config, parse_config
+from agent.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "config.example.yaml"
+
+
+def _keys(struct_type: type, prefix: str = "") -> set[str]:
+    out = set()
+    for field in msgspec.structs.fields(struct_type):
+        out.add(prefix + field.name)
+    return out
+
+
+def test_example_config_loads_and_documents_every_key() -> None:
+    cfg = load_config(EXAMPLE, environ={})
+    assert cfg.device_id == "pi-kitchen-01"
+    assert cfg.models[0].name == "classifier"
+    assert Path(cfg.models[0].path).is_file(), "the example's model path resolves from its folder"
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    missing = _keys(Config) - set(raw)
+    for section in ("api", "mqtt", "telemetry", "updates", "quality"):
+        section_type = type(getattr(cfg, section))
+        missing |= {f"{section}.{k}" for k in _keys(section_type) - set(raw[section])}
+    model_type = type(cfg.models[0])
+    missing |= {f"models[].{k}" for k in _keys(model_type) - set(raw["models"][0])}
+    assert not missing, f"config.example.yaml does not document: {sorted(missing)}"
+
+
+@pytest.mark.parametrize(
+    ("doc", "fragment"),
+    [
+        ({"models": [{"name": "a", "path": "m.onnx", "threads": "many"}]}, "$.models[0].threads"),
+        ({"models": [{"name": "a", "path": "m.onnx", "runtime": "tvm"}]}, "$.models[0].runtime"),
+        ({"models": [{"name": "a/b", "path": "m.onnx"}]}, "$.models[0]"),
+        ({"models": [{"name": "a"}]}, "path"),
+        ({"api": {"listen": "localhost"}}, "$.api"),
+        ({"mqtt": {"port": 70000}}, "port must be 1-65535"),
+        ({"mqtt": {"hots": "x"}}, "hots"),
+        ({"telemetry": {"prediction_sample_rate": 2}}, "prediction_sample_rate"),
+        ({"updates": {"repository_url": "ftp://x"}}, "repository_url"),
+        ({"models": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "used twice"),
+        ([1, 2], "mapping"),
+    ],
+)
+def test_bad_config_names_the_field(doc: object, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc, environ={})
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_env_overrides_reach_nested_keys() -> None:
+    env = {
+        "INFERD_MQTT__HOST": "10.1.2.3",
+        "INFERD_MQTT__PORT": "8883",
+        "INFERD_DEVICE_ID": "pi-02",
+        "INFERD_TELEMETRY__PREDICTION_SAMPLE_RATE": "0.25",
+        "UNRELATED": "x",
+    }
+    cfg = parse_config({"mqtt": {"host": "a"}}, environ=env)
+    assert (cfg.mqtt.host, cfg.mqtt.port, cfg.device_id) == ("10.1.2.3", 8883, "pi-02")
+    assert cfg.telemetry.prediction_sample_rate == 0.25
+    with pytest.raises(ConfigError, match=r"\$.mqtt.port"):
+        parse_config({}, environ={"INFERD_MQTT__PORT": "[1"})  # not a scalar: YAML error
+    with pytest.raises(ConfigError, match="port"):
+        parse_config({}, environ={"INFERD_MQTT__PORT": "abc"})
+
+
+def test_password_never_in_repr() -> None:
+    cfg = parse_config({"mqtt": {"username": "u", "password": "hunter2"}}, environ={})
+    assert "hunter2" not in repr(cfg)
+    assert cfg.mqtt.secret() == "hunter2"
+
+
+def test_defaults_are_sane() -> None:
+    cfg = parse_config({}, environ={})
+    assert cfg.api.listen.startswith("127.0.0.1:"), "loopback by default"
+    assert cfg.device_id  # the hostname
+
+
+def _check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_check_config_exit_codes(tmp_path: Path) -> None:
+    ok = _check(EXAMPLE)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: a\n    path: x.onnx\n    threads: many\n")
+    res = _check(bad)
+    assert res.returncode == 78
+    assert res.stderr.count("\n") == 1 and "$.models[0].threads" in res.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("models: [\n")
+    res = _check(broken)
+    assert res.returncode == 78 and "invalid YAML" in res.stderr and "Traceback" not in res.stderr
+    res = _check(tmp_path / "missing.yaml")
+    assert res.returncode == 78 and "cannot read config" in res.stderr
