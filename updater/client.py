@@ -82,11 +82,9 @@ class _Fetcher(Urllib3Fetcher):
 
     @staticmethod
     def _file_chunks(path: Path) -> Iterator[bytes]:
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError as err:
-            raise tuf_errors.DownloadHTTPError(f"{path} not found", 404) from err
-        with f:
+        if not path.is_file():
+            raise tuf_errors.DownloadHTTPError(f"{path} not found", 404)
+        with open(path, "rb") as f:
             yield from iter(lambda: f.read(_CHUNK), b"")
 
     @contextmanager
