@@ -52,6 +52,7 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     provider_options: dict[str, dict[str, Scalar]] = {}
     warmup_runs: int = 1
     max_concurrency: int = 4
+    stuck_run_s: float = 30.0
     labels: tuple[str, ...] = ()
     log_tensors: bool = False
 
@@ -69,6 +70,8 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
             raise ValueError("warmup_runs must be >= 0")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
+        if self.stuck_run_s <= 0:
+            raise ValueError("stuck_run_s must be > 0")
 
 
 class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -97,6 +97,8 @@ class Backend(ABC):
         self.inputs: tuple[TensorSpec, ...] = ()
         self.outputs: tuple[TensorSpec, ...] = ()
         self.providers: tuple[str, ...] = ()
+        # thread id -> perf_counter_ns when its run began; the watchdog's wedged-backend check
+        self._running: dict[int, int] = {}
 
     @classmethod
     def open(cls, path: str | Path, options: ModelConfig, cache_dir: Path | None = None) -> Backend:
@@ -127,6 +129,8 @@ class Backend(ABC):
     ) -> dict[str, np.ndarray]:
         """Run once, timed and counted; any runtime failure becomes BackendError."""
         start = time.perf_counter_ns()
+        me = threading.get_ident()
+        self._running[me] = start
         ok = False
         try:
             out = self._run(feeds, output_names)
@@ -138,6 +142,7 @@ class Backend(ABC):
             raise BackendError(f"{self.runtime} run failed: {one_line(err)}") from err
         finally:
             elapsed = time.perf_counter_ns() - start
+            del self._running[me]
             stats = self.stats
             with stats.lock:
                 stats.runs += 1
@@ -146,6 +151,10 @@ class Backend(ABC):
                     stats.errors += 1
             if self.observer is not None:
                 self.observer(elapsed, ok)
+
+    def oldest_run_start_ns(self) -> int | None:
+        """``perf_counter_ns`` at the start of the longest run still going; None when idle."""
+        return min(self._running.copy().values(), default=None)  # copy: atomic under the GIL
 
     def example_feeds(self, batch: int = 1) -> dict[str, np.ndarray]:
         """Zero-valued feeds matching the inputs, dynamic dimensions set to ``batch``/1."""
