@@ -38,6 +38,7 @@ FeedbackHandler = Callable[[str, bytes], Mapping[str, Any]]
 MetricsText = Callable[[], str]
 """Extra Prometheus exposition text appended to /metrics."""
 
+_HEADER_LENGTH = "Inference-Header-Content-Length"
 _MODEL_PATH = re.compile(
     r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/infer|/ready|/feedback)?$"
 )
@@ -133,8 +134,13 @@ class ApiServer:
             raise ModelNotFoundError(f"model {name!r} not found; serving {', '.join(self.slots)}")
         return slot
 
-    def handle(self, method: str, path: str, body: bytes) -> tuple[HTTPStatus, bytes, str]:
-        """Route one request; returns (status, body, content type)."""
+    def handle(
+        self, method: str, path: str, body: bytes, header_length: int | None = None
+    ) -> tuple[HTTPStatus, bytes, str | tuple[str, int]]:
+        """Route one request; returns (status, body, content type).
+
+        The content type is (type, JSON header length) for a binary-extension response.
+        """
         path = path.split("?", 1)[0]
         if method == "GET":
             if path == "/v2/health/live":
@@ -164,7 +170,7 @@ class ApiServer:
                 f"model {slot.name!r} has no version {m['version']!r}; serving {model.version!r}"
             )
         if rest == "/infer" and method == "POST":
-            return self._infer(slot, body)
+            return self._infer(slot, body, header_length)
         if method == "GET" and rest == "/ready":
             return self._json(HTTPStatus.OK, {"name": slot.name, "ready": True})
         if method == "GET" and rest is None:
@@ -172,16 +178,26 @@ class ApiServer:
             return self._json(HTTPStatus.OK, meta)
         raise _HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} not allowed on {path}")
 
-    def _infer(self, slot: ModelSlot, body: bytes) -> tuple[HTTPStatus, bytes, str]:
-        req = v2.decode_infer_request(body, slot.current.backend)
+    def _infer(
+        self, slot: ModelSlot, body: bytes, header_length: int | None
+    ) -> tuple[HTTPStatus, bytes, str | tuple[str, int]]:
+        req = v2.decode_infer_request(body, slot.current.backend, header_length)
         outputs, model, rid = slot.predict(req.feeds, req.output_names, req.request_id)
-        out = v2.encode_infer_response(
-            slot.name, model.version, rid, outputs, req.classification, slot.config.labels
+        out, head_len = v2.encode_infer_response(
+            slot.name,
+            model.version,
+            rid,
+            outputs,
+            req.classification,
+            slot.config.labels,
+            req.binary_outputs,
         )
-        return HTTPStatus.OK, out, "application/json"
+        if head_len is None:
+            return HTTPStatus.OK, out, "application/json"
+        return HTTPStatus.OK, out, ("application/octet-stream", head_len)
 
     @staticmethod
-    def _json(status: HTTPStatus, obj: Any) -> tuple[HTTPStatus, bytes, str]:
+    def _json(status: HTTPStatus, obj: Any) -> tuple[HTTPStatus, bytes, str | tuple[str, int]]:
         return status, v2.encode(obj), "application/json"
 
     def prometheus(self) -> str:
@@ -303,12 +319,17 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                     f"request body of {length} bytes is over the limit of {limit}",
                 )
                 return
-            self._dispatch(self.rfile.read(length))
+            raw_header = self.headers.get(_HEADER_LENGTH)
+            if raw_header is not None and not raw_header.isdigit():
+                self._reply(HTTPStatus.BAD_REQUEST, f"invalid {_HEADER_LENGTH}")
+                return
+            header_length = int(raw_header) if raw_header is not None else None
+            self._dispatch(self.rfile.read(length), header_length)
 
-        def _dispatch(self, body: bytes) -> None:
+        def _dispatch(self, body: bytes, header_length: int | None = None) -> None:
             api.requests += 1
             try:
-                status, payload, ctype = api.handle(self.command, self.path, body)
+                status, payload, ctype = api.handle(self.command, self.path, body, header_length)
             except _HttpError as err:
                 self._reply(err.status, str(err))
                 return
@@ -330,14 +351,18 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                 api.bad_requests += 1
             self._send(status, v2.error_body(message), "application/json")
 
-        def _send(self, status: HTTPStatus, payload: bytes, ctype: str) -> None:
+        def _send(self, status: HTTPStatus, payload: bytes, ctype: str | tuple[str, int]) -> None:
             self.send_response(status)
+            if isinstance(ctype, tuple):
+                ctype, head_len = ctype
+                self.send_header(_HEADER_LENGTH, str(head_len))
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(payload)))
             if self.close_connection:
                 self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(payload)
+            # One write for head and body: with TCP_NODELAY two writes are two packets.
+            self._headers_buffer.append(b"\r\n" + payload)  # type: ignore[attr-defined]
+            self.flush_headers()
 
     return Handler
 

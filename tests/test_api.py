@@ -233,7 +233,11 @@ def test_unix_socket_listener(inferd_daemon, tmp_path: Path) -> None:
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(sock_path))
         s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
-        reply = s.recv(4096)
+        reply = b""
+        while b'"ready"' not in reply:
+            chunk = s.recv(4096)
+            assert chunk, f"connection closed after {reply!r}"
+            reply += chunk
         s.close()
         assert reply.startswith(b"HTTP/1.1 200") and b'"ready":true' in reply
     finally:
@@ -299,3 +303,70 @@ def test_model_that_fails_to_load_is_503_others_serve(inferd_daemon, tmp_path: P
         assert "cannot load ONNX model" in daemon.stderr()
     finally:
         assert daemon.stop() == 0
+
+
+def binary_request(x: np.ndarray, **params: object) -> tuple[bytes, int]:
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "parameters": params,
+        }
+    ).encode()
+    return head + x.astype("<f4").tobytes(), len(head)
+
+
+def post_raw(daemon: DaemonProc, body: bytes, head_len: int) -> http.client.HTTPResponse:
+    conn = http.client.HTTPConnection(daemon.host, daemon.port, timeout=10)
+    conn.request(
+        "POST",
+        "/v2/models/demo/infer",
+        body=body,
+        headers={"Inference-Header-Content-Length": str(head_len)},
+    )
+    return conn.getresponse()
+
+
+def test_binary_tensor_extension_round_trip(daemon: DaemonProc) -> None:
+    golden = np.load(GOLDEN)
+    body, head_len = binary_request(golden["x"], binary_data_output=True)
+    resp = post_raw(daemon, body, head_len)
+    data = resp.read()
+    assert resp.status == 200
+    n = int(resp.getheader("Inference-Header-Content-Length"))
+    head = json.loads(data[:n])
+    out = head["outputs"][0]
+    assert out["parameters"]["binary_data_size"] == 8 * 3 * 4
+    probs = np.frombuffer(data[n:], dtype="<f4").reshape(out["shape"])
+    np.testing.assert_allclose(probs, golden["probs"], rtol=1e-5)
+    # binary in, JSON out
+    body, head_len = binary_request(golden["x"][:2])
+    resp = post_raw(daemon, body, head_len)
+    reply = json.loads(resp.read())
+    np.testing.assert_allclose(
+        np.array(reply["outputs"][0]["data"]).reshape(2, 3), golden["probs"][:2], rtol=1e-5
+    )
+
+
+def test_binary_size_mismatches_are_400(daemon: DaemonProc) -> None:
+    x = np.zeros((1, 8), np.float32)
+    body, head_len = binary_request(x)
+    for raw, n, fragment in [
+        (body[:-4], head_len, "binary data ends"),
+        (body + b"\0\0\0\0", head_len, "belong to no input"),
+        (body, len(body) + 5, "outside the body"),
+        (
+            body.replace(b'"binary_data_size": 32', b'"binary_data_size": 30'),
+            head_len,
+            "does not match",
+        ),
+    ]:
+        resp = post_raw(daemon, raw, n)
+        assert resp.status == 400
+        assert fragment in json.loads(resp.read())["error"]

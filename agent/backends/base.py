@@ -194,9 +194,9 @@ class Backend(ABC):
                 want = V2_DATATYPES[spec.dtype]
                 raise InputError(f"input {name!r} has datatype {got}, the model expects {want}")
             if not spec.accepts(arr.shape):
-                want = [-1 if d is None else d for d in spec.shape]
+                dims = [-1 if d is None else d for d in spec.shape]
                 raise InputError(
-                    f"input {name!r} has shape {list(arr.shape)}, the model expects {want}"
+                    f"input {name!r} has shape {list(arr.shape)}, the model expects {dims}"
                 )
 
     def signature(self) -> dict[str, list[dict[str, object]]]:
