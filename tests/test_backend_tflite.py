@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,11 @@ from agent.errors import BackendError, InputError, ModelLoadError
 from agent.slots import ModelSlot
 from tests.fixtures import tflite_models as tm
 
-pytest.importorskip("ai_edge_litert.interpreter", reason="the tflite extra is not installed")
+HAVE_LITERT = importlib.util.find_spec("ai_edge_litert") is not None
+HAVE_TFLITE_RUNTIME = importlib.util.find_spec("tflite_runtime") is not None
+pytestmark = pytest.mark.skipif(
+    not (HAVE_LITERT or HAVE_TFLITE_RUNTIME), reason="no TFLite runtime (the tflite extra)"
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -269,6 +274,7 @@ def test_no_tflite_runtime_is_backend_unavailable_naming_the_extra() -> None:
     assert len(lines) == 1 and "pip install inferd[tflite]" in lines[0]
 
 
+@pytest.mark.skipif(not HAVE_LITERT, reason="simulates tflite-runtime with ai-edge-litert")
 def test_falls_back_to_tflite_runtime_when_litert_is_absent(tflite_factory) -> None:
     # The device has only tflite-runtime: here its module name carries the LiteRT interpreter
     # (the same Python API), so the fallback import path is exercised with a real runtime.
