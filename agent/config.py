@@ -170,8 +170,12 @@ class UpdatesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     trial_max_latency_ratio: float = 3.0
     crash_loop_restarts: int = 3
     keep_versions: int = 2
+    validation_runs: int = 20
+    check_on_start: bool = True
 
     def __post_init__(self) -> None:
+        if self.validation_runs < 1 or self.crash_loop_restarts < 1:
+            raise ValueError("validation_runs and crash_loop_restarts must be >= 1")
         if not self.repository_url.startswith(("http://", "https://", "file://")):
             raise ValueError("repository_url must be an http(s):// or file:// URL")
         if self.poll_interval_s <= 0 or self.state_timeout_s <= 0 or self.trial_window_s < 0:

@@ -27,6 +27,7 @@ from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
 from updater.errors import (
+    CancelledError,
     DownloadError,
     StepTimeoutError,
     StorageError,
@@ -38,10 +39,6 @@ from updater.model_meta import ModelMeta, meta_from_custom
 log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024
-
-
-class CancelledError(UpdateError):
-    """The download was cancelled (shutdown or a newer version superseded it)."""
 
 
 @dataclass(frozen=True)
@@ -241,6 +238,13 @@ class RepositoryClient:
         with _wrapped(f"verify {path}"), open(local, "rb") as f:
             info.verify_length_and_hashes(f)
 
-    def discard(self, path: str) -> None:
-        """Delete a downloaded target (after staging, or when its job is abandoned)."""
-        (self.download_dir / quote(path, "")).unlink(missing_ok=True)
+    def cached(self, path: str) -> Path:
+        """Where :meth:`download` puts ``path`` (the file may not exist)."""
+        return self.download_dir / quote(path, "")
+
+    def clear_downloads(self) -> None:
+        """Delete downloaded targets and temp files (when a job ends)."""
+        for d in (self.download_dir, self.tmp_dir):
+            if d.is_dir():
+                for f in d.iterdir():
+                    f.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from telemetry.errors import InferdError
 
 __all__ = [
+    "CancelledError",
     "DownloadError",
     "OperatorError",
     "StateError",
@@ -46,3 +47,7 @@ class StepTimeoutError(UpdateError):
 
 class StateError(UpdateError):
     """The persisted update state is unreadable or a transition is not in the table."""
+
+
+class CancelledError(UpdateError):
+    """A step was cancelled: the updater is stopping (the job resumes at the next start)."""

@@ -1,0 +1,185 @@
+"""Glue between the daemon and the updater: builds a DeviceUpdater from the config and slots.
+
+The updater sees a slot only through :class:`updater.device.SlotPort`; this module adapts
+``ModelSlot``/``LoadedModel`` to it. The daemon calls :meth:`UpdateComponent.boot_plan` before
+loading models (so a slot starts on the version the store says is active, and a crash loop in
+trial is rolled back before the failing version loads again), then runs it as a component.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from agent.config import Config
+from agent.slots import LoadedModel, ModelSlot
+from telemetry.errors import InferdError
+from updater.client import RepositoryClient
+from updater.device import DeviceUpdater, Emit, RunCounts, Serving, Settings
+
+log = logging.getLogger(__name__)
+
+
+class _Candidate:
+    """A loaded, not yet serving model as the validation gate sees it."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.version = model.version
+
+    def signature(self) -> Mapping[str, Sequence[Mapping[str, Any]]]:
+        return self.model.backend.signature()
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        self.model.backend.check_feeds(feeds)
+        return self.model.backend.run(feeds)
+
+    def close(self) -> None:
+        self.model.retire()
+
+
+class SlotAdapter:
+    """:class:`updater.device.SlotPort` over a ``ModelSlot``."""
+
+    def __init__(self, slot: ModelSlot, on_state: Callable[[], None] | None = None) -> None:
+        self.slot = slot
+        self.name = slot.name
+        self.runtime: str = slot.config.runtime
+        self.on_state = on_state
+
+    def serving(self) -> Serving | None:
+        if not self.slot.ready:
+            return None
+        model = self.slot.current
+        stats = model.backend.stats
+        return Serving(
+            version=model.version,
+            path=str(model.path),
+            sha256=model.digest,
+            signature=model.backend.signature(),
+            stats=RunCounts(stats.runs, stats.errors, stats.total_ns),
+        )
+
+    def load(self, path: Path, version: str) -> _Candidate:
+        return _Candidate(self.slot.load(path, version))
+
+    def activate(self, candidate: Any) -> None:
+        if not isinstance(candidate, _Candidate):
+            raise TypeError("activate() takes a candidate from load()")
+        self.slot.swap(candidate.model)
+
+    def set_update_state(self, state: str) -> None:
+        self.slot.update_state = state
+        if self.on_state is not None:
+            self.on_state()
+
+
+class CommandLink(Protocol):
+    """The part of the agent's MQTT link the updater uses."""
+
+    def on_command(self, name: str, handler: Callable[[Any], dict[str, Any] | None]) -> None: ...
+
+    def emit_event(self, kind: str, message: str, **fields: Any) -> None: ...
+
+    def publish_status(self) -> None: ...
+
+
+def settings_from(config: Config) -> Settings:
+    u = config.updates
+    return Settings(
+        poll_interval_s=u.poll_interval_s,
+        state_timeout_s=u.state_timeout_s,
+        trial_window_s=u.trial_window_s,
+        trial_min_requests=u.trial_min_requests,
+        trial_max_error_rate=u.trial_max_error_rate,
+        trial_max_latency_ratio=u.trial_max_latency_ratio,
+        crash_loop_restarts=u.crash_loop_restarts,
+        keep_versions=u.keep_versions,
+        validation_runs=u.validation_runs,
+        check_on_start=u.check_on_start,
+    )
+
+
+class UpdateComponent:
+    """The daemon component running the update loop (a no-op when updates are disabled)."""
+
+    def __init__(
+        self,
+        config: Config,
+        slots: Mapping[str, ModelSlot],
+        emit: Emit | None = None,
+        on_state: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.enabled = config.updates.enabled
+        u = config.updates
+        if self.enabled and not Path(u.trusted_root).is_file():
+            log.warning(
+                "updates: trusted root %s not found; updates are off until it is installed",
+                u.trusted_root,
+            )
+            self.enabled = False
+        self._on_state = on_state
+        self.adapters = {name: SlotAdapter(s, self._state_changed) for name, s in slots.items()}
+        client = RepositoryClient(
+            u.repository_url,
+            u.trusted_root,
+            config.state_dir,
+            max_download_bytes=u.max_download_bytes,
+        )
+        self.updater = DeviceUpdater(
+            client=client,
+            state_dir=config.state_dir,
+            slots=self.adapters,
+            groups=config.groups,
+            settings=settings_from(config),
+            emit=emit,
+        )
+
+    def _state_changed(self) -> None:
+        if self._on_state is not None:
+            self._on_state()
+
+    def boot_plan(self) -> dict[str, tuple[Path, str]]:
+        """Per slot, the (file, version) to load at start when an update installed one."""
+        try:
+            plan = self.updater.boot_plan()
+        except InferdError as err:
+            log.error(
+                "updates: cannot read the update state, starting on the config's models: %s", err
+            )
+            return {}
+        return {name: (Path(e.path), e.version) for name, e in plan.items()}
+
+    def attach(self, link: CommandLink) -> None:
+        """Hook pokes and commands on the MQTT link; events and status go through it."""
+        self.updater.emit = link.emit_event
+        self._on_state = link.publish_status
+        link.on_command("update", self._on_poke)  # {prefix}/groups/{group}/update, cmd/update
+        link.on_command("check-update", self._on_poke)
+        link.on_command("rollback", self._on_rollback)
+
+    def _on_poke(self, cmd: Any) -> dict[str, Any]:
+        # whatever a poke says, it only makes the device ask the repository (TUF decides)
+        if not self.enabled:
+            raise InferdError("updates are disabled on this device")
+        self.updater.request_check(f"poke on {getattr(cmd, 'topic', '?')}")
+        return {"state": self.updater.state.value}
+
+    def _on_rollback(self, cmd: Any) -> dict[str, Any]:
+        args = getattr(cmd, "args", {}) or {}
+        names = [args["model"]] if isinstance(args.get("model"), str) else list(self.adapters)
+        for name in names:
+            self.updater.request_rollback(name)
+        return {"rolling_back": names}
+
+    def start(self) -> None:
+        if self.enabled:
+            self.updater.start()
+
+    def stop(self) -> None:
+        self.updater.stop()
