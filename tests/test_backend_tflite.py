@@ -104,11 +104,16 @@ def test_two_inputs_two_outputs_and_output_selection(tflite_factory) -> None:
     np.testing.assert_allclose(only["prod"], a * b, rtol=1e-6)
 
 
-def test_missing_input_is_an_input_error_not_stale_data(tflite_factory) -> None:
+def test_missing_or_unknown_tensors_are_input_errors_not_stale_data(tflite_factory) -> None:
     path = tflite_factory("add_mul")
     backend = open_backend(path, cfg(path))
-    with pytest.raises(InputError, match="missing input"):
-        backend.run({"a": np.ones((2, 3), np.float32)})
+    a = np.ones((2, 3), np.float32)
+    with pytest.raises(InputError, match=r"missing input\(s\) \['b'\]"):
+        backend.run({"a": a})
+    with pytest.raises(InputError, match=r"unknown input\(s\) \['c'\]"):
+        backend.run({"a": a, "b": a, "c": a})
+    with pytest.raises(InputError, match=r"unknown output\(s\) \['diff'\]"):
+        backend.run({"a": a, "b": a}, ["sum", "diff"])
 
 
 @pytest.mark.parametrize("max_concurrency", [1, 4])

@@ -123,10 +123,15 @@ class TfliteBackend(Backend):
     def _run(
         self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None
     ) -> dict[str, np.ndarray]:
-        missing = self._input_index.keys() - feeds.keys()
-        if missing:  # an unfed input would silently keep the previous request's data
-            raise InputError(f"missing input(s) {', '.join(sorted(missing))}")
+        if feeds.keys() != self._input_index.keys():
+            # an unfed input would silently keep the previous request's data
+            missing = sorted(self._input_index.keys() - feeds.keys())
+            unknown = sorted(feeds.keys() - self._input_index.keys())
+            raise InputError(f"missing input(s) {missing}, unknown input(s) {unknown}")
         names = list(output_names) if output_names else list(self._output_index)
+        unknown_out = [n for n in names if n not in self._output_index]
+        if unknown_out:
+            raise InputError(f"unknown output(s) {unknown_out}")
         indices = [self._output_index[name] for name in names]
         idle = self._idle
         worker = self._borrow()
