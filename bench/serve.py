@@ -126,6 +126,32 @@ def bench_model(name: str, path: Path, x: np.ndarray, iterations: int, tmp: Path
     return res
 
 
+def checks(results: dict) -> list[dict]:
+    """The DESIGN section 9 rows this benchmark measures, for bench/run.py."""
+    out = []
+    for name, r in results.items():
+        out.append(
+            {
+                "name": f"in-process predict overhead ({name})",
+                "target": "<= 1.10x + 20 us",
+                "measured": f"p50 {r['inproc_p50_us']:.1f} us ({r['inproc_ratio_p50']:.2f}x)",
+                "baseline": f"bare session.run p50 {r['bare_p50_us']:.1f} us",
+                "pass": r["inproc_ok"],
+            }
+        )
+        for key, label in (("http", "JSON"), ("http_bin", "binary")):
+            out.append(
+                {
+                    "name": f"HTTP v2 infer overhead, {label} tensors ({name})",
+                    "target": "p50 <= 300 us over bare",
+                    "measured": f"+{r[key + '_overhead_p50_us']:.1f} us",
+                    "baseline": f"bare session.run p50 {r['bare_p50_us']:.1f} us",
+                    "pass": r[key + "_ok"],
+                }
+            )
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=2000)
@@ -146,7 +172,7 @@ def main() -> int:
             (tmp / name).mkdir()
             results[name] = bench_model(name, path, x, args.iterations, tmp)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"results": results, "checks": checks(results)}, indent=2))
         return 0
     print(f"{'model':7} {'path':7} {'p50 us':>9} {'p99 us':>9}")
     for name, r in results.items():
@@ -155,7 +181,8 @@ def main() -> int:
     print()
     for name, r in results.items():
         print(
-            f"{name}: in-process p50 {r['inproc_p50_us']:.1f} us = {r['inproc_ratio_p50']:.3f}x bare"
+            f"{name}: in-process p50 {r['inproc_p50_us']:.1f} us"
+            f" = {r['inproc_ratio_p50']:.3f}x bare"
             f" (target <= 1.10x + 20 us = {r['inproc_budget_p50_us']:.1f} us):"
             f" {'PASS' if r['inproc_ok'] else 'FAIL'}"
         )
