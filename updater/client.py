@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote, unquote, urlparse
 
+import urllib3
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import Updater, UpdaterConfig
@@ -76,6 +77,21 @@ class _Fetcher(Urllib3Fetcher):
         if url.startswith("file://"):
             return self._file_chunks(Path(unquote(urlparse(url).path)))
         return super()._fetch(url)
+
+    def _chunks(self, response: urllib3.response.BaseHTTPResponse) -> Iterator[bytes]:
+        # Replaces Urllib3Fetcher's stream(chunk_size), which blocks until a whole chunk has
+        # arrived: a server dripping one byte at a time would never reach the deadline check.
+        try:
+            while True:
+                self._check()
+                data = response.read1(_CHUNK)
+                if not data:
+                    return
+                yield data
+        except urllib3.exceptions.TimeoutError as err:
+            raise tuf_errors.SlowRetrievalError from err
+        finally:
+            response.release_conn()
 
     @staticmethod
     def _file_chunks(path: Path) -> Iterator[bytes]:

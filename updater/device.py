@@ -536,7 +536,8 @@ class DeviceUpdater:
         job = self._job(rec)
         self.store.prune(job.slot)
         self.client.clear_downloads()
-        self._check.set()  # another slot may be waiting for its update
+        if len(self.slots) > 1:
+            self._check.set()  # another slot may be waiting for its update
         self.machine.transition(S.IDLE, f"{job.slot} {job.version} committed")
 
     def _failed(self, rec: Record) -> None:
