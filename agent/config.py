@@ -283,17 +283,52 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     return msgspec.structs.replace(cfg, models=models)
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate a YAML config file; relative model paths are taken from its folder."""
-    p = Path(path)
+def _read_yaml(p: Path) -> Any:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{p}: cannot read config: {err.strerror}") from err
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{p}:{where} invalid YAML: {getattr(err, 'problem', err)}") from err
+
+
+def merge_config(base: Any, over: Any) -> Any:
+    """``over`` laid on ``base``: mappings merge key by key, ``models`` entries merge by name,
+    anything else is replaced."""
+    if not isinstance(base, dict) or not isinstance(over, dict):
+        return over if over is not None else base
+    out = dict(base)
+    for key, value in over.items():
+        if key == "models" and isinstance(value, list) and isinstance(base.get(key), list):
+            models = list(base[key])
+            names = [m.get("name") if isinstance(m, dict) else None for m in models]
+            for entry in value:
+                name = entry.get("name") if isinstance(entry, dict) else None
+                if name is not None and name in names:
+                    i = names.index(name)
+                    models[i] = merge_config(models[i], entry)
+                else:
+                    models.append(entry)
+            out[key] = models
+        else:
+            out[key] = merge_config(base.get(key), value)
+    return out
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file; relative model paths are taken from its folder.
+
+    Drop-ins in ``<file>.d/*.yaml`` (e.g. what ``inferd tune`` writes) are merged over the file
+    in name order; a model entry in a drop-in changes the model of the same name.
+    """
+    p = Path(path)
+    data = _read_yaml(p)
+    dropins = p.with_name(f"{p.name}.d")
+    if dropins.is_dir():
+        for extra in sorted(dropins.glob("*.yaml")):
+            data = merge_config(data, _read_yaml(extra))
     return parse_config(data, base_dir=p.resolve().parent, environ=environ)
