@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent import __version__
+from agent import __version__, logsetup
 from agent.config import EX_CONFIG, ModelConfig, load_config
 from agent.errors import ConfigError, InferdError, InputError
 
@@ -24,8 +24,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from agent.daemon import Daemon
 
     config = load_config(args.config)
-    logging.getLogger().setLevel(config.log_level.upper())
-    Daemon(config).run()
+    logsetup.configure(config.log_level)
+    Daemon(config, config_path=args.config).run()
     return 0
 
 

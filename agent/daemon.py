@@ -7,8 +7,10 @@ listens, and stop in reverse order before the API drains.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import socket
 import threading
 from pathlib import Path
 from types import FrameType
@@ -16,7 +18,10 @@ from typing import Protocol
 
 from agent.api import ApiServer
 from agent.config import Config
-from agent.errors import InferdError
+from agent.errors import ConfigError, InferdError
+from agent.health import ServingHealth
+from agent.reload import ReloadResult, reload_config
+from agent.sdnotify import Notifier, WatchdogPinger
 from agent.slots import ModelSlot
 
 log = logging.getLogger(__name__)
@@ -33,16 +38,22 @@ class Component(Protocol):
 class Daemon:
     """One inferd process: model slots, the local API and the components around them."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.state_dir = Path(config.state_dir)
         self.slots: dict[str, ModelSlot] = {
             m.name: ModelSlot(m, cache_dir=self.state_dir / "cache" / m.name) for m in config.models
         }
         self.api = ApiServer(config.api, self.slots)
+        self.health = ServingHealth(self.api, self.slots)
+        self.notifier = Notifier()
+        self.restart_needed: tuple[str, ...] = ()
         self.components: list[Component] = []
         self.load_errors: dict[str, str] = {}
         self._stop = threading.Event()
+        self._wake_w: socket.socket | None = None  # run()'s signal wakeup socket
+        self._reload_requested = False
         self._started: list[Component] = []
 
     def initial_model(self, slot: ModelSlot) -> tuple[Path, str]:
@@ -83,9 +94,36 @@ class Daemon:
         for slot in self.slots.values():
             slot.close()
 
+    def status_line(self) -> str:
+        """What ``systemctl status`` shows: models, versions, keys waiting for a restart."""
+        line = self.health.summary()
+        if self.restart_needed:
+            line += f"; restart to apply {', '.join(self.restart_needed)}"
+        return line
+
+    def reload(self) -> ReloadResult | None:
+        """SIGHUP: re-read the config file, apply its live keys, report those needing a restart."""
+        if self.config_path is None:
+            log.warning("reload requested but the daemon was not started from a config file")
+            return None
+        self.notifier.reloading("reloading config")
+        try:
+            result = reload_config(self.config_path, self.config, self.components)
+        except ConfigError as err:
+            log.error("config reload failed, the running config stays: %s", err)
+            self.notifier.ready(f"{self.status_line()}; last reload failed")
+            return None
+        self.config = result.config
+        self.restart_needed = result.needs_restart
+        self.notifier.ready(self.status_line())
+        return result
+
     def request_stop(self) -> None:
         """Ask :meth:`run` to return (safe from signal handlers and other threads)."""
         self._stop.set()
+        if self._wake_w is not None:
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"\0")
 
     def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, stop cleanly."""
@@ -94,10 +132,38 @@ class Daemon:
             log.info("received %s, shutting down", signal.Signals(signum).name)
             self._stop.set()
 
+        def on_hup(_signum: int, _frame: FrameType | None) -> None:
+            # Only a flag: the handler may interrupt this very thread inside the notifier or
+            # a lock the reload needs. The loop below reloads once the models serve.
+            self._reload_requested = True
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hup)
+        # A process signal may be delivered to any thread, and a main thread blocked on a lock
+        # (Event.wait) does not wake for one that lands on another: the handler would run late or
+        # never. The C-level handler always writes to the wakeup fd, which wakes this thread.
+        wake_r, wake_w = socket.socketpair()
+        wake_w.setblocking(False)
+        self._wake_w = wake_w
+        previous_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        pinger = WatchdogPinger(self.notifier, self.health.problem, self.status_line)
         try:
             self.start()
-            self._stop.wait()
+            self.notifier.ready(self.status_line())
+            pinger.start()
+            while not self._stop.is_set():
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload()
+                    continue
+                wake_r.recv(64)  # Python-level handlers run right after this returns
         finally:
+            self.notifier.stopping("stopping")
+            pinger.stop()
             self.stop()
+            self.notifier.close()
+            signal.set_wakeup_fd(previous_fd)
+            self._wake_w = None
+            wake_r.close()
+            wake_w.close()

@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.tuf_repo",
     "tests.fixtures.tflite_models",
     "tests.fixtures.daemon",
+    "tests.fixtures.sdnotify",
 ]
