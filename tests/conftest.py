@@ -5,6 +5,7 @@ from __future__ import annotations
 pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.tuf_repo",
+    "tests.fixtures.broker",
     "tests.fixtures.tflite_models",
     "tests.fixtures.daemon",
     "tests.fixtures.sdnotify",

@@ -1,0 +1,246 @@
+"""The JSON payloads inferd publishes on MQTT, as msgspec Structs.
+
+Every payload carries ``schema_version`` and ``ts`` (RFC 3339, UTC). The JSON Schemas in
+``telemetry/schemas/`` are generated from these types (``python -m telemetry.schemas``), never
+written by hand. A module that adds payload types lists them in its own ``SCHEMA_TYPES`` dict
+(schema file stem -> type) and is named in ``telemetry.schemas.PAYLOAD_MODULES``.
+
+Topics (below ``{prefix}/{device}``): ``status`` (:data:`StatusPayload`, retained), ``metrics``
+(:class:`Metrics`), ``predictions`` (:class:`PredictionBatch`), ``events`` (:class:`Event`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+SCHEMA_VERSION: Literal[1] = 1
+
+Level = Literal["info", "warning", "error"]
+Timestamp = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
+
+
+def utc_now() -> datetime:
+    """The current time as an aware UTC datetime (encoded as RFC 3339 with ``Z``)."""
+    return datetime.now(timezone.utc)
+
+
+class Payload(msgspec.Struct, kw_only=True):
+    """Fields every published payload starts with."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    ts: Timestamp = msgspec.field(default_factory=utc_now)
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+class HostFacts(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the device is: enough to tell a Pi from a Jetson in a fleet view."""
+
+    hostname: str
+    arch: str
+    os: str
+    python: str
+    runtimes: dict[str, str] = {}
+    """Installed runtime name -> version (onnxruntime, ai-edge-litert, numpy, ...)."""
+    providers: list[str] = []
+    """Execution providers this onnxruntime build offers (inferd names: tensorrt, cuda, cpu)."""
+
+
+class SlotStatus(msgspec.Struct, kw_only=True):
+    """One model slot as the status topic shows it."""
+
+    name: str
+    ready: bool
+    version: str | None
+    runtime: str
+    providers: list[str]
+    digest: str | None
+    """sha256 of the served model file."""
+    signature_digest: str | None
+    """sha256 of the model's input/output signature: equal digests mean interchangeable models."""
+    update_state: str
+
+
+class Status(Payload, kw_only=True, tag_field="state", tag="online"):
+    """Retained on ``status`` while the agent is connected; re-sent after every reconnect."""
+
+    device: str
+    groups: list[str]
+    agent_version: str
+    started_at: Timestamp
+    host: HostFacts
+    models: list[SlotStatus]
+
+
+class Offline(Payload, kw_only=True, tag_field="state", tag="offline"):
+    """Retained on ``status`` when the agent leaves: its last will, or a clean shutdown.
+
+    The will is registered at connect time and sent by the broker at an unknown later moment,
+    so it carries ``ts: null``; a clean shutdown sets ``ts``.
+    """
+
+    ts: Timestamp | None = None  # type: ignore[assignment]
+    device: str
+    reason: Literal["connection-lost", "shutdown"] = "connection-lost"
+
+
+StatusPayload = Status | Offline
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+class ModelMetrics(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Per-model request statistics. Latencies cover the last interval; counts are since start."""
+
+    version: str | None = None
+    count: int
+    errors: int
+    interval_count: int
+    interval_errors: int
+    rps: float
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+
+
+class SystemMetrics(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Resource use; a field this device cannot measure is absent, never zero."""
+
+    cpu_percent: float | None = None
+    load_1: float | None = None
+    load_5: float | None = None
+    load_15: float | None = None
+    memory_total_bytes: int | None = None
+    memory_available_bytes: int | None = None
+    memory_percent: float | None = None
+    process_rss_bytes: int | None = None
+    process_cpu_percent: float | None = None
+    temperature_c: float | None = None
+    disk_free_bytes: int | None = None
+    gpu_util_percent: float | None = None
+    gpu_memory_used_bytes: int | None = None
+    gpu_memory_total_bytes: int | None = None
+    gpu_temperature_c: float | None = None
+
+
+class SpoolMetrics(msgspec.Struct, kw_only=True):
+    """The store-and-forward queue: what waits for the broker and what had to be dropped."""
+
+    queued_messages: int
+    queued_bytes: int
+    dropped_records: int
+    """Prediction records dropped since the last metrics message (spool full or logger behind)."""
+    dropped_records_total: int
+
+
+class Metrics(Payload, kw_only=True):
+    """Published on ``metrics`` every ``telemetry.metrics_interval_s``."""
+
+    device: str
+    interval_s: float
+    models: dict[str, ModelMetrics]
+    system: SystemMetrics
+    spool: SpoolMetrics
+
+
+# --- predictions ------------------------------------------------------------------------------
+
+
+class ClassScore(msgspec.Struct, kw_only=True, omit_defaults=True):
+    index: int
+    score: float
+    label: str | None = None
+
+
+class OutputSummary(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A classifier output as top-k per row (first rows only), anything else as min/max/mean."""
+
+    shape: list[int]
+    top_k: list[list[ClassScore]] | None = None
+    min: float | None = None
+    max: float | None = None
+    mean: float | None = None
+
+
+class TensorDump(msgspec.Struct, kw_only=True):
+    """A whole tensor, only logged for models with ``log_tensors: true``."""
+
+    datatype: str
+    shape: list[int]
+    data: list[Any]
+
+
+class PredictionRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    ts: Timestamp
+    model: str
+    version: str
+    request_id: str
+    latency_ms: float
+    input_digest: str
+    """blake2b-64 over every input's name, dtype, shape and bytes: equal inputs, equal digest."""
+    outputs: dict[str, OutputSummary] = {}
+    error: str | None = None
+    inputs_tensors: dict[str, TensorDump] | None = None
+    outputs_tensors: dict[str, TensorDump] | None = None
+
+
+class PredictionBatch(Payload, kw_only=True):
+    """Published on ``predictions``: sampled records, batched by count or time."""
+
+    device: str
+    records: list[PredictionRecord]
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+class Event(Payload, kw_only=True):
+    """Published on ``events``: update lifecycle, validation, rollbacks, errors, restarts."""
+
+    device: str
+    kind: str
+    level: Level = "info"
+    message: str
+    model: str | None = None
+    version: str | None = None
+    details: dict[str, Any] = {}
+
+
+# --- commands (down) --------------------------------------------------------------------------
+
+
+class SetSampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``cmd/set-sampling``: a new prediction sample rate, for one model or all."""
+
+    rate: float
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError("rate must be between 0 and 1")
+
+
+class CommandReply(Payload, kw_only=True):
+    """Sent to a command's MQTT 5 response topic, with its correlation data."""
+
+    device: str
+    command: str
+    ok: bool
+    error: str | None = None
+    result: dict[str, Any] | None = None
+
+
+SCHEMA_TYPES: dict[str, Any] = {
+    "status": StatusPayload,
+    "metrics": Metrics,
+    "predictions": PredictionBatch,
+    "events": Event,
+    "cmd-set-sampling": SetSampling,
+    "command-reply": CommandReply,
+}
+"""Schema file stem -> payload type, read by ``telemetry.schemas``."""

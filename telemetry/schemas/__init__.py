@@ -1,0 +1,63 @@
+"""JSON Schemas of the MQTT payloads, generated from the msgspec types.
+
+``python -m telemetry.schemas`` rewrites the ``*.json`` files beside this module; a test checks
+that the committed files equal what the types generate. A module that adds payload types
+defines ``SCHEMA_TYPES: dict[str, type]`` (file stem -> type) and is listed in
+:data:`PAYLOAD_MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+PAYLOAD_MODULES: tuple[str, ...] = ("telemetry.payloads",)
+SCHEMA_DIR = Path(__file__).resolve().parent
+_ALWAYS = ("schema_version", "ts")
+"""Fields with defaults that every payload nonetheless carries on the wire."""
+
+
+def payload_types() -> dict[str, Any]:
+    """Schema file stem -> payload type, over every module in :data:`PAYLOAD_MODULES`."""
+    types: dict[str, Any] = {}
+    for name in PAYLOAD_MODULES:
+        types.update(importlib.import_module(name).SCHEMA_TYPES)
+    return types
+
+
+def schema_for(tp: Any) -> dict[str, Any]:
+    """The JSON Schema of one payload type, with ``schema_version`` and ``ts`` required."""
+    schema: dict[str, Any] = msgspec.json.schema(tp)
+    for definition in schema.get("$defs", {}).values():
+        props = definition.get("properties", {})
+        required = definition.setdefault("required", [])
+        for field in _ALWAYS:
+            if field in props and field not in required:
+                required.append(field)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def render(tp: Any) -> str:
+    """The schema file text for ``tp``: stable key order, trailing newline."""
+    return json.dumps(schema_for(tp), indent=2, sort_keys=True) + "\n"
+
+
+def load(stem: str) -> dict[str, Any]:
+    """A committed schema by its file stem (``status``, ``metrics``, ...)."""
+    data: dict[str, Any] = json.loads((SCHEMA_DIR / f"{stem}.json").read_text(encoding="utf-8"))
+    return data
+
+
+def write(directory: Path = SCHEMA_DIR) -> list[Path]:
+    """Write every schema file into ``directory``; returns the paths written."""
+    written = []
+    for stem, tp in sorted(payload_types().items()):
+        path = directory / f"{stem}.json"
+        path.write_text(render(tp), encoding="utf-8")
+        written.append(path)
+    return written
