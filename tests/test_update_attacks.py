@@ -1,0 +1,273 @@
+"""Attacks and faults on the update path: each must leave the current model serving and report.
+
+The repository is real (signed by OperatorRepository, served over HTTP); attacks are what an
+attacker controlling the mirror or the network can do without the keys: replace files, replay
+old ones, serve endless or slow data, sign with keys the device does not trust.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata, Root, TargetFile
+from tuf.api.serialization.json import JSONSerializer
+
+from tests.fixtures.daemon import free_port
+from tests.fixtures.models import classifier
+from tests.fixtures.tuf_repo import Device, TufRepo
+from updater.model_meta import meta_to_custom
+
+
+def _assert_refused(device: Device, needle: str) -> None:
+    """Still serving v1; the failure was an event naming the cause."""
+    assert device.version == "1"
+    assert device.states()[-2:] == ["failed", "idle"], device.states()
+    failed = [m for k, m, f in device.events if k == "update" and f["state"] == "failed"]
+    assert any(needle in m for m in failed), failed
+    x = np.zeros((1, 4), np.float32)
+    assert device.predict(x)["probs"].shape == (1, 3)
+
+
+@pytest.fixture
+def v1_device(tuf_repo: TufRepo, update_device, tmp_path: Path) -> Device:
+    return update_device(classifier(tmp_path / "v1.onnx", seed=0))
+
+
+def _write(md: Metadata, *paths: Path) -> None:
+    data = md.to_bytes(JSONSerializer(compact=False))
+    for p in paths:
+        p.write_bytes(data)
+
+
+def test_tampered_artifact(tuf_repo, v1_device, tmp_path):
+    meta = tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    served = tuf_repo.target_file(meta)
+    data = bytearray(served.read_bytes())
+    data[-10] ^= 0xFF
+    served.write_bytes(bytes(data))
+    v1_device.check()
+    _assert_refused(v1_device, "LengthOrHashMismatchError")
+
+
+def test_artifact_longer_than_signed(tuf_repo, v1_device, tmp_path):
+    meta = tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    served = tuf_repo.target_file(meta)
+    served.write_bytes(served.read_bytes() + b"\0" * 100)
+    v1_device.check()
+    _assert_refused(v1_device, "DownloadLengthMismatchError")
+
+
+def test_endless_data_is_cut_at_the_signed_length(tuf_repo, v1_device, tmp_path):
+    meta = tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    tuf_repo.server.faults[tuf_repo.target_file(meta).name] = "endless"
+    v1_device.check()
+    _assert_refused(v1_device, "DownloadLengthMismatchError")
+
+
+def test_endless_metadata_is_cut_too(tuf_repo, v1_device):
+    tuf_repo.server.faults["/metadata/timestamp.json"] = "endless"
+    v1_device.check()
+    _assert_refused(v1_device, "DownloadLengthMismatchError")
+
+
+def test_artifact_not_in_targets_is_never_fetched(tuf_repo, v1_device, tmp_path):
+    # a file planted on the mirror, next to real ones, that no signed metadata names
+    evil = tuf_repo.repo.targets_dir / "classifier" / "9"
+    evil.mkdir(parents=True)
+    shutil.copyfile(classifier(tmp_path / "evil.onnx", seed=9), evil / "model.onnx")
+    v1_device.check()
+    assert v1_device.version == "1"
+    assert v1_device.states() == ["checking", "idle"]
+    assert not [r for r in tuf_repo.server.requests if "/targets/" in r]
+    client = v1_device.updater.client
+    assert not [o for o in client.check(["classifier"], []) if o.path.startswith("classifier/9")]
+
+
+def test_oversized_target_is_refused_before_download(tuf_repo, update_device, tmp_path):
+    device = update_device(classifier(tmp_path / "v1.onnx"), max_download_bytes=100)
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    device.check()
+    _assert_refused(device, "over updates.max_download_bytes")
+    assert not [r for r in tuf_repo.server.requests if "/targets/" in r]
+
+
+def test_rollback_to_older_timestamp(tuf_repo, v1_device, tmp_path):
+    """Replay an older timestamp after the device has seen a newer one."""
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    v1_device.check()
+    old = tuf_repo.metadata("timestamp.json").read_bytes()
+    tuf_repo.publish(classifier(tmp_path / "v3.onnx", seed=3), "3")
+    v1_device.check()
+    assert v1_device.version == "3"
+    tuf_repo.metadata("timestamp.json").write_bytes(old)
+    v1_device.events.clear()
+    v1_device.check()
+    assert v1_device.version == "3"
+    failed = [m for k, m, f in v1_device.events if k == "update" and f["state"] == "failed"]
+    assert any("BadVersionNumberError" in m for m in failed), failed
+
+
+@pytest.mark.parametrize("role", ["snapshot", "targets"])
+def test_rollback_to_older_snapshot_or_targets(tuf_repo, v1_device, tmp_path, role):
+    """The signed timestamp/snapshot name version N; the mirror answers with N-1's content."""
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    v1_device.check()
+    assert v1_device.version == "2"
+    old = tuf_repo.metadata(f"{role}.json").read_bytes()
+    tuf_repo.publish(classifier(tmp_path / "v3.onnx", seed=3), "3")
+    current = Metadata.from_file(str(tuf_repo.metadata(f"{role}.json"))).signed.version
+    assert Metadata.from_bytes(old).signed.version < current
+    tuf_repo.metadata(f"{current}.{role}.json").write_bytes(old)
+    v1_device.events.clear()
+    v1_device.check()
+    assert v1_device.version == "2"
+    failed = [m for k, m, f in v1_device.events if k == "update" and f["state"] == "failed"]
+    assert any("BadVersionNumberError" in m for m in failed), failed
+
+
+def test_mix_and_match_of_metadata(tuf_repo, v1_device, tmp_path):
+    """Targets from one repository state served with a snapshot from another."""
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    md = tuf_repo.metadata
+    targets_v2 = md("targets.json").read_bytes()
+    tuf_repo.publish(classifier(tmp_path / "v3.onnx", seed=3), "3")
+    current = Metadata.from_file(str(md("targets.json"))).signed.version
+    md(f"{current}.targets.json").write_bytes(targets_v2)
+    v1_device.check()
+    _assert_refused(v1_device, "BadVersionNumberError")
+
+
+def test_expired_timestamp_freeze_attack(tuf_repo, v1_device, tmp_path):
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    tuf_repo.repo.refresh(timestamp_expires=datetime.now(timezone.utc) - timedelta(hours=1))
+    v1_device.check()
+    _assert_refused(v1_device, "ExpiredMetadataError")
+
+
+def _forge_targets(tuf_repo: TufRepo, model: Path, signers: list) -> None:
+    """A new targets version naming an evil model, signed by ``signers`` only; snapshot and
+    timestamp are then signed with the real online keys (the role separation TUF relies on)."""
+    md = tuf_repo.repo.open("targets")
+    target = TargetFile.from_file("classifier/66/evil.onnx", str(model), ["sha256"])
+    custom = meta_to_custom(tuf_repo.repo.models()[-1][2])
+    custom["inferd"]["version"], custom["inferd"]["seq"] = "66", 99
+    target.unrecognized_fields["custom"] = custom
+    md.signed.targets[target.path] = target
+    md.signed.version += 1
+    md.signatures.clear()
+    for s in signers:
+        md.sign(s, append=True)
+    v = md.signed.version
+    _write(md, tuf_repo.metadata(f"{v}.targets.json"), tuf_repo.metadata("targets.json"))
+    dest = tuf_repo.repo.targets_dir / "classifier" / "66"
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model, dest / f"{target.hashes['sha256']}.evil.onnx")
+    tuf_repo.repo.publish()
+
+
+def test_metadata_signed_by_untrusted_key(tuf_repo, v1_device, tmp_path):
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    _forge_targets(
+        tuf_repo, classifier(tmp_path / "evil.onnx", seed=6), [CryptoSigner.generate_ed25519()]
+    )
+    v1_device.check()
+    _assert_refused(v1_device, "UnsignedMetadataError")
+
+
+def test_threshold_not_met(tmp_path, tuf_repo_factory, update_device):
+    tuf = tuf_repo_factory(keys={"targets": 2}, thresholds={"targets": 2})
+    repo = tuf.repo
+    device = update_device(classifier(tmp_path / "v1.onnx"), repo=tuf)
+    tuf.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    device.check()
+    assert device.version == "2", "two of two signatures: accepted"
+    one_key = repo.signers("targets")[:1]
+    _forge_targets(tuf, classifier(tmp_path / "evil.onnx", seed=6), one_key)
+    device.events.clear()
+    device.check()
+    assert device.version == "2"
+    failed = [m for k, m, f in device.events if k == "update" and f["state"] == "failed"]
+    assert any("UnsignedMetadataError" in m for m in failed), failed
+
+
+def test_root_rotation_accepted_when_correctly_signed(tuf_repo, v1_device, tmp_path):
+    tuf_repo.repo.rotate_key("root")
+    tuf_repo.repo.rotate_key("targets")
+    tuf_repo.repo.rotate_key("timestamp")
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    v1_device.check()
+    assert v1_device.version == "2"
+    cache = v1_device.state_dir / "update" / "metadata" / "root_history"
+    assert sorted(p.name for p in cache.iterdir())[-1] == "4.root.json"
+
+
+def test_root_rotation_not_signed_by_the_old_root_is_rejected(tuf_repo, v1_device, tmp_path):
+    repo = tuf_repo.repo
+    new_root_key = CryptoSigner.generate_ed25519()
+    md = repo.open("root")
+    root: Root = md.signed
+    for keyid in list(root.roles["root"].keyids):
+        root.revoke_key(keyid, "root")
+    root.add_key(new_root_key.public_key, "root")
+    root.version += 1
+    md.signatures.clear()
+    md.sign(new_root_key)  # only the new key: the device's trusted root never approved it
+    _write(md, tuf_repo.metadata(f"{root.version}.root.json"))
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    v1_device.check()
+    _assert_refused(v1_device, "UnsignedMetadataError")
+
+
+def test_repository_unreachable(tuf_repo, update_device, tmp_path):
+    device = update_device(classifier(tmp_path / "v1.onnx"), url=f"http://127.0.0.1:{free_port()}/")
+    device.check()
+    _assert_refused(device, "update check")
+    assert [
+        f["level"] for k, _, f in device.events if k == "update" and f["state"] == "failed"
+    ] == ["warning"]
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    return done.returncode == 0
+
+
+def test_disk_full_while_downloading(tuf_repo, update_device, tmp_path):
+    state = tmp_path / "small-state"
+    if not _mount_tmpfs(state, "512k"):
+        pytest.skip("needs root to mount a small tmpfs as a full disk")
+    try:
+        device = update_device(classifier(tmp_path / "v1.onnx", n_features=4), state_dir=state)
+        big = classifier(tmp_path / "big.onnx", n_features=4, n_classes=3)
+        # a big model: pad with an unused 1 MB initializer so it cannot fit in 512 KB
+        import onnx
+        from onnx import numpy_helper
+
+        m = onnx.load(str(big))
+        m.graph.initializer.append(numpy_helper.from_array(np.ones(256 * 1024, np.float32), "pad"))
+        onnx.save(m, str(big))
+        tuf_repo.publish(big, "2")
+        device.check()
+        _assert_refused(device, "No space left on device")
+        work = state / "update"
+        assert not [p for d in ("downloads", "tmp") for p in (work / d).iterdir()]
+        # once space is freed, the next update installs
+        tuf_repo.publish(classifier(tmp_path / "v3.onnx", seed=3), "3")
+        device.check()
+        assert device.version == "3"
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
