@@ -54,7 +54,48 @@ class Label:
     rows: tuple[Any, ...]
 
 
-_DECODER = msgspec.json.Decoder(FeedbackItem | list[FeedbackItem])
+FeedbackBody = FeedbackItem | list[FeedbackItem]
+_DECODER = msgspec.json.Decoder(FeedbackBody)
+
+
+class FeedbackCommand(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of ``{prefix}/{device}/cmd/feedback``: a model and one item, or several ``items``.
+
+    ``model`` may be left out on a device that serves a single model.
+    """
+
+    model: str | None = None
+    items: list[FeedbackItem] | None = None
+    id: str | None = None
+    label: int | str | list[int | str] | None = None
+    labels: list[Any] | None = None
+    value: float | list[float] | None = None
+
+    def to_items(self) -> list[FeedbackItem]:
+        """The feedback items this command carries; FeedbackError when it is malformed."""
+        if self.items is not None:
+            if self.id is not None:
+                raise FeedbackError("give either items or one id with its label, not both")
+            items = self.items
+        elif self.id is None:
+            raise FeedbackError("feedback needs an id (or items)")
+        else:
+            items = [FeedbackItem(self.id, self.label, self.labels, self.value)]
+        return _check(items)
+
+
+SCHEMA_TYPES: dict[str, Any] = {"cmd-feedback": FeedbackCommand}
+"""Schema file stem -> type, read by ``telemetry.schemas``."""
+
+
+def parse_command(args: Any) -> FeedbackCommand:
+    """Validate a decoded ``cmd/feedback`` body."""
+    try:
+        cmd = msgspec.convert(args, FeedbackCommand)
+    except msgspec.ValidationError as err:
+        raise FeedbackError(f"invalid feedback: {err}") from err
+    cmd.to_items()
+    return cmd
 
 
 def parse_feedback(body: bytes) -> list[FeedbackItem]:
@@ -63,7 +104,10 @@ def parse_feedback(body: bytes) -> list[FeedbackItem]:
         decoded = _DECODER.decode(body)
     except msgspec.DecodeError as err:
         raise FeedbackError(f"invalid feedback: {err}") from err
-    items = decoded if isinstance(decoded, list) else [decoded]
+    return _check(decoded if isinstance(decoded, list) else [decoded])
+
+
+def _check(items: list[FeedbackItem]) -> list[FeedbackItem]:
     for item in items:
         given = [f for f in ("label", "labels", "value") if getattr(item, f) is not None]
         if len(given) != 1:

@@ -14,15 +14,16 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 
+from telemetry.payloads import Payload
+
 Task = Literal["classification", "multilabel", "regression"]
-SCHEMA_VERSION = 1
 
 
 # -- payload types --------------------------------------------------------------------------
@@ -111,12 +112,10 @@ class FeedbackCounts(msgspec.Struct, frozen=True, kw_only=True):
     pending_labels: int = 0
 
 
-class QualityPayload(msgspec.Struct, frozen=True, kw_only=True):
-    """Published on ``{prefix}/{device}/quality`` for each model version with data."""
+class QualityPayload(Payload, kw_only=True):
+    """Published on ``quality`` for each model version with labels or drift to report."""
 
-    schema_version: int = SCHEMA_VERSION
-    ts: str
-    device_id: str
+    device: str
     model: str
     version: str
     task: Task | None
@@ -128,6 +127,10 @@ class QualityPayload(msgspec.Struct, frozen=True, kw_only=True):
     regression: RegressionQuality | None = None
     drift: DriftQuality | None = None
     feedback: FeedbackCounts | None = None
+
+
+SCHEMA_TYPES: dict[str, Any] = {"quality": QualityPayload}
+"""Schema file stem -> payload type, read by ``telemetry.schemas``."""
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -308,6 +311,88 @@ def regression_quality(y_true: np.ndarray, y_pred: np.ndarray) -> RegressionQual
 
 def _name(index: int, label_names: Sequence[str]) -> str:
     return label_names[index] if 0 <= index < len(label_names) else str(index)
+
+
+# -- reading model outputs -------------------------------------------------------------------
+
+
+def output_rows(outputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The output quality is judged on, as ``[batch, values]``: the first floating-point output
+    (class scores, a probability, a value), else the first output (a class index)."""
+    if not outputs:
+        return None
+    arrays = [np.asarray(a) for a in outputs.values()]
+    a = next((a for a in arrays if a.dtype.kind == "f"), arrays[0])
+    if a.dtype.kind not in "biuf":
+        return None
+    return a.reshape(1, -1) if a.ndim == 0 else a.reshape(a.shape[0], -1)
+
+
+def interpret(rows: np.ndarray, task: Task) -> tuple[np.ndarray, np.ndarray | None]:
+    """(predictions, scores) from output rows; ValueError when the rows cannot serve ``task``.
+
+    Classification: two or more scores are argmax-ed (and kept as scores), one score is the
+    probability of class 1, an integer is the class itself. Multi-label: a score >= 0.5 is a
+    predicted label. Regression: the row's single value.
+    """
+    width = rows.shape[1]
+    is_float = rows.dtype.kind == "f"
+    if task == "regression":
+        if width != 1:
+            raise ValueError(f"a regression value needs one output value per row, not {width}")
+        return rows[:, 0].astype(np.float64), None
+    if task == "multilabel":
+        if not is_float:
+            raise ValueError("multi-label truth needs per-label scores from the model")
+        scores = rows.astype(np.float64)
+        return (scores >= 0.5).astype(np.int8), scores
+    if not is_float:
+        if width != 1:
+            raise ValueError(f"an integer output needs one class per row, not {width}")
+        return rows[:, 0].astype(np.int64), None
+    if width == 1:
+        p = rows[:, 0].astype(np.float64)
+        return (p >= 0.5).astype(np.int64), np.stack([1.0 - p, p], axis=1)
+    scores = rows.astype(np.float64)
+    return scores.argmax(axis=1), scores
+
+
+def task_of(truth: np.ndarray) -> Task:
+    """The task a labelled dataset implies: float values regression, a 2-D indicator matrix
+    multi-label, integer classes classification."""
+    t = np.asarray(truth)
+    if t.ndim == 2 and t.shape[1] > 1:
+        return "multilabel"
+    return "regression" if t.dtype.kind == "f" else "classification"
+
+
+def quality_of(
+    task: Task,
+    truth: np.ndarray,
+    rows: np.ndarray,
+    *,
+    label_names: Sequence[str] = (),
+    max_classes: int = 20,
+) -> ClassificationQuality | RegressionQuality:
+    """Metrics of a whole labelled dataset given the model's output rows."""
+    predicted, scores = interpret(rows, task)
+    if task == "regression":
+        return regression_quality(truth, predicted)
+    if task == "multilabel":
+        if np.asarray(truth).shape != predicted.shape:
+            raise ValueError(
+                f"truth has shape {list(np.shape(truth))}, the model gives {list(predicted.shape)}"
+            )
+        return multilabel_quality(
+            truth, predicted, scores, label_names=label_names, max_classes=max_classes
+        )
+    return classification_quality(
+        np.asarray(truth).ravel(),
+        predicted,
+        scores,
+        label_names=label_names,
+        max_classes=max_classes,
+    )
 
 
 # -- rolling windows -------------------------------------------------------------------------

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+import threading
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
 from sklearn import metrics as skm
 
+from agent.config import ModelConfig, QualityConfig
+from agent.slots import ModelSlot
+from telemetry.drift import compute_reference
 from telemetry.quality import (
     QualityWindow,
     Sample,
@@ -18,6 +25,8 @@ from telemetry.quality import (
     multilabel_quality,
     regression_quality,
 )
+from telemetry.quality_monitor import QualityMonitor
+from tests.fixtures.models import save
 
 SETTINGS = settings(max_examples=60, deadline=None)
 # scikit-learn warns when a random draw has one class only; those draws are still compared
@@ -152,3 +161,186 @@ def test_window_forgets_by_count_and_by_age() -> None:
     assert len(win) == 2
     now[0] = 1100.0
     assert win.compute() is None
+
+
+# -- the monitor on a real model slot --------------------------------------------------------
+
+
+@pytest.fixture
+def served(model_factory):
+    """A real classifier in a slot with a QualityMonitor listening: (slot, monitor, sent)."""
+
+    path = model_factory("classifier", n_features=4, n_classes=3, seed=3)
+    slot = ModelSlot(ModelConfig(name="clf", path=str(path), labels=("cat", "dog", "eel")))
+    slot.swap(slot.load(path, "v1"))
+    sent: dict[str, list] = {"quality": [], "events": []}
+
+    def emit_event(kind, message, **fields) -> None:
+        sent["events"].append({"kind": kind, "message": message, **fields})
+
+    settings = QualityConfig(publish_interval_s=3600, drift_window=200, window_count=10_000)
+    monitor = QualityMonitor(
+        settings,
+        "dev-1",
+        sent["quality"].append,
+        emit_event=emit_event,
+        labels={"clf": slot.config.labels},
+    )
+    slot.listeners.append(monitor.listener)
+    yield slot, monitor, sent
+    monitor.stop()
+    slot.close()
+
+
+def test_monitor_quality_equals_sklearn_on_served_predictions(served) -> None:
+    slot, monitor, _ = served
+    rng = np.random.default_rng(7)
+    y_true, y_pred, scores = [], [], []
+    for i in range(40):
+        batch = 1 + i % 3
+        x = rng.normal(size=(batch, 4)).astype(np.float32)
+        out, _, rid = slot.predict({"x": x}, request_id=f"req-{i}")
+        truth = rng.integers(0, 3, size=batch).tolist()
+        y_true += truth
+        y_pred += out["probs"].argmax(axis=1).tolist()
+        scores.append(out["probs"])
+        # half the labels by name, half by index; some overtake their prediction in the queue
+        label = [("cat", "dog", "eel")[t] for t in truth] if i % 2 else truth
+        body = msgspec.json.encode({"id": rid, "label": label})
+        reply = monitor.feedback("clf", body)
+        assert reply["results"][0]["status"] == "pending"  # the worker has not run yet
+    monitor.drain()
+    (payload,) = monitor.payloads()
+    q = payload.classification
+    assert payload.model == "clf" and payload.version == "v1" and payload.device == "dev-1"
+    assert payload.task == "classification"
+    assert payload.samples == len(y_true)
+    assert q.accuracy == pytest.approx(skm.accuracy_score(y_true, y_pred))
+    assert q.f1_macro == pytest.approx(
+        skm.f1_score(y_true, y_pred, average="macro", zero_division=0)
+    )
+    expected_auc = skm.roc_auc_score(y_true, np.concatenate(scores), multi_class="ovr")
+    assert q.roc_auc == pytest.approx(expected_auc)
+    assert [c.label for c in q.per_class] == ["cat", "dog", "eel"]
+    assert payload.feedback.matched == 40
+    assert payload.feedback.unmatched == 0
+
+
+def test_monitor_counts_labels_that_do_not_fit(served) -> None:
+    slot, monitor, _ = served
+    slot.predict({"x": np.zeros((2, 4), np.float32)}, request_id="two-rows")
+    monitor.drain()
+    reply = monitor.feedback("clf", b'{"id": "two-rows", "value": 1.5}')
+    assert reply["results"][0]["status"] == "invalid"
+    assert reply["results"][0]["error"] == "label has 1 row(s), the prediction has 2"
+    slot.predict({"x": np.zeros((1, 4), np.float32)}, request_id="one-row")
+    monitor.drain()
+    reply = monitor.feedback("clf", b'{"id": "one-row", "value": 1.5}')
+    assert "needs one output value per row, not 3" in reply["results"][0]["error"]
+    reply = monitor.feedback("clf", b'{"id": "never-seen", "label": 1}')
+    assert reply["results"][0]["status"] == "pending"
+    (payload,) = monitor.payloads() or [None]
+    assert payload is None  # nothing valid and no drift: nothing to publish
+
+
+def test_monitor_regression_and_publish_thread(model_factory, tmp_path) -> None:
+
+    w = np.array([[2.0], [-1.0]], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "regressor",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    path = save(graph, tmp_path / "reg.onnx")
+    slot = ModelSlot(ModelConfig(name="reg", path=str(path)))
+    slot.swap(slot.load(path, "7"))
+    published = []
+    got_one = threading.Event()
+
+    def publish(payload) -> None:
+        published.append(payload)
+        if payload.samples == 3:
+            got_one.set()
+
+    monitor = QualityMonitor(QualityConfig(publish_interval_s=0.05), "dev-1", publish)
+    slot.listeners.append(monitor.listener)
+    monitor.start()
+    try:
+        x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)
+        slot.predict({"x": x}, request_id="r")  # predictions 2, -1, 1
+        reply = monitor.feedback("reg", b'{"id": "r", "value": [2.5, -1.0, 0.0]}')
+        assert reply["results"][0]["status"] in ("pending", "matched")  # races the worker
+        assert got_one.wait(5)
+    finally:
+        monitor.stop()
+        slot.close()
+    assert not any(t.name == "inferd-quality" for t in threading.enumerate())
+    last = published[-1]
+    assert last.task == "regression"
+    assert last.regression.mae == pytest.approx((0.5 + 0 + 1) / 3)
+    assert last.regression.rmse == pytest.approx(math.sqrt((0.25 + 0 + 1) / 3))
+    assert last.regression.bias == pytest.approx((-0.5 + 0 + 1) / 3)
+
+
+def test_monitor_raises_a_drift_event_without_labels(served) -> None:
+    slot, monitor, sent = served
+    rng = np.random.default_rng(11)
+    monitor.set_reference("clf", "v1", compute_reference({"x": rng.normal(size=(2000, 4))}))
+    for _ in range(20):
+        slot.predict({"x": rng.normal(size=(10, 4)).astype(np.float32)})
+    monitor.drain()
+    assert sent["events"] == []  # first window matches the reference
+    for _ in range(20):
+        x = rng.normal(size=(10, 4)).astype(np.float32)
+        x[:, 2] += 1.5
+        slot.predict({"x": x})
+    monitor.drain()
+    (event,) = sent["events"]
+    assert event["kind"] == "drift" and event["level"] == "warning"
+    assert event["model"] == "clf" and event["version"] == "v1"
+    assert "x[2]" in event["message"]
+    assert event["drifted"] is True and event["features"][0]["index"] == 2
+    (payload,) = monitor.payloads()
+    assert payload.task is None and payload.samples == 0
+    assert payload.drift.drifted and payload.drift.features[0].index == 2
+
+
+def test_quality_payload_matches_its_committed_json_schema(served) -> None:
+    import jsonschema
+
+    from telemetry import schemas
+    from telemetry.quality import QualityPayload
+
+    assert schemas.load("quality") == json.loads(schemas.render(QualityPayload))
+    slot, monitor, _ = served
+    rng = np.random.default_rng(5)
+    monitor.set_reference("clf", "v1", compute_reference({"x": rng.normal(size=(500, 4))}))
+    for i in range(30):
+        slot.predict({"x": rng.normal(size=(10, 4)).astype(np.float32)}, request_id=f"q{i}")
+        monitor.feedback("clf", msgspec.json.encode({"id": f"q{i}", "label": [i % 3] * 10}))
+    monitor.drain()
+    (payload,) = monitor.payloads()
+    assert payload.drift is not None and payload.classification is not None
+    wire = json.loads(msgspec.json.encode(payload))
+    jsonschema.validate(wire, schemas.load("quality"))
+    assert wire["schema_version"] == 1 and wire["ts"].endswith("Z")
+
+
+def test_feedback_command_schema_accepts_what_the_device_accepts() -> None:
+    import jsonschema
+
+    from telemetry import schemas
+    from telemetry.feedback import FeedbackCommand, parse_command
+
+    schema = schemas.load("cmd-feedback")
+    assert schema == json.loads(schemas.render(FeedbackCommand))
+    for body in (
+        {"model": "clf", "id": "r1", "label": "cat"},
+        {"items": [{"id": "r1", "labels": [0, 2]}, {"id": "r2", "value": 1.5}]},
+    ):
+        jsonschema.validate(body, schema)
+        parse_command(body)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"model": "clf", "id": "r1", "label": 1, "extra": 1}, schema)

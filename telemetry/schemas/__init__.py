@@ -15,7 +15,11 @@ from typing import Any
 
 import msgspec
 
-PAYLOAD_MODULES: tuple[str, ...] = ("telemetry.payloads",)
+PAYLOAD_MODULES: tuple[str, ...] = (
+    "telemetry.payloads",
+    "telemetry.quality",
+    "telemetry.feedback",
+)
 SCHEMA_DIR = Path(__file__).resolve().parent
 _ALWAYS = ("schema_version", "ts")
 """Fields with defaults that every payload nonetheless carries on the wire."""
