@@ -154,7 +154,7 @@ install_venv() {
         "$PYTHON" -m venv "$VENV"
         say "created virtual environment $VENV"
     fi
-    local spec=${PACKAGE:-$SRC[$extras]}
+    local spec=${PACKAGE:-${SRC}[${extras}]}
     # shellcheck disable=SC2086 # PIP_ARGS is a list of arguments on purpose
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PIP_ARGS "$spec"
     if [ "$PLATFORM" = nvidia ] || { [ "$PLATFORM" = jetson ] && [ -n "$JETSON_INDEX" ]; }; then
