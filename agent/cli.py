@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent import __version__, logsetup
+from agent import __version__, logsetup, tune
 from agent.config import EX_CONFIG, ModelConfig, load_config
 from agent.errors import ConfigError, InferdError, InputError
 
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_file")
     p.add_argument("--runtime", choices=["onnxruntime", "tflite"])
     p.set_defaults(func=_cmd_info)
+
+    tune.add_parser(sub)
     return parser
 
 
