@@ -181,17 +181,7 @@ class ApiServer:
     def _infer(
         self, slot: ModelSlot, body: bytes, header_length: int | None
     ) -> tuple[HTTPStatus, bytes, str | tuple[str, int]]:
-        req = v2.decode_infer_request(body, slot.current.backend, header_length)
-        outputs, model, rid = slot.predict(req.feeds, req.output_names, req.request_id)
-        out, head_len = v2.encode_infer_response(
-            slot.name,
-            model.version,
-            rid,
-            outputs,
-            req.classification,
-            slot.config.labels,
-            req.binary_outputs,
-        )
+        out, head_len = v2.infer(slot, body, header_length)
         if head_len is None:
             return HTTPStatus.OK, out, "application/json"
         return HTTPStatus.OK, out, ("application/octet-stream", head_len)

@@ -22,6 +22,7 @@ import numpy as np
 
 from agent.backends.base import NUMPY_DTYPES, V2_DATATYPES, Backend
 from agent.errors import InputError
+from agent.slots import ModelSlot
 
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
 
@@ -222,6 +223,23 @@ def encode_infer_response(
     if not raw:
         return head, None
     return head + b"".join(raw), len(head)
+
+
+def infer(
+    slot: ModelSlot, body: bytes, header_length: int | None = None
+) -> tuple[bytes, int | None]:
+    """Decode a v2 request for ``slot``, run it, encode the response (HTTP and MQTT share this)."""
+    req = decode_infer_request(body, slot.current.backend, header_length)
+    outputs, model, rid = slot.predict(req.feeds, req.output_names, req.request_id)
+    return encode_infer_response(
+        slot.name,
+        model.version,
+        rid,
+        outputs,
+        req.classification,
+        slot.config.labels,
+        req.binary_outputs,
+    )
 
 
 def model_metadata(name: str, version: str, runtime: str, backend: Backend) -> dict[str, Any]:
