@@ -49,7 +49,7 @@ def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
             _flatten(value, f"{prefix}.{key}" if prefix else str(key), out)
-    elif isinstance(node, list) and any(isinstance(v, dict) for v in node):
+    elif isinstance(node, (list, tuple)) and any(isinstance(v, dict) for v in node):
         out[f"{prefix}#count"] = len(node)
         for i, value in enumerate(node):
             _flatten(value, f"{prefix}[{i}]", out)
@@ -63,11 +63,12 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     b: dict[str, Any] = {}
     _flatten(msgspec.to_builtins(old), "", a)
     _flatten(msgspec.to_builtins(new), "", b)
-    changed = set()
-    for key in a.keys() | b.keys():
-        if a.get(key) != b.get(key):
-            # A different number of models is reported as "models", not as a count key.
-            changed.add(key.removesuffix("#count"))
+    changed = {key for key in a.keys() | b.keys() if a.get(key) != b.get(key)}
+    # A list that grew or shrank (models) is reported as a whole, not entry by entry.
+    for counted in [k for k in changed if k.endswith("#count")]:
+        whole = counted.removesuffix("#count")
+        changed = {k for k in changed if not k.startswith(f"{whole}[") and k != counted}
+        changed.add(whole)
     return sorted(changed)
 
 
