@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
+from agent import quality
 from agent.api import ApiServer
 from agent.config import Config
 from agent.errors import ConfigError, InferdError
@@ -55,6 +56,7 @@ class Daemon:
         self._wake_w: socket.socket | None = None  # run()'s signal wakeup socket
         self._reload_requested = False
         self._started: list[Component] = []
+        self.quality = quality.attach(self)
 
     def initial_model(self, slot: ModelSlot) -> tuple[Path, str]:
         """The file and version a slot serves at start: the config's initial model."""

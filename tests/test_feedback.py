@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from telemetry.feedback import FeedbackError, JoinWindow, Label, parse_feedback, to_label
@@ -137,3 +139,94 @@ def test_unknown_class_name_is_rejected() -> None:
     (item,) = parse_feedback(b'{"id": "a", "label": "zebra"}')
     with pytest.raises(FeedbackError, match="unknown class name 'zebra'"):
         to_label(item, ("cat", "dog"))
+
+
+# -- feedback over the daemon's HTTP API -----------------------------------------------------
+
+
+@pytest.fixture
+def daemon(tmp_path, model_factory):
+    """An in-process daemon serving a classifier with reference stats beside it."""
+    import numpy as np
+
+    from agent.config import parse_config
+    from agent.daemon import Daemon
+    from telemetry.drift import compute_reference
+
+    model = model_factory("classifier", n_features=4, n_classes=3, seed=2)
+    ref = compute_reference({"x": np.random.default_rng(0).normal(size=(1000, 4))})
+    model.with_suffix(".ref.json").write_bytes(ref.to_json())
+    config = parse_config(
+        {
+            "device_id": "dev-1",
+            "state_dir": str(tmp_path / "state"),
+            "mqtt": {"enabled": False},
+            "updates": {"enabled": False},
+            "api": {"listen": "127.0.0.1:0"},
+            "quality": {"publish_interval_s": 3600, "drift_window": 50},
+            "models": [{"name": "clf", "path": str(model), "labels": ["cat", "dog", "eel"]}],
+        },
+        environ={},
+    )
+    d = Daemon(config)
+    d.start()
+    yield d
+    d.stop()
+    assert not [t for t in threading.enumerate() if t.name == "inferd-quality"]
+
+
+def http(daemon, method: str, path: str, body: object) -> tuple[int, dict]:
+    import http.client
+    import json
+
+    host, port = daemon.api.address
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request(method, path, body=json.dumps(body).encode())
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_http_feedback_joins_and_reports(daemon) -> None:
+    import numpy as np
+
+    x = np.random.default_rng(1).normal(size=(60, 4)).astype(np.float32)
+    predicted = []
+    for i in range(60):
+        status, out = http(
+            daemon,
+            "POST",
+            "/v2/models/clf/infer",
+            {"id": f"req-{i}", "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                           "data": x[i].tolist()}]},
+        )  # fmt: skip
+        assert status == 200 and out["id"] == f"req-{i}"
+        predicted.append(int(np.argmax(out["outputs"][0]["data"])))
+    truth = [p if i % 4 else (p + 1) % 3 for i, p in enumerate(predicted)]  # 75 % right
+    body = [{"id": f"req-{i}", "label": ["cat", "dog", "eel"][t]} for i, t in enumerate(truth)]
+    body.append({"id": "never-served", "label": 0})
+    status, reply = http(daemon, "POST", "/v2/models/clf/feedback", body)
+    assert status == 200
+    assert reply["received"] == 61
+    assert reply.get("matched", 0) + reply.get("pending", 0) == 61
+    monitor = daemon.quality.monitor
+    monitor.drain()
+    (payload,) = monitor.payloads()
+    assert payload.model == "clf" and payload.device == "dev-1"
+    assert payload.samples == 60
+    assert payload.classification.accuracy == pytest.approx(45 / 60)
+    assert payload.drift is not None  # the reference beside the model file was found
+    assert payload.feedback.matched == 60
+    assert payload.feedback.pending_labels == 1  # "never-served" waits, then counts as unknown
+
+
+def test_http_feedback_errors_are_4xx_with_the_reason(daemon) -> None:
+    status, reply = http(daemon, "POST", "/v2/models/clf/feedback", {"id": "a"})
+    assert status == 400
+    assert "exactly one of label, labels, value" in reply["error"]
+    status, reply = http(daemon, "POST", "/v2/models/clf/feedback", {"id": "a", "label": "yak"})
+    assert status == 400 and "unknown class name 'yak'" in reply["error"]
+    status, reply = http(daemon, "POST", "/v2/models/nope/feedback", {"id": "a", "label": 1})
+    assert status == 404

@@ -1,0 +1,145 @@
+"""The quality monitor inside the daemon: a listener on every slot, ground truth over HTTP
+(``POST /v2/models/{name}/feedback``) and MQTT (``cmd/feedback``), drift references found next
+to whichever model version a slot serves, payloads out on ``quality`` and ``events``.
+
+Reference statistics for drift (made by ``inferctl evaluate --reference-out`` or
+:func:`telemetry.drift.compute_reference`): ``<model>.ref.json`` beside a configured model
+file (``demo.onnx`` -> ``demo.ref.json``), or the ``reference.json`` an update ships in its
+signed metadata, staged beside the installed model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from agent.config import Config
+from agent.errors import InputError, ModelNotFoundError, NotReadyError
+from agent.slots import ModelSlot
+from telemetry.drift import ReferenceStats, load_reference
+from telemetry.feedback import FeedbackError, parse_command
+from telemetry.quality import QualityPayload
+from telemetry.quality_monitor import EmitEvent, QualityMonitor
+
+if TYPE_CHECKING:
+    from agent.daemon import Daemon
+    from agent.mqtt import MqttLink
+
+log = logging.getLogger(__name__)
+
+PublishBytes = Callable[[str, bytes], object]
+"""``link.publish(leaf, payload)``: queue bytes on ``{prefix}/{device}/{leaf}``."""
+
+
+def reference_file(model_path: Path) -> Path | None:
+    """The reference statistics shipped with a model file, if there are any."""
+    for candidate in (model_path.with_suffix(".ref.json"), model_path.parent / "reference.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class QualityService:
+    """Owns the daemon's :class:`QualityMonitor` and connects it to slots, API and MQTT."""
+
+    def __init__(self, config: Config, slots: Mapping[str, ModelSlot]) -> None:
+        self.slots = slots
+        self._publish: PublishBytes | None = None
+        self._emit: EmitEvent | None = None
+        self.monitor = QualityMonitor(
+            config.quality,
+            config.device_id,
+            self._publish_quality,
+            emit_event=self._emit_event,
+            labels={name: slot.config.labels for name, slot in slots.items()},
+            references=self.reference,
+        )
+        for slot in slots.values():
+            slot.listeners.append(self.monitor.listener)
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    def connect(self, publish: PublishBytes, emit_event: EmitEvent) -> None:
+        """Send payloads and events through the MQTT link (without one they are only logged)."""
+        self._publish = publish
+        self._emit = emit_event
+
+    def start(self) -> None:
+        self.monitor.start()
+
+    def stop(self) -> None:
+        self.monitor.stop()
+
+    def _publish_quality(self, payload: QualityPayload) -> None:
+        if self._publish is None:
+            log.debug(
+                "quality of %s %s not published: no MQTT link", payload.model, payload.version
+            )
+            return
+        self._publish("quality", msgspec.json.encode(payload))
+
+    def _emit_event(self, kind: str, message: str, **fields: Any) -> None:
+        if self._emit is not None:
+            self._emit(kind, message, **fields)
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def reference(self, model: str, version: str) -> ReferenceStats | None:
+        """The reference statistics of the version ``model`` serves now (the monitor asks when
+        it first sees a version, which is right after the slot swapped to it)."""
+        slot = self.slots.get(model)
+        if slot is None or not slot.ready:
+            return None
+        try:
+            loaded = slot.current
+        except NotReadyError:
+            return None
+        if loaded.version != version:
+            return None
+        path = reference_file(loaded.path)
+        return load_reference(path) if path is not None else None
+
+    def http_feedback(self, model: str, body: bytes) -> Mapping[str, Any]:
+        """The API's feedback hook: a bad body is a 400 with the reason."""
+        try:
+            return self.monitor.feedback(model, body)
+        except FeedbackError as err:
+            raise InputError(str(err)) from err
+
+    def mqtt_feedback(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``cmd/feedback``: ``{"model": ..., "id": ..., "label": ...}`` or ``items: [...]``."""
+        try:
+            cmd = parse_command(args)
+            items = cmd.to_items()
+        except FeedbackError as err:
+            raise InputError(str(err)) from err
+        model = cmd.model
+        if model is None:
+            if len(self.slots) != 1:
+                raise InputError(f"feedback must name the model: one of {', '.join(self.slots)}")
+            model = next(iter(self.slots))
+        if model not in self.slots:
+            raise ModelNotFoundError(f"model {model!r} not found; serving {', '.join(self.slots)}")
+        try:
+            return self.monitor.feedback_items(model, items)
+        except FeedbackError as err:
+            raise InputError(str(err)) from err
+
+
+def attach(daemon: Daemon) -> QualityService:
+    """Build the service for a :class:`~agent.daemon.Daemon` and hook it into its API and
+    components; the MQTT side is joined with :func:`connect_link`."""
+    service = QualityService(daemon.config, daemon.slots)
+    daemon.api.feedback = service.http_feedback
+    daemon.components.append(service)
+    return service
+
+
+def connect_link(service: QualityService, link: MqttLink) -> None:
+    """Publish through ``link`` (an :class:`agent.mqtt.MqttLink`) and take ``cmd/feedback``."""
+    service.connect(link.publish, link.emit_event)
+    link.on_command("feedback", lambda cmd: service.mqtt_feedback(cmd.args))
