@@ -1,10 +1,18 @@
-.PHONY: setup test lint demo bench soak schemas clean
+.PHONY: setup test lint demo bench soak schemas clean install uninstall
 
 setup:
 	bash scripts/setup.sh
 
 test:
 	bash scripts/test.sh
+
+# As root on the device: the service user, /opt/inferd venv, /etc/inferd, the systemd unit.
+# Pass options through, e.g. make install INSTALL_ARGS="--trusted-root root.json".
+install:
+	bash systemd/install.sh $(INSTALL_ARGS)
+
+uninstall:
+	bash systemd/install.sh --uninstall $(INSTALL_ARGS)
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
