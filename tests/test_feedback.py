@@ -230,3 +230,80 @@ def test_http_feedback_errors_are_4xx_with_the_reason(daemon) -> None:
     assert status == 400 and "unknown class name 'yak'" in reply["error"]
     status, reply = http(daemon, "POST", "/v2/models/nope/feedback", {"id": "a", "label": 1})
     assert status == 404
+
+
+# -- feedback and quality over a real MQTT link ----------------------------------------------
+
+
+def test_cmd_feedback_over_mqtt_and_quality_published(tmp_path, broker, capture_factory) -> None:
+    import json
+    import time
+
+    import numpy as np
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from agent.config import parse_config
+    from agent.mqtt import MqttLink
+    from agent.quality import QualityService, connect_link
+    from agent.slots import ModelSlot
+    from telemetry.payloads import HostFacts, Status, utc_now
+    from tests.fixtures.models import classifier
+
+    model = classifier(tmp_path / "clf.onnx", n_features=4, n_classes=3)
+    cfg = parse_config(
+        {
+            "device_id": "dev1",
+            "state_dir": str(tmp_path / "state"),
+            "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.05},
+            "quality": {"publish_interval_s": 0.1},
+            "models": [{"name": "clf", "path": str(model)}],
+        },
+        environ={},
+    )
+    slot = ModelSlot(cfg.models[0])
+    slot.swap(slot.load(model, "4"))
+    service = QualityService(cfg, {"clf": slot})
+    status = Status(
+        device="dev1", groups=[], agent_version="t", started_at=utc_now(), models=[],
+        host=HostFacts(hostname="h", arch="x86_64", os="Linux", python="3"),
+    )  # fmt: skip
+    link = MqttLink(cfg, lambda: status)
+    connect_link(service, link)
+    cap = capture_factory(broker, "replies/#", "inferd/dev1/quality")
+    link.start()
+    service.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not link.connected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        out, _, _ = slot.predict({"x": np.ones((1, 4), np.float32)}, request_id="m-1")
+        label = int(out["probs"].argmax())
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "replies/me"
+        props.CorrelationData = b"c-1"
+        body = json.dumps({"id": "m-1", "label": label}).encode()  # model left out: one slot
+        cap.client.publish("inferd/dev1/cmd/feedback", body, qos=1, properties=props)
+        assert cap.wait(lambda: bool(cap.on("replies/me")))
+        reply = json.loads(cap.on("replies/me")[0].payload)
+        assert reply["ok"] is True
+        assert reply["result"]["results"][0]["id"] == "m-1"
+        cap.client.publish(
+            "inferd/dev1/cmd/feedback", b'{"model": "zzz", "id": "x", "label": 1}', qos=1,
+            properties=props,
+        )  # fmt: skip
+        assert cap.wait(lambda: len(cap.on("replies/me")) == 2)
+        assert "model 'zzz' not found" in json.loads(cap.on("replies/me")[1].payload)["error"]
+
+        def accurate() -> bool:
+            payloads = [json.loads(m.payload) for m in cap.on("quality")]
+            return any(p["samples"] == 1 for p in payloads)
+
+        assert cap.wait(accurate)
+        last = json.loads(cap.on("quality")[-1].payload)
+        assert last["model"] == "clf" and last["version"] == "4"
+        assert last["classification"]["accuracy"] == 1.0
+    finally:
+        service.stop()
+        link.stop(timeout=1)
+        slot.close()
