@@ -108,3 +108,18 @@ def test_reference_that_does_not_fit_the_tensor_is_an_error() -> None:
         tracker.observe({"x": np.zeros((1, 4))})
     with pytest.raises(DriftError, match="reference stats"):
         load_reference(b'{"samples": 1}')
+
+
+def test_reference_file_beside_initial_and_staged_models(tmp_path) -> None:
+    from agent.quality import reference_file
+
+    initial = tmp_path / "demo.onnx"
+    initial.write_bytes(b"m")
+    assert reference_file(initial) is None
+    (tmp_path / "demo.ref.json").write_text("{}")
+    assert reference_file(initial) == tmp_path / "demo.ref.json"
+    staged = tmp_path / "state" / "models" / "clf" / "000007-2" / "clf.onnx"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"m")
+    (staged.parent / "reference.json").write_text("{}")  # as the update flow stages it
+    assert reference_file(staged) == staged.parent / "reference.json"
