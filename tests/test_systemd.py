@@ -83,35 +83,36 @@ def unit_copy(tmp_path: Path) -> Path:
     return copy
 
 
-@needs_analyze
-def test_unit_verifies_clean(unit_copy: Path) -> None:
-    res = subprocess.run(
-        ["systemd-analyze", "verify", str(unit_copy)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "" and res.stderr.strip() == "", res.stdout + res.stderr
-
-
-def exposure(unit_copy: Path, dropin: str | None) -> float:
-    """``systemd-analyze security --offline=yes`` on the unit (plus a drop-in): the score."""
-    env = dict(os.environ)
+def analyze(unit_copy: Path, dropin: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``systemd-analyze ARGS inferd.service`` on the unit copy (plus a shipped drop-in)."""
     if dropin is not None:
         d = unit_copy.parent / "inferd.service.d"
         d.mkdir()
         shutil.copy(ROOT / "systemd" / dropin, d / dropin)
-    env["SYSTEMD_UNIT_PATH"] = f"{unit_copy.parent}:"  # ours first, then the defaults
-    res = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", "--no-pager", "inferd.service"],
+    # our folder first, then the default search path (for the targets the unit names)
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_copy.parent}:"}
+    return subprocess.run(
+        ["systemd-analyze", *args, "inferd.service"],
         check=False,
         capture_output=True,
         text=True,
         timeout=60,
         env=env,
     )
+
+
+@needs_analyze
+@pytest.mark.parametrize("dropin", [None, "gpu.conf", "jetson.conf"])
+def test_unit_verifies_clean(unit_copy: Path, dropin: str | None) -> None:
+    res = analyze(unit_copy, dropin, "verify")
+    assert res.returncode == 0, res.stderr
+    # verify only warns about unknown keys or bad values: any output is a defect
+    assert res.stdout.strip() == "" and res.stderr.strip() == "", res.stdout + res.stderr
+
+
+def exposure(unit_copy: Path, dropin: str | None) -> float:
+    """``systemd-analyze security --offline=yes`` on the unit (plus a drop-in): the score."""
+    res = analyze(unit_copy, dropin, "security", "--offline=yes", "--no-pager")
     m = re.search(r"Overall exposure level for inferd\.service:\s*(\d+(?:\.\d+)?)", res.stdout)
     assert m, res.stdout + res.stderr
     if dropin is not None:  # the drop-in really was read
