@@ -93,14 +93,19 @@ class _Calibration:
 def _quantize_file(
     src: Path, dst: Path, mode: Mode, data: Dataset, batch: int, samples: int, per_channel: bool
 ) -> None:
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_dynamic,
-        quantize_static,
-    )
+    try:
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quant_pre_process,
+            quantize_dynamic,
+            quantize_static,
+        )
+    except ImportError as err:  # onnxruntime.quantization needs the onnx package
+        raise OperatorError(
+            f"quantization needs onnx ({err.name} is missing): pip install 'inferd[quantize]'"
+        ) from err
 
     pre = dst.with_suffix(".pre.onnx")
     try:
