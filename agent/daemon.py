@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
-from agent import quality
+from agent import quality, updates
 from agent.api import ApiServer
 from agent.config import Config
 from agent.errors import ConfigError, InferdError
@@ -57,10 +57,13 @@ class Daemon:
         self._reload_requested = False
         self._started: list[Component] = []
         self.quality = quality.attach(self)
+        self.updates = updates.attach(self)  # after telemetry: pokes and events use its link
 
     def initial_model(self, slot: ModelSlot) -> tuple[Path, str]:
-        """The file and version a slot serves at start: the config's initial model."""
-        return Path(slot.config.path), slot.config.version
+        """The file and version a slot serves at start: the version an update installed (and
+        did not roll back), else the config's initial model."""
+        planned = self.updates.boot_plan().get(slot.name)
+        return planned if planned is not None else (Path(slot.config.path), slot.config.version)
 
     def load_models(self) -> None:
         """Load every slot's model; a slot that fails stays not ready (503) and is reported."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from agent.slots import LoadedModel, ModelSlot
 from telemetry.errors import InferdError
 from updater.client import RepositoryClient
 from updater.device import DeviceUpdater, Emit, RunCounts, Serving, Settings
+
+if TYPE_CHECKING:
+    from agent.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -183,3 +186,23 @@ class UpdateComponent:
 
     def stop(self) -> None:
         self.updater.stop()
+
+
+def attach(daemon: Daemon) -> UpdateComponent:
+    """Build the update component for ``daemon`` and add it to its components.
+
+    When the daemon already has its telemetry link (``daemon.telemetry.link``), pokes,
+    commands, events and status go through it; otherwise :func:`connect_link` does it later.
+    """
+    component = UpdateComponent(daemon.config, daemon.slots)
+    daemon.components.append(component)
+    telemetry = getattr(daemon, "telemetry", None)
+    link = getattr(telemetry, "link", None)
+    if link is not None:
+        connect_link(component, link)
+    return component
+
+
+def connect_link(component: UpdateComponent, link: CommandLink) -> None:
+    """Route the updater's pokes, commands, events and status through the MQTT link."""
+    component.attach(link)
