@@ -123,3 +123,45 @@ def test_reference_file_beside_initial_and_staged_models(tmp_path) -> None:
     staged.write_bytes(b"m")
     (staged.parent / "reference.json").write_text("{}")  # as the update flow stages it
     assert reference_file(staged) == staged.parent / "reference.json"
+
+
+def test_reference_shipped_in_a_signed_update_drives_drift(tuf_repo, update_device, tmp_path):
+    """The whole path: operator publishes v2 with reference stats, the device installs it and
+    tracks drift of v2 against them; v1 had none, so it was never tracked."""
+    from agent.config import parse_config
+    from agent.quality import QualityService
+    from tests.fixtures.models import classifier
+
+    rng = np.random.default_rng(3)
+    v1 = classifier(tmp_path / "v1.onnx", n_features=4, n_classes=3, seed=1)
+    v2 = classifier(tmp_path / "v2.onnx", n_features=4, n_classes=3, seed=2)
+    ref = tmp_path / "v2.ref.json"
+    ref.write_bytes(compute_reference({"x": rng.normal(size=(2000, 4))}).to_json())
+    tuf_repo.publish(v2, "2", reference_stats=ref)
+    device = update_device(v1)
+    config = parse_config(
+        {"device_id": "d", "quality": {"drift_window": 500}, "models": [
+            {"name": "classifier", "path": str(v1)}]},
+        environ={},
+    )  # fmt: skip
+    events: list[dict] = []
+    service = QualityService(config, {"classifier": device.slot})
+    service.connect(
+        lambda leaf, payload: None, lambda kind, msg, **f: events.append(f | {"k": kind})
+    )
+
+    def serve(shift: float) -> None:
+        for _ in range(10):  # PSI needs a few hundred samples to be quiet on unshifted data
+            device.predict((rng.normal(size=(50, 4)) + shift).astype(np.float32))
+        service.monitor.drain()
+
+    serve(3.0)  # v1, no reference: nothing to compare with
+    assert events == []
+    device.check()
+    assert device.version == "2"
+    serve(0.0)
+    assert events == []  # v2 on data like its reference
+    serve(3.0)
+    (event,) = events
+    assert event["k"] == "drift" and event["version"] == "2"
+    assert {p.version for p in service.monitor.payloads()} == {"2"}
