@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
-from agent import quality, updates
+from agent import quality, reporting, updates
 from agent.api import ApiServer
 from agent.config import Config
 from agent.errors import ConfigError, InferdError
@@ -57,6 +57,9 @@ class Daemon:
         self._reload_requested = False
         self._started: list[Component] = []
         self.quality = quality.attach(self)
+        self.telemetry = reporting.attach(self)  # first component: starts first, stops last
+        if self.telemetry is not None:
+            quality.connect_link(self.quality, self.telemetry.link)
         self.updates = updates.attach(self)  # after telemetry: pokes and events use its link
 
     def initial_model(self, slot: ModelSlot) -> tuple[Path, str]:
