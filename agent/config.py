@@ -196,6 +196,15 @@ class QualityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     drift_psi_threshold: float = 0.2
     publish_interval_s: float = 60.0
 
+    def __post_init__(self) -> None:
+        counts = ("window_count", "join_max_pending", "max_classes", "drift_window")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("window_s", "join_window_s", "publish_interval_s", "drift_psi_threshold"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     device_id: str = msgspec.field(default_factory=socket.gethostname)
