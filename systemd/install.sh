@@ -150,6 +150,8 @@ install_venv() {
     local extras=$1
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
         || die "$PYTHON is older than Python 3.10"
+    "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null \
+        || die "$PYTHON cannot create virtual environments (Debian: apt-get install python3-venv)"
     if [ ! -x "$VENV/bin/python" ]; then
         "$PYTHON" -m venv "$VENV"
         say "created virtual environment $VENV"
