@@ -134,7 +134,7 @@ class Daemon:
                 self._wake_w.send(b"\0")
 
     def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, stop cleanly."""
+        """Start, tell systemd when serving, reload on SIGHUP, stop cleanly on SIGTERM/SIGINT."""
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("received %s, shutting down", signal.Signals(signum).name)
