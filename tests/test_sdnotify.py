@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from agent.sdnotify import Notifier, WatchdogPinger, socket_address, watchdog_interval
+from tests.fixtures.broker import Broker, Capture
 from tests.fixtures.daemon import DaemonProc, free_port, start_daemon
 from tests.fixtures.sdnotify import NotifyListener
 
@@ -298,3 +299,42 @@ def test_api_probe_sees_a_dead_listener() -> None:
         port = s.getsockname()[1]
     problem = probe_api(("127.0.0.1", port), timeout=1.0)
     assert problem is not None and problem.startswith("API does not answer")
+
+
+def test_sighup_changes_the_metrics_interval_of_the_running_telemetry(
+    tmp_path: Path,
+    notify_socket: tuple[str, NotifyListener],
+    spin_model: Callable[[], Path],
+    broker: Broker,
+    capture_factory: Callable[..., Capture],
+) -> None:
+    """A live key reaches the real telemetry component: metrics speed up without a restart."""
+    path, listener = notify_socket
+    config = _spin_config(spin_model())
+    config["mqtt"] = {"enabled": True, "host": broker.host, "port": broker.port}
+    # Kept short because a new interval takes effect after the wait already under way.
+    config["telemetry"] = {"metrics_interval_s": 1.0}
+    config["updates"] = {"enabled": False}
+    capture = capture_factory(broker, "inferd/test-device/#")
+    daemon = _start(tmp_path, config, path)
+    try:
+        listener.wait_for("READY", timeout=30)
+        assert capture.wait(lambda: capture.on("/status") != [], 10), daemon.stderr()
+        before = len(capture.on("/metrics"))
+
+        config = json.loads(json.dumps(daemon.config))
+        config["telemetry"]["metrics_interval_s"] = 0.1
+        daemon.config_path.write_text(yaml.safe_dump(config))
+        daemon.proc.send_signal(signal.SIGHUP)
+        index, _ = listener.wait_for("RELOADING", timeout=10)
+        _, ready = listener.wait_for("READY", timeout=10, after=index + 1)
+        assert "restart to apply" not in ready["STATUS"]
+        # 10 more within 4 s: at the old 1 s interval there would be 4 or 5
+        assert capture.wait(lambda: len(capture.on("/metrics")) >= before + 10, 4), (
+            "metrics did not speed up after the reload"
+        )
+        assert capture.wait(
+            lambda: any(b"config-reloaded" in m.payload for m in capture.on("/events")), 10
+        )
+    finally:
+        assert daemon.stop() == 0, daemon.stderr()
