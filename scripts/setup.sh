@@ -10,6 +10,8 @@ python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/de
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# systemd-analyze verifies the unit and scores its hardening in the tests
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
