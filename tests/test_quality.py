@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -28,6 +29,7 @@ from telemetry.quality import (
 from telemetry.quality_monitor import QualityMonitor
 from tests.fixtures.models import save
 
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "models"
 SETTINGS = settings(max_examples=60, deadline=None)
 # scikit-learn warns when a random draw has one class only; those draws are still compared
 pytestmark = pytest.mark.filterwarnings("ignore:A single label was found:UserWarning")
@@ -344,3 +346,53 @@ def test_feedback_command_schema_accepts_what_the_device_accepts() -> None:
         parse_command(body)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"model": "clf", "id": "r1", "label": 1, "extra": 1}, schema)
+
+
+def test_real_daemon_publishes_valid_quality_payloads(broker, capture_factory, inferd_daemon):
+    """`inferd run` end to end: infer over HTTP, label over MQTT, quality on the broker.
+
+    The broker comes first among the fixtures so that it outlives the daemon.
+    """
+    import jsonschema
+
+    from telemetry import schemas
+
+    cap = capture_factory(broker, "inferd/qd/quality")
+    d = inferd_daemon(
+        {
+            "device_id": "qd",
+            "mqtt": {"enabled": True, "host": broker.host, "port": broker.port},
+            "quality": {"publish_interval_s": 0.2},
+            "updates": {"enabled": False},
+            "models": [{"name": "classifier", "path": str(DEMO / "demo.onnx"),
+                        "labels": ["idle", "walking", "running"]}],
+        }
+    )  # fmt: skip
+    golden = np.load(DEMO / "demo.golden.npz")
+    for i, row in enumerate(golden["x"]):
+        status, _ = d.infer(
+            "classifier",
+            [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": row.tolist()}],
+            id=f"g{i}",
+        )
+        assert status == 200
+    truth = golden["probs"].argmax(axis=1)
+    items = [{"id": f"g{i}", "label": int(t)} for i, t in enumerate(truth)]
+    cap.client.publish(
+        "inferd/qd/cmd/feedback", json.dumps({"model": "classifier", "items": items}), qos=1
+    )
+
+    def labelled() -> bool:
+        return any(json.loads(m.payload)["samples"] == len(items) for m in cap.on("quality"))
+
+    assert cap.wait(labelled, timeout=15), d.stderr()
+    payload = next(
+        json.loads(m.payload)
+        for m in cap.on("quality")
+        if json.loads(m.payload)["samples"] == len(items)
+    )
+    jsonschema.validate(payload, schemas.load("quality"))
+    assert payload["classification"]["accuracy"] == 1.0  # golden outputs are the model's own
+    assert [c["label"] for c in payload["classification"]["per_class"]] == sorted(
+        {("idle", "walking", "running")[t] for t in truth}, key=("idle", "walking", "running").index
+    )
