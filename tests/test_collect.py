@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -209,3 +210,59 @@ def test_unreachable_broker_is_one_line(capsys, tmp_path) -> None:
     err = capsys.readouterr().err
     assert f"cannot connect to mqtt://127.0.0.1:{port}" in err
     assert "Traceback" not in err
+
+
+def test_collect_from_a_real_daemon_closes_the_loop(broker, publisher, inferd_daemon, tmp_path):
+    """inferd run logs tensors, labels go over cmd/feedback, collect writes a trainable npz."""
+    demo = Path(__file__).resolve().parents[1] / "examples" / "models"
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    collector = Collector(prefix=prefix)
+    ready, stop = threading.Event(), threading.Event()
+    opts = BrokerOptions(host=broker.host, port=broker.port)
+    worker = threading.Thread(
+        target=subscribe,
+        args=(collector, opts),
+        kwargs={"ready": ready.set, "stop": stop, "duration_s": 20},
+        name="test-collect",
+    )
+    worker.start()
+    try:
+        assert ready.wait(5)
+        d = inferd_daemon(
+            {
+                "device_id": "pi-9",
+                "mqtt": {"enabled": True, "host": broker.host, "port": broker.port,
+                         "topic_prefix": prefix},
+                "updates": {"enabled": False},
+                "telemetry": {"prediction_batch_ms": 50},
+                "models": [{"name": "classifier", "path": str(demo / "demo.onnx"),
+                            "log_tensors": True}],
+            }
+        )  # fmt: skip
+        x = np.load(demo / "demo.eval.npz")["x"][:5]
+        y = np.load(demo / "demo.eval.npz")["y"][:5]
+        for i, row in enumerate(x):
+            status, _ = d.infer(
+                "classifier",
+                [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": row.tolist()}],
+                id=f"e{i}",
+            )
+            assert status == 200
+        items = [{"id": f"e{i}", "label": int(t)} for i, t in enumerate(y)]
+        body = json.dumps({"model": "classifier", "items": items}).encode()
+        publisher.send(f"{prefix}/pi-9/cmd/feedback", body)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+            len(collector.records) < 5 or len(collector.labels) < 5
+        ):
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        worker.join(5)
+    written = write(collector, tmp_path / "ds", "npz", labelled_only=True)
+    assert written == {"classifier.npz": 5}
+    data = np.load(tmp_path / "ds" / "classifier.npz")
+    order = np.argsort(data["request_id"])
+    np.testing.assert_array_equal(data["x"][order], x)
+    np.testing.assert_array_equal(data["y"][order], y)
+    assert set(data["device"]) == {"pi-9"}

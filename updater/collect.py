@@ -239,8 +239,13 @@ def subscribe(
 
 
 def _tensor(dump: TensorDump) -> np.ndarray:
-    dtype = NUMPY_DTYPES.get(dump.datatype)
-    if dtype is None or dtype == "str":
+    # devices log numpy dtype names ("float32"); v2 names ("FP32") are accepted as well
+    name = NUMPY_DTYPES.get(dump.datatype, dump.datatype)
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        raise ValueError(f"datatype {dump.datatype} cannot go into an npz") from None
+    if dtype.kind not in "biuf":
         raise ValueError(f"datatype {dump.datatype} cannot go into an npz")
     return np.asarray(dump.data, dtype=dtype).reshape(dump.shape)
 
