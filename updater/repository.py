@@ -196,7 +196,7 @@ class OperatorRepository(Repository):
             write_atomic(self._file(role), data)
         except OSError as err:
             raise OperatorError(f"cannot write {role} metadata: {err.strerror}") from err
-        log.info("signed %s v%d", role, md.signed.version)
+        log.debug("signed %s v%d", role, md.signed.version)
 
     def signers(self, role: str, root: Root | None = None) -> list[Signer]:
         """The private keys of ``role`` found on this machine; OperatorError below threshold."""
