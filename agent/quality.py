@@ -21,7 +21,7 @@ from agent.config import Config
 from agent.errors import InputError, ModelNotFoundError, NotReadyError
 from agent.slots import ModelSlot
 from telemetry.drift import ReferenceStats, load_reference
-from telemetry.feedback import FeedbackError, parse_command
+from telemetry.feedback import FeedbackError, FeedbackLog, parse_command, parse_feedback
 from telemetry.quality import QualityPayload
 from telemetry.quality_monitor import EmitEvent, QualityMonitor
 
@@ -48,6 +48,7 @@ class QualityService:
 
     def __init__(self, config: Config, slots: Mapping[str, ModelSlot]) -> None:
         self.slots = slots
+        self.device_id = config.device_id
         self._publish: PublishBytes | None = None
         self._emit: EmitEvent | None = None
         self.monitor = QualityMonitor(
@@ -104,11 +105,17 @@ class QualityService:
         return load_reference(path) if path is not None else None
 
     def http_feedback(self, model: str, body: bytes) -> Mapping[str, Any]:
-        """The API's feedback hook: a bad body is a 400 with the reason."""
+        """The API's feedback hook: a bad body is a 400 with the reason. Accepted labels are
+        also published on ``feedback`` for ``inferctl collect``."""
         try:
-            return self.monitor.feedback(model, body)
+            items = parse_feedback(body)
+            reply = self.monitor.feedback_items(model, items)
         except FeedbackError as err:
             raise InputError(str(err)) from err
+        if self._publish is not None:
+            record = FeedbackLog(device=self.device_id, model=model, items=items)
+            self._publish("feedback", msgspec.json.encode(record))
+        return reply
 
     def mqtt_feedback(self, args: dict[str, Any]) -> dict[str, Any]:
         """``cmd/feedback``: ``{"model": ..., "id": ..., "label": ...}`` or ``items: [...]``."""

@@ -11,6 +11,9 @@ window bounded by age and count; labels that arrive before their prediction (the
 overtake the prediction on its way to the monitor) wait the same way. Every label ends up
 counted: matched, late (its prediction already left the window), unknown (no prediction with
 that id showed up in time), duplicate or invalid.
+
+Labels received over HTTP are also published on ``feedback`` (:class:`FeedbackLog`) for
+``inferctl collect``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Generic, Literal, TypeVar
 import msgspec
 
 from telemetry.errors import TelemetryError
+from telemetry.payloads import Payload
 
 LabelKind = Literal["class", "multilabel", "value"]
 JoinStatus = Literal["matched", "pending", "late", "duplicate"]
@@ -33,7 +37,7 @@ class FeedbackError(TelemetryError):
     """A feedback body is malformed; the message says what to fix."""
 
 
-class FeedbackItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class FeedbackItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """One feedback record as sent over HTTP or MQTT."""
 
     id: str
@@ -84,7 +88,17 @@ class FeedbackCommand(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return _check(items)
 
 
-SCHEMA_TYPES: dict[str, Any] = {"cmd-feedback": FeedbackCommand}
+class FeedbackLog(Payload, kw_only=True):
+    """Published on ``feedback``: labels the device received over HTTP, so that
+    ``inferctl collect`` sees every label (those sent on ``cmd/feedback`` are on the broker
+    already and are not repeated)."""
+
+    device: str
+    model: str
+    items: list[FeedbackItem]
+
+
+SCHEMA_TYPES: dict[str, Any] = {"cmd-feedback": FeedbackCommand, "feedback": FeedbackLog}
 """Schema file stem -> type, read by ``telemetry.schemas``."""
 
 

@@ -147,12 +147,14 @@ def test_persistent_session_keeps_what_arrives_between_runs(broker, publisher, t
 def test_cli_replays_a_mosquitto_sub_capture_with_since(capsys, tmp_path) -> None:
     capture = tmp_path / "capture.log"
     old = batch("pi-1", ("old", [[0, 0]], -3600))
-    new = batch("pi-1", ("new", [[1, 1]], 10))
+    new = batch("pi-1", ("new", [[1, 1]], 10), ("new2", [[2, 2]], 11))
     capture.write_text(
         f"inferd/pi-1/predictions {old.decode()}\n"
         f"inferd/pi-1/predictions {new.decode()}\n"
         'inferd/pi-1/cmd/feedback {"model": "clf", "id": "new", "value": 1.5}\n'
         'inferd/pi-1/cmd/feedback {"model": "clf", "id": "old", "value": 9}\n'
+        'inferd/pi-1/feedback {"schema_version": 1, "ts": "2025-05-01T12:00:11Z", "device": "pi-1",'
+        ' "model": "clf", "items": [{"id": "new2", "value": 0.5}]}\n'
         + json.dumps({"topic": "inferd/pi-1/cmd/feedback", "payload": {"bad": 1}})
         + "\n"
     )
@@ -163,10 +165,10 @@ def test_cli_replays_a_mosquitto_sub_capture_with_since(capsys, tmp_path) -> Non
     )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
-    assert "1 prediction records, 1 labelled" in printed
+    assert "2 prediction records, 2 labelled" in printed
     data = np.load(out / "clf.npz")
-    assert data["request_id"].tolist() == ["new"]
-    np.testing.assert_allclose(data["y"], [1.5])
+    assert data["request_id"].tolist() == ["new", "new2"]  # new2 was labelled over HTTP
+    np.testing.assert_allclose(data["y"], [1.5, 0.5])
 
 
 def test_cli_live_stops_after_count(broker, publisher, tmp_path, capsys) -> None:

@@ -239,6 +239,7 @@ def test_cmd_feedback_over_mqtt_and_quality_published(tmp_path, broker, capture_
     import json
     import time
 
+    import jsonschema
     import numpy as np
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
@@ -247,6 +248,7 @@ def test_cmd_feedback_over_mqtt_and_quality_published(tmp_path, broker, capture_
     from agent.mqtt import MqttLink
     from agent.quality import QualityService, connect_link
     from agent.slots import ModelSlot
+    from telemetry import schemas
     from telemetry.payloads import HostFacts, Status, utc_now
     from tests.fixtures.models import classifier
 
@@ -270,7 +272,7 @@ def test_cmd_feedback_over_mqtt_and_quality_published(tmp_path, broker, capture_
     )  # fmt: skip
     link = MqttLink(cfg, lambda: status)
     connect_link(service, link)
-    cap = capture_factory(broker, "replies/#", "inferd/dev1/quality")
+    cap = capture_factory(broker, "replies/#", "inferd/dev1/quality", "inferd/dev1/feedback")
     link.start()
     service.start()
     try:
@@ -294,6 +296,14 @@ def test_cmd_feedback_over_mqtt_and_quality_published(tmp_path, broker, capture_
         )  # fmt: skip
         assert cap.wait(lambda: len(cap.on("replies/me")) == 2)
         assert "model 'zzz' not found" in json.loads(cap.on("replies/me")[1].payload)["error"]
+
+        # labels that came over HTTP go to the broker too, for inferctl collect
+        service.http_feedback("clf", b'[{"id": "h-1", "value": 2.5}]')
+        assert cap.wait(lambda: bool(cap.on("feedback")))
+        logged = json.loads(cap.on("feedback")[0].payload)
+        jsonschema.validate(logged, schemas.load("feedback"))
+        assert logged["model"] == "clf" and logged["device"] == "dev1"
+        assert logged["items"] == [{"id": "h-1", "value": 2.5}]
 
         def accurate() -> bool:
             payloads = [json.loads(m.payload) for m in cap.on("quality")]

@@ -396,3 +396,10 @@ def test_real_daemon_publishes_valid_quality_payloads(broker, capture_factory, i
     assert [c["label"] for c in payload["classification"]["per_class"]] == sorted(
         {("idle", "walking", "running")[t] for t in truth}, key=("idle", "walking", "running").index
     )
+
+
+def test_feedback_log_schema_is_committed() -> None:
+    from telemetry import schemas
+    from telemetry.feedback import FeedbackLog
+
+    assert schemas.load("feedback") == json.loads(schemas.render(FeedbackLog))

@@ -2,8 +2,9 @@
 
 Sources, combinable:
 
-- the broker, live: ``{prefix}/{device}/predictions`` (the devices' sampled prediction records)
-  and ``{prefix}/{device}/cmd/feedback`` (labels sent to devices over MQTT). With ``--session``
+- the broker, live: ``{prefix}/{device}/predictions`` (the devices' sampled prediction records),
+  ``{prefix}/{device}/cmd/feedback`` (labels sent to devices over MQTT) and
+  ``{prefix}/{device}/feedback`` (labels devices received over HTTP). With ``--session``
   the subscription is an MQTT 5 persistent session, so the broker queues what arrives between
   two runs (up to its ``max_queued_messages``) and a nightly ``collect`` misses nothing;
 - replay files: what ``mosquitto_sub -v -t 'inferd/#'`` printed (``topic payload`` lines), or
@@ -37,7 +38,13 @@ import numpy as np
 
 from telemetry.broker import BrokerOptions, make_client
 from telemetry.errors import MqttError
-from telemetry.feedback import FeedbackError, FeedbackItem, parse_command, to_label
+from telemetry.feedback import (
+    FeedbackError,
+    FeedbackItem,
+    FeedbackLog,
+    parse_command,
+    to_label,
+)
 from telemetry.payloads import PredictionBatch, PredictionRecord, TensorDump
 from updater.errors import OperatorError
 from updater.model_info import NUMPY_DTYPES
@@ -99,6 +106,10 @@ class Collector:
                 self._add_predictions(device, payload)
             elif rest[1:] == ["cmd", "feedback"]:
                 self._add_feedback(device, payload)
+            elif rest[1:] == ["feedback"]:
+                log_ = msgspec.json.decode(payload, type=FeedbackLog)
+                for item in log_.items:
+                    self.labels[(device, log_.model, item.id)] = item
             else:
                 self.skipped += 1
         except (msgspec.DecodeError, msgspec.ValidationError, FeedbackError) as err:
@@ -181,9 +192,8 @@ def subscribe(
     opts = dataclasses.replace(opts, client_id=session or "")
     client = make_client(opts)
     who = list(devices) or ["+"]
-    filters = [
-        f"{collector.prefix}/{d}/{leaf}" for d in who for leaf in ("predictions", "cmd/feedback")
-    ]
+    leaves = ("predictions", "cmd/feedback", "feedback")
+    filters = [f"{collector.prefix}/{d}/{leaf}" for d in who for leaf in leaves]
 
     def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
         if rc.is_failure:
