@@ -288,8 +288,25 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     def res(p: str) -> str:
         return p if os.path.isabs(p) else str((base / p).resolve())
 
-    models = tuple(msgspec.structs.replace(m, path=res(m.path)) for m in cfg.models)
-    return msgspec.structs.replace(cfg, models=models)
+    def res_opt(p: str | None) -> str | None:
+        return None if p is None else res(p)
+
+    replace = msgspec.structs.replace
+    models = tuple(replace(m, path=res(m.path)) for m in cfg.models)
+    mqtt = replace(cfg.mqtt, password_file=res_opt(cfg.mqtt.password_file))
+    if cfg.mqtt.tls is not None:
+        tls = cfg.mqtt.tls
+        mqtt = replace(
+            mqtt,
+            tls=replace(
+                tls,
+                ca_file=res_opt(tls.ca_file),
+                cert_file=res_opt(tls.cert_file),
+                key_file=res_opt(tls.key_file),
+            ),
+        )
+    updates = replace(cfg.updates, trusted_root=res(cfg.updates.trusted_root))
+    return replace(cfg, models=models, mqtt=mqtt, updates=updates, state_dir=res(cfg.state_dir))
 
 
 def _read_yaml(p: Path) -> Any:

@@ -115,3 +115,24 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     assert res.returncode == 78 and "invalid YAML" in res.stderr and "Traceback" not in res.stderr
     res = _check(tmp_path / "missing.yaml")
     assert res.returncode == 78 and "cannot read config" in res.stderr
+
+
+def test_relative_paths_are_taken_from_the_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    cfg_file = tmp_path / "sub" / "c.yaml"
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": "state",
+                "models": [{"name": "m", "path": "m.onnx"}],
+                "mqtt": {"password_file": "pw", "tls": {"ca_file": "ca.crt"}},
+                "updates": {"trusted_root": "../root.json"},
+            }
+        )
+    )
+    cfg = load_config(cfg_file, environ={})
+    assert cfg.state_dir == str(tmp_path / "sub" / "state")
+    assert cfg.models[0].path == str(tmp_path / "sub" / "m.onnx")
+    assert cfg.mqtt.password_file == str(tmp_path / "sub" / "pw")
+    assert cfg.mqtt.tls is not None and cfg.mqtt.tls.ca_file == str(tmp_path / "sub" / "ca.crt")
+    assert cfg.updates.trusted_root == str(tmp_path / "root.json")
