@@ -317,6 +317,7 @@ class MqttLink:
         while not self._stop.is_set():
             self._refused = None
             slow = False
+            connects_before = self.connects
             try:
                 client = self._client or self._make_client(opts)
                 if client.protocol == mqtt.MQTTv5:
@@ -332,7 +333,7 @@ class MqttLink:
                 while not self._stop.is_set():
                     if client.loop(timeout=0.5) != mqtt.MQTT_ERR_SUCCESS:
                         break
-                was_up = self._connected
+                was_up = self.connects > connects_before
                 self._connected = False
                 if self._refused is not None:
                     self._report(f"{opts.where} refused the connection: {self._refused}")
@@ -354,7 +355,9 @@ class MqttLink:
     def _make_client(self, opts: BrokerOptions) -> mqtt.Client:
         client = make_client(opts)
         client.connect_timeout = min(10.0, float(opts.keepalive_s))
-        client.max_inflight_messages_set(WINDOW)
+        # The forwarder's window is the only limit: paho's own inflight count is not reset by
+        # drop_out_messages(), and a stale count would stall sending after a reconnect.
+        client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
         offline = msgspec.json.encode(Offline(device=self.device))
         client.will_set(self.status_topic, offline, qos=1, retain=True)

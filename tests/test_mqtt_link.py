@@ -20,12 +20,12 @@ from agent.config import Config, parse_config
 from agent.mqtt import Command, MqttLink, backoff_delay
 from telemetry.errors import InferdError
 from telemetry.payloads import HostFacts, Status, utc_now
-from tests.fixtures.broker import Broker, Capture
+from tests.fixtures.broker import Broker, Capture, Cutter
 
 STARTED = utc_now()
 
 
-def link_config(tmp_path: Path, b: Broker, **mqtt_extra: Any) -> Config:
+def link_config(tmp_path: Path, b: Broker | Cutter, **mqtt_extra: Any) -> Config:
     return parse_config(
         {
             "device_id": "dev1",
@@ -111,11 +111,13 @@ def test_events_are_durable_and_ordered_across_a_broker_kill(
     broker_factory: Callable[..., Broker],
     make_link: Callable[..., MqttLink],
     capture_factory: Any,
+    cutter_factory: Any,
 ) -> None:
     b = broker_factory(persist=True)
     cap = capture_factory(b, "inferd/dev1/events")
     b.save()  # the capture's session survives the kill below
-    link = make_link(link_config(tmp_path, b))
+    gate = cutter_factory(b)
+    link = make_link(link_config(tmp_path, gate))
     assert wait(lambda: link.connected)
     for i in range(50):
         link.emit_event("tick", f"n{i}", n=i)
@@ -128,7 +130,13 @@ def test_events_are_durable_and_ordered_across_a_broker_kill(
     for i in range(50, 150):
         link.emit_event("tick", f"n{i}", n=i)
     assert link.spool.pending >= 100
+    # mosquitto queues for a restored session only once its client is back: let the link in
+    # after the capture
+    gate.cut()
+    before = cap.subscribed
     b.start()
+    assert cap.back(before)
+    gate.restore()
     assert link.flush(15), f"{link.spool.pending} still spooled"
 
     def numbers() -> list[int]:
