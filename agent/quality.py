@@ -11,12 +11,13 @@ signed metadata, staged beside the installed model.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from agent.api import _label
 from agent.config import Config
 from agent.errors import InputError, ModelNotFoundError, NotReadyError
 from agent.slots import ModelSlot
@@ -137,11 +138,68 @@ class QualityService:
             raise InputError(str(err)) from err
 
 
+_GAUGES = (
+    ("accuracy", "Rolling accuracy from fed-back labels (subset accuracy for multi-label)."),
+    ("f1_macro", "Rolling macro F1 from fed-back labels."),
+    ("roc_auc", "Rolling ROC-AUC (binary, or macro one-vs-rest) from fed-back labels."),
+    ("mae", "Rolling mean absolute error from fed-back values."),
+    ("rmse", "Rolling root mean squared error from fed-back values."),
+    ("samples", "Labelled samples in the rolling window."),
+    ("drift_psi_max", "Largest population stability index in the last drift window."),
+)
+
+
+def prometheus_text(payloads: Sequence[QualityPayload]) -> str:
+    """Quality gauges and label counters in the Prometheus text format, for ``/metrics``."""
+    samples: dict[str, list[str]] = {name: [] for name, _ in _GAUGES}
+    labels_total: list[str] = []
+    seen_models: set[str] = set()
+    for p in payloads:
+        labels = f'model="{_label(p.model)}",version="{_label(p.version)}"'
+        if p.task is not None:
+            labels += f',task="{p.task}"'
+        c, r = p.classification, p.regression
+        values = {
+            "accuracy": c.accuracy if c else None,
+            "f1_macro": c.f1_macro if c else None,
+            "roc_auc": c.roc_auc if c else None,
+            "mae": r.mae if r else None,
+            "rmse": r.rmse if r else None,
+            "samples": p.samples,
+            "drift_psi_max": p.drift.psi_max if p.drift else None,
+        }
+        for name, value in values.items():
+            if value is not None:
+                samples[name].append(f"inferd_quality_{name}{{{labels}}} {value}")
+        if p.feedback is not None and p.model not in seen_models:
+            seen_models.add(p.model)
+            f = p.feedback
+            model = _label(p.model)
+            for outcome in ("matched", "late", "unknown", "duplicate", "invalid"):
+                labels_total.append(
+                    f'inferd_feedback_labels_total{{model="{model}",outcome="{outcome}"}}'
+                    f" {getattr(f, outcome)}"
+                )
+    lines = []
+    for name, text in _GAUGES:
+        if samples[name]:
+            metric = f"inferd_quality_{name}"
+            lines += [f"# HELP {metric} {text}", f"# TYPE {metric} gauge", *samples[name]]
+    if labels_total:
+        lines += [
+            "# HELP inferd_feedback_labels_total Fed-back labels by how they joined predictions.",
+            "# TYPE inferd_feedback_labels_total counter",
+            *labels_total,
+        ]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def attach(daemon: Daemon) -> QualityService:
     """Build the service for a :class:`~agent.daemon.Daemon` and hook it into its API and
     components; the MQTT side is joined with :func:`connect_link`."""
     service = QualityService(daemon.config, daemon.slots)
     daemon.api.feedback = service.http_feedback
+    daemon.api.metrics_text.append(lambda: prometheus_text(service.monitor.payloads()))
     daemon.components.append(service)
     return service
 

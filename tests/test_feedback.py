@@ -317,3 +317,31 @@ def test_cmd_feedback_over_mqtt_and_quality_published(tmp_path, broker, capture_
         service.stop()
         link.stop(timeout=1)
         slot.close()
+
+
+def test_quality_gauges_on_prometheus_metrics(daemon) -> None:
+    from http.client import HTTPConnection
+
+    import numpy as np
+
+    x = np.zeros(4, np.float32).tolist()
+    status, out = http(
+        daemon,
+        "POST",
+        "/v2/models/clf/infer",
+        {"id": "p1", "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x}]},
+    )
+    assert status == 200
+    top = int(np.argmax(out["outputs"][0]["data"]))
+    http(daemon, "POST", "/v2/models/clf/feedback", {"id": "p1", "label": top})
+    http(daemon, "POST", "/v2/models/clf/feedback", {"id": "p1", "label": top})  # duplicate
+    daemon.quality.monitor.drain()
+    host, port = daemon.api.address
+    conn = HTTPConnection(host, port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    assert "# TYPE inferd_quality_accuracy gauge" in text
+    assert 'inferd_quality_accuracy{model="clf",version="1",task="classification"} 1.0' in text
+    assert 'inferd_feedback_labels_total{model="clf",outcome="matched"} 1' in text
+    assert 'inferd_feedback_labels_total{model="clf",outcome="duplicate"} 1' in text
