@@ -343,7 +343,8 @@ class QualityMonitor:
     def _observe(self, model: str, version: str, group: list[PredictionLike]) -> None:
         with self._lock:
             state = self._state(model)
-            state.versions[version] = None
+            state.versions.pop(version, None)
+            state.versions[version] = None  # last in order: the version served most recently
             tracker = self._tracker(state, model, version)
             report = None
             if tracker is not None:
@@ -506,7 +507,9 @@ class QualityMonitor:
                             )
                         )
                         reported = True
-                    if not reported and drift is not None:
+                    # drift alone is only news for the version being served now
+                    latest = version == next(reversed(state.versions))
+                    if not reported and drift is not None and latest:
                         out.append(
                             QualityPayload(
                                 ts=ts,

@@ -403,3 +403,20 @@ def test_feedback_log_schema_is_committed() -> None:
     from telemetry.feedback import FeedbackLog
 
     assert schemas.load("feedback") == json.loads(schemas.render(FeedbackLog))
+
+
+def test_drift_of_a_replaced_version_is_no_longer_reported(served) -> None:
+    slot, monitor, _ = served
+    rng = np.random.default_rng(8)
+    ref = compute_reference({"x": rng.normal(size=(1000, 4))})
+    monitor.set_reference("clf", "v1", ref)
+    monitor.set_reference("clf", "v2", ref)
+    for _ in range(20):
+        slot.predict({"x": rng.normal(size=(10, 4)).astype(np.float32)})
+    monitor.drain()
+    assert [p.version for p in monitor.payloads()] == ["v1"]
+    slot.swap(slot.load(slot.current.path, "v2"))
+    for _ in range(20):
+        slot.predict({"x": rng.normal(size=(10, 4)).astype(np.float32)})
+    monitor.drain()
+    assert [p.version for p in monitor.payloads()] == ["v2"]
