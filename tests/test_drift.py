@@ -165,3 +165,18 @@ def test_reference_shipped_in_a_signed_update_drives_drift(tuf_repo, update_devi
     (event,) = events
     assert event["k"] == "drift" and event["version"] == "2"
     assert {p.version for p in service.monitor.payloads()} == {"2"}
+
+
+def test_publishing_refuses_reference_stats_that_do_not_fit_the_model(tuf_repo, tmp_path):
+    from tests.fixtures.models import classifier
+    from updater.errors import OperatorError
+
+    model = classifier(tmp_path / "m.onnx", n_features=4, n_classes=3)
+    wrong = tmp_path / "wrong.ref.json"
+    wrong.write_bytes(compute_reference({"image": np.zeros((4, 3, 2, 2))}).to_json())
+    with pytest.raises(OperatorError, match="statistics for image, which the model does not have"):
+        tuf_repo.publish(model, "2", reference_stats=wrong)
+    junk = tmp_path / "junk.json"
+    junk.write_text('{"samples": "many"}')
+    with pytest.raises(OperatorError, match="reference stats"):
+        tuf_repo.publish(model, "2", reference_stats=junk)

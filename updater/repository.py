@@ -38,6 +38,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 from tuf.repository import Repository
 
+from telemetry.drift import DriftError, load_reference
 from updater.durable import write_atomic
 from updater.errors import OperatorError
 from updater.model_info import ModelInfo, runtime_for
@@ -305,7 +306,9 @@ class OperatorRepository(Repository):
         if reference_stats is not None:
             stats_path = f"{prefix}/reference.json"
             new_targets[stats_path] = self._store_target(
-                stats_path, _json_bytes(Path(reference_stats)), {CUSTOM_KEY: {"kind": KIND_STATS}}
+                stats_path,
+                _reference_bytes(Path(reference_stats), info),
+                {CUSTOM_KEY: {"kind": KIND_STATS}},
             )
         if rtol < 0 or atol < 0 or (latency_budget_ms is not None and latency_budget_ms <= 0):
             raise OperatorError("tolerances must be >= 0 and the latency budget > 0")
@@ -392,6 +395,24 @@ def _json_bytes(path: Path) -> bytes:
         msgspec.json.decode(data)
     except (OSError, msgspec.DecodeError) as err:
         raise OperatorError(f"{path}: not a readable JSON file: {err}") from err
+    return data
+
+
+def _reference_bytes(path: Path, info: ModelInfo) -> bytes:
+    """Drift reference statistics, checked to be readable by devices and to name only
+    tensors the model has."""
+    data = _json_bytes(path)
+    try:
+        ref = load_reference(data)
+    except DriftError as err:
+        raise OperatorError(f"{path}: {err}") from err
+    names = {t.name for t in (*info.signature.inputs, *info.signature.outputs)}
+    unknown = sorted(t.name for t in ref.tensors if t.name not in names)
+    if unknown:
+        raise OperatorError(
+            f"{path}: statistics for {', '.join(unknown)}, which the model does not have"
+            f" (it has {', '.join(sorted(names))})"
+        )
     return data
 
 
