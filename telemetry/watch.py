@@ -1,0 +1,232 @@
+"""``inferctl watch``: a live table of the fleet, read from the broker.
+
+It subscribes to ``{prefix}/+/status`` (retained, so every known device shows at once) and
+``{prefix}/+/metrics``, and shows per device: online, model versions, p50/p99, requests/s, CPU,
+temperature and update state. ``--json`` prints the fleet as one JSON document after
+``--wait`` seconds, for scripts. The table uses rich when it is installed, plain text otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import paho.mqtt.client as mqtt
+
+from telemetry.broker import BrokerOptions, make_client
+from telemetry.errors import MqttError
+from telemetry.payloads import Metrics, StatusPayload
+
+COLUMNS = ("device", "online", "models", "p50 ms", "p99 ms", "req/s", "cpu %", "temp C", "update")
+
+
+@dataclass
+class Device:
+    status: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    seen: float = field(default_factory=time.time)
+
+
+class Fleet:
+    """What the broker has said about each device; fed by MQTT messages, read as rows."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.devices: dict[str, Device] = {}
+        self.lock = threading.Lock()
+
+    def feed(self, topic: str, payload: bytes) -> None:
+        """Take a message from ``{prefix}/{device}/status|metrics``; skip what does not parse."""
+        parts = topic.split("/")
+        if len(parts) < 3 or not payload:
+            return
+        device, leaf = parts[-2], parts[-1]
+        try:
+            if leaf == "status":
+                data = msgspec.to_builtins(msgspec.json.decode(payload, type=StatusPayload))
+            elif leaf == "metrics":
+                data = msgspec.to_builtins(msgspec.json.decode(payload, type=Metrics))
+            else:
+                return
+        except msgspec.DecodeError:
+            return  # another schema version or a foreign publisher: not ours to show
+        with self.lock:
+            entry = self.devices.setdefault(device, Device())
+            entry.seen = time.time()
+            if leaf == "status":
+                entry.status = data
+            else:
+                entry.metrics = data
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per device, sorted by name (what ``--json`` prints)."""
+        with self.lock:
+            items = sorted(self.devices.items())
+        out = []
+        for name, dev in items:
+            status = dev.status or {}
+            metrics = dev.metrics or {}
+            models = {m["name"]: m for m in status.get("models", [])}
+            per_model = metrics.get("models", {})
+            system = metrics.get("system", {})
+            row: dict[str, Any] = {
+                "device": name,
+                "online": status.get("state") == "online",
+                "models": {
+                    n: {
+                        "version": m.get("version"),
+                        "update_state": m.get("update_state"),
+                        "p50_ms": per_model.get(n, {}).get("p50_ms"),
+                        "p99_ms": per_model.get(n, {}).get("p99_ms"),
+                        "rps": per_model.get(n, {}).get("rps"),
+                    }
+                    for n, m in models.items()
+                },
+                "cpu_percent": system.get("cpu_percent"),
+                "temperature_c": system.get("temperature_c"),
+                "spool_messages": metrics.get("spool", {}).get("queued_messages"),
+                "last_seen": dev.seen,
+            }
+            out.append(row)
+        return out
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """The table's cells: one line per device, models joined with commas."""
+    out: list[tuple[str, ...]] = []
+    for r in rows:
+        models = r["models"].values()
+        names = ", ".join(f"{n}@{_fmt(m['version'])}" for n, m in r["models"].items())
+        out.append(
+            (
+                r["device"],
+                "yes" if r["online"] else "no",
+                names or "-",
+                ", ".join(_fmt(m["p50_ms"], 2) for m in models) or "-",
+                ", ".join(_fmt(m["p99_ms"], 2) for m in models) or "-",
+                ", ".join(_fmt(m["rps"]) for m in models) or "-",
+                _fmt(r["cpu_percent"]),
+                _fmt(r["temperature_c"]),
+                ", ".join(str(m["update_state"]) for m in models) or "-",
+            )
+        )
+    return out
+
+
+def render_text(rows: list[dict[str, Any]]) -> str:
+    """A plain aligned text table."""
+    cells = [COLUMNS, *table_rows(rows)]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(c))) for c in cells)
+
+
+def connect(args: argparse.Namespace, fleet: Fleet) -> mqtt.Client:
+    """Connect and subscribe; MqttError with one line when the broker cannot be reached."""
+    opts = BrokerOptions(
+        host=args.host,
+        port=args.port,
+        protocol=args.protocol,
+        client_id=f"inferctl-watch-{int(time.time() * 1000) % 10**9}",
+        username=args.username,
+        password=args.password,
+        tls=bool(args.tls or args.ca_file or args.cert_file),
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+    )
+    client = make_client(opts)
+
+    def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if not reason.is_failure:
+            c.subscribe(f"{args.prefix}/+/status", qos=1)
+            c.subscribe(f"{args.prefix}/+/metrics", qos=0)
+
+    client.on_connect = on_connect
+    client.on_message = lambda _c, _u, msg: fleet.feed(msg.topic, bytes(msg.payload))
+    try:
+        client.connect(opts.host, opts.port, keepalive=30)
+    except OSError as err:
+        raise MqttError(f"cannot connect to {opts.where}: {err.strerror or err}") from err
+    client.loop_start()
+    return client
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``watch`` command."""
+    fleet = Fleet(args.prefix)
+    client = connect(args, fleet)
+    try:
+        if args.json or args.once:
+            time.sleep(args.wait)
+            if args.json:
+                json.dump(fleet.rows(), sys.stdout, indent=2)
+                sys.stdout.write("\n")
+            else:
+                sys.stdout.write(render_text(fleet.rows()) + "\n")
+            return 0
+        _live(fleet, args.interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return 0
+
+
+def _live(fleet: Fleet, interval: float) -> None:
+    try:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.table import Table
+    except ImportError:  # rich is the ``operator`` extra: plain text without it
+        while True:
+            sys.stdout.write("\x1b[2J\x1b[H" + render_text(fleet.rows()) + "\n")
+            sys.stdout.flush()
+            time.sleep(interval)
+
+    def table() -> Table:
+        t = Table(title="inferd fleet")
+        for col in COLUMNS:
+            t.add_column(col)
+        for cells in table_rows(fleet.rows()):
+            t.add_row(*cells, style=None if cells[1] == "yes" else "dim")
+        return t
+
+    with Live(table(), console=Console(), refresh_per_second=4) as live:
+        while True:
+            time.sleep(interval)
+            live.update(table())
+
+
+def register(subparsers: Any) -> None:
+    """Add ``inferctl watch``."""
+    p = subparsers.add_parser("watch", help="live table of the fleet from the MQTT broker")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--prefix", default="inferd", help="topic prefix (mqtt.topic_prefix)")
+    p.add_argument("--protocol", choices=("5", "3.1.1"), default="5")
+    p.add_argument("--username")
+    p.add_argument("--password")
+    p.add_argument("--tls", action="store_true", help="TLS with the system CAs")
+    p.add_argument("--ca-file")
+    p.add_argument("--cert-file")
+    p.add_argument("--key-file")
+    p.add_argument("--json", action="store_true", help="print the fleet as JSON and exit")
+    p.add_argument("--once", action="store_true", help="print the table once and exit")
+    p.add_argument("--wait", type=float, default=2.0, help="seconds to listen for --json/--once")
+    p.add_argument("--interval", type=float, default=1.0, help="refresh period of the live table")
+    p.set_defaults(func=run)
