@@ -168,6 +168,7 @@ class UpdatesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     trial_min_requests: int = 20
     trial_max_error_rate: float = 0.05
     trial_max_latency_ratio: float = 3.0
+    trial_latency_slack_ms: float = 1.0
     crash_loop_restarts: int = 3
     keep_versions: int = 2
     validation_runs: int = 20

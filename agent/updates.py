@@ -100,6 +100,7 @@ def settings_from(config: Config) -> Settings:
         trial_min_requests=u.trial_min_requests,
         trial_max_error_rate=u.trial_max_error_rate,
         trial_max_latency_ratio=u.trial_max_latency_ratio,
+        trial_latency_slack_ms=u.trial_latency_slack_ms,
         crash_loop_restarts=u.crash_loop_restarts,
         keep_versions=u.keep_versions,
         validation_runs=u.validation_runs,

@@ -199,8 +199,9 @@ def main() -> int:
             "telemetry": {"metrics_interval_s": 1, "prediction_batch_ms": 200},
             "updates": {
                 "repository_url": f"http://127.0.0.1:{repo_port}/",
-                "trusted_root": str(repo / "metadata" / "1.root.json"),
+                "trusted_root": str(repo / "repository" / "metadata" / "1.root.json"),
                 "poll_interval_s": 30,
+                "check_on_start": False,
                 "trial_window_s": 3,
                 "trial_min_requests": 10,
             },
@@ -318,13 +319,29 @@ def main() -> int:
             return reply["model_version"] == "2"
 
         wait_for("version 2 to serve", serving_v2, timeout=60, interval=0.02)
+        took = time.monotonic() - pushed
         print(
-            f"version 2 serving {time.monotonic() - pushed:.2f} s after the push;"
+            f"version 2 serving {took:.2f} s after the push;"
             f" versions seen {sorted(served)}, failed requests {failures}"
         )
-        events = [p for t, p in telemetry.messages if t.endswith("/events")]
-        for e in events[-12:]:
-            print(f"  event {e.get('kind')}: {e.get('message', '')}")
+
+        def update_events() -> list[str]:
+            return [
+                p.get("message", "")
+                for t, p in list(telemetry.messages)
+                if t.endswith("/events") and p.get("kind") == "update"
+            ]
+
+        def committed() -> bool:
+            serving_v2()  # keep traffic flowing through the trial window
+            time.sleep(0.05)
+            return any("-> committed" in m for m in update_events())
+
+        wait_for("the trial to commit version 2", committed, timeout=60)
+        for message in update_events():
+            print(f"  event update: {message}")
+        print(f"version 2 committed after its trial; failed requests throughout: {failures}")
+        print(inferctl("status", "--broker", f"{host}:{port}"))
         print("\ndemo complete: everything it started is being stopped")
     return 0
 

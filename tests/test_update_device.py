@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -255,3 +256,62 @@ def test_crash_loop_during_trial_rolls_back_before_loading_again(tuf_repo, updat
     assert fresh.messages("restart")
     assert fresh.updater.state.value == "rolled_back"
     assert any("crash loop" in m for m in fresh.messages("update"))
+
+
+def _slow_classifier(path, width: int = 1536, layers: int = 3):
+    """Same signature as ``classifier`` (x [N,4] -> probs [N,3]) but milliseconds per run."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    dims = [4] + [width] * layers + [3]
+    nodes, inits, prev = [], [], "x"
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
+        inits.append(
+            numpy_helper.from_array((rng.normal(size=(a, b)) / a).astype(np.float32), f"W{i}")
+        )
+        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Softmax", [prev], ["probs"], axis=-1))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("slack_ms", "expected"), [(0.2, "1"), (1000.0, "2")])
+def test_trial_latency_regression_rolls_back_beyond_the_slack(
+    tuf_repo, update_device, tmp_path, slack_ms: float, expected: str
+):
+    """Several times slower *and* slower by more than the slack: rolled back. Within the slack
+    (sub-millisecond jitter on tiny models) the same ratio is not a breach."""
+    device = update_device(
+        classifier(tmp_path / "v1.onnx"),
+        trial_window_s=1.5,
+        trial_min_requests=5,
+        trial_max_latency_ratio=3.0,
+        trial_latency_slack_ms=slack_ms,
+    )
+    x = np.ones((1, 4), np.float32)
+    for _ in range(200):  # the serving version's mean latency is the baseline
+        device.predict(x)
+    tuf_repo.publish(_slow_classifier(tmp_path / "slow.onnx"), "2")
+    stop, results = threading.Event(), []
+    loader = threading.Thread(target=_hammer, args=(device, x, stop, results), name="load")
+    loader.start()
+    try:
+        device.check()
+    finally:
+        stop.set()
+        loader.join()
+    assert all(r is True for r in results), "no request fails while the trial judges latency"
+    assert device.version == expected
+    if expected == "1":
+        assert any("mean latency" in m for m in device.messages("update"))
