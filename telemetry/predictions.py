@@ -53,35 +53,46 @@ class Logged(PredictionLike, Served, Protocol):
 def input_digest(feeds: Mapping[str, np.ndarray]) -> str:
     """blake2b-64 over each input's name, dtype, shape and bytes, in name order."""
     h = hashlib.blake2b(digest_size=8)
-    for name in sorted(feeds):
-        arr = np.ascontiguousarray(feeds[name])
-        h.update(name.encode())
-        h.update(arr.dtype.str.encode())
-        h.update(repr(arr.shape).encode())
+    for name in sorted(feeds) if len(feeds) > 1 else feeds:
+        arr = feeds[name]
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        h.update(f"{name}\0{arr.dtype.str}\0{arr.shape}".encode())
         h.update(arr.data if arr.dtype != object else repr(arr.tolist()).encode())
     return h.hexdigest()
 
 
-def _is_classifier(arr: np.ndarray, labels: Sequence[str]) -> bool:
+def _classifier_rows(arr: np.ndarray, labels: Sequence[str]) -> list[list[float]] | None:
+    """The first rows of a classifier output as lists, or None when it is not one.
+
+    A classifier output is float ``[N, C]`` (or ``[C]``) with ``C`` labels configured, or, without
+    labels, rows that look like probabilities (softmax output).
+    """
     if arr.dtype.kind != "f" or arr.ndim not in (1, 2) or arr.shape[-1] < 2:
-        return False
-    if labels and arr.shape[-1] == len(labels):
-        return True
-    # Without labels: rows that look like probabilities (softmax output).
+        return None
     rows = arr.reshape(-1, arr.shape[-1])[:TOP_K_ROWS]
-    return bool(
-        np.all(rows >= 0) and np.all(rows <= 1) and np.allclose(rows.sum(axis=1), 1, atol=1e-3)
-    )
+    if labels and arr.shape[-1] == len(labels):
+        return list(rows.tolist())
+    if rows.size > _SMALL:
+        if rows.min() < 0 or rows.max() > 1 or np.abs(rows.sum(axis=1) - 1).max() > 1e-3:
+            return None
+        return list(rows.tolist())
+    values: list[list[float]] = rows.tolist()
+    for row in values:
+        if min(row) < 0 or max(row) > 1 or abs(sum(row) - 1) > 1e-3:
+            return None
+    return values
 
 
 def summarize(arr: np.ndarray, labels: Sequence[str] = ()) -> OutputSummary:
     """Top-k classes for a classifier output, else min/max/mean (nothing for non-numbers)."""
     shape = list(arr.shape)
-    if _is_classifier(arr, labels):
+    rows = _classifier_rows(arr, labels)
+    if rows is not None:
         width = arr.shape[-1]
         k = min(TOP_K, width)
         top: list[list[ClassScore]] = []
-        for row in arr.reshape(-1, width)[:TOP_K_ROWS].tolist():
+        for row in rows:
             best = sorted(range(width), key=row.__getitem__, reverse=True)[:k]
             top.append(
                 [
@@ -156,9 +167,11 @@ class PredictionLogger:
             return
         q.append(p)
         n = len(q)
+        # Only the first record and a full batch wake the thread: an Event.set() per record
+        # would cost more than the rest of this call when the thread is behind.
         if n == 1:
             self._wake.set()
-        elif n >= self.batch_size:
+        elif n == self.batch_size:
             self._full.set()
 
     # --- control ------------------------------------------------------------------------------
