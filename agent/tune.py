@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
+MIN_TIME_S = 0.2
+"""Time spent timing each setting at the least (within its share of the budget)."""
 Search = Literal["grid", "random"]
 Clock = Callable[[], float]
 
@@ -194,8 +196,11 @@ def golden_inputs(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
 def _time_runs(
     backend: Backend, feeds: Mapping[str, np.ndarray], runs: int, until: float, clock: Clock
 ) -> list[float]:
+    """At least ``runs`` timed runs and at least :data:`MIN_TIME_S` of them (a fast model gets
+    many more runs, so its median is not noise), stopping at ``until`` after three."""
     times: list[float] = []
-    while len(times) < runs and (len(times) < 3 or clock() < until):
+    enough = clock() + MIN_TIME_S
+    while (len(times) < runs or clock() < enough) and (len(times) < 3 or clock() < until):
         start = time.perf_counter_ns()
         backend.run(feeds)
         times.append((time.perf_counter_ns() - start) / 1e6)
@@ -330,7 +335,7 @@ def render_table(result: TuneResult) -> str:
     best = result.best
     lines = [
         f"{result.model}: {len(result.trials)} of {result.planned} settings measured"
-        f" in {result.elapsed_s:.1f} s",
+        f" in {result.elapsed_s:.2f} s",
         f"  {'providers':<18} {'threads':>7} {'inter_op':>8} {'graph':>8}"
         f" {'p50 ms':>9} {'p90 ms':>9} {'runs':>5} {'load s':>7}",
     ]
