@@ -148,3 +148,17 @@ def test_data_without_labels_is_refused(capsys, tmp_path, labelled) -> None:
     code, _, err = run(capsys, str(model), "--data", str(data))
     assert code == 1
     assert "no labels; put the truth in an array named 'y'" in err
+
+
+def test_tflite_twin_scores_like_the_onnx_model(capsys) -> None:
+    """Batched scoring then single-sample latency: the interpreter is resized both ways."""
+    pytest.importorskip("ai_edge_litert")
+    demo = Path(__file__).resolve().parents[1] / "examples" / "models"
+    data = str(demo / "demo.eval.npz")
+    code, out, _ = run(capsys, str(demo / "demo.tflite"), "--data", data, "--json")
+    assert code == 0, out
+    lite = json.loads(out)
+    _, out, _ = run(capsys, str(demo / "demo.onnx"), "--data", data, "--json")
+    assert lite["runtime"] == "tflite"
+    assert lite["metrics"]["accuracy"] == pytest.approx(json.loads(out)["metrics"]["accuracy"])
+    assert lite["latency"]["runs"] == 5

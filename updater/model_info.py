@@ -111,12 +111,15 @@ class ModelInfo:
         ins, outs = interp.get_input_details(), interp.get_output_details()
         self.signature = Signature(tuple(spec(d) for d in ins), tuple(spec(d) for d in outs))
 
+        shapes = {d["index"]: tuple(d["shape"]) for d in ins}  # as currently allocated
+
         def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             for d in ins:
                 arr = feeds[d["name"]]
-                if tuple(arr.shape) != tuple(d["shape"]):
+                if tuple(arr.shape) != shapes[d["index"]]:
                     interp.resize_tensor_input(d["index"], arr.shape)
                     interp.allocate_tensors()
+                    shapes[d["index"]] = tuple(arr.shape)
                 interp.set_tensor(d["index"], arr)
             interp.invoke()
             return {d["name"]: interp.get_tensor(d["index"]) for d in outs}
