@@ -131,4 +131,4 @@ class ModelInfo:
         try:
             return self._run(feeds)
         except Exception as err:
-            raise OperatorError(f"{self.path}: golden inputs do not run: {err}") from err
+            raise OperatorError(f"{self.path}: the model rejects these inputs: {err}") from err
