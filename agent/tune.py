@@ -183,9 +183,12 @@ def golden_file(model_path: Path) -> Path | None:
 
 
 def golden_inputs(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The inputs in a golden file: arrays named like the inputs (what the operator writes) or
+    ``in.<input>`` (the form an update publishes)."""
     try:
         with np.load(path, allow_pickle=False) as data:
             feeds = {k: data[k] for k in names if k in data.files}
+            feeds.update({k: data[f"in.{k}"] for k in names if f"in.{k}" in data.files})
     except (OSError, ValueError) as err:
         raise InferdError(f"{path}: cannot read golden inputs: {err}") from err
     if len(feeds) != len(names):
