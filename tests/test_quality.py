@@ -363,6 +363,7 @@ def test_real_daemon_publishes_valid_quality_payloads(broker, capture_factory, i
             "device_id": "qd",
             "mqtt": {"enabled": True, "host": broker.host, "port": broker.port},
             "quality": {"publish_interval_s": 0.2},
+            "telemetry": {"prediction_batch_ms": 50},
             "updates": {"enabled": False},
             "models": [{"name": "classifier", "path": str(DEMO / "demo.onnx"),
                         "labels": ["idle", "walking", "running"]}],
