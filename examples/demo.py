@@ -274,7 +274,7 @@ def main() -> int:
             payload = telemetry.latest(leaf)
             text = json.dumps(payload)[:300] if payload else "(none yet)"
             print(f"inferd/{DEVICE}/{leaf}: {text}")
-        print(inferctl("watch", "--broker", f"{host}:{port}", "--once", "--seconds", "2"))
+        print(inferctl("watch", "--host", host, "--port", str(port), "--once", "--wait", "2"))
 
         say("6. sign version 2 and push it to group 'demo'")
         golden2 = MODELS / "demo-v2.golden.npz"

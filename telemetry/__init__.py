@@ -1,1 +1,1 @@
-"""Telemetry: metrics, resource sampling, prediction logs, quality and drift, the spool, payloads."""
+"""Telemetry: metrics, resources, prediction logs, quality and drift, the spool, payloads."""
