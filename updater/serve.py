@@ -18,13 +18,19 @@ class _Handler(SimpleHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
 
+class _Server(ThreadingHTTPServer):
+    # A poked fleet connects all at once: with http.server's backlog of 5 the kernel drops
+    # the other connection attempts and each costs its device a 1 s SYN retransmit.
+    request_queue_size = 256
+    daemon_threads = True
+
+
 class RepositoryServer:
     """Serve ``directory`` on ``host:port`` (port 0 picks a free one) from a named thread."""
 
     def __init__(self, directory: str | Path, host: str = "127.0.0.1", port: int = 0) -> None:
         handler = functools.partial(_Handler, directory=str(directory))
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((host, port), handler)
         self._thread: threading.Thread | None = None
 
     @property
