@@ -140,6 +140,7 @@ class UpdateComponent:
             state_dir=config.state_dir,
             slots=self.adapters,
             groups=config.groups,
+            device_id=config.device_id,
             settings=settings_from(config),
             emit=emit,
         )

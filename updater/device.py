@@ -118,6 +118,10 @@ def _job_meta(job: Job) -> ModelMeta:
     return meta
 
 
+def _runs(active: Entry | None, offer: Offer) -> bool:
+    return active is not None and active.seq == offer.meta.seq
+
+
 def _entry(job: Job) -> Entry:
     return Entry(
         version=job.version,
@@ -137,6 +141,7 @@ class DeviceUpdater:
         state_dir: str | Path,
         slots: Mapping[str, SlotPort],
         groups: Sequence[str] = (),
+        device_id: str = "",
         settings: Settings | None = None,
         emit: Emit | None = None,
         clock: Callable[[], float] = time.time,
@@ -144,6 +149,8 @@ class DeviceUpdater:
         self.client = client
         self.slots = dict(slots)
         self.groups = tuple(groups)
+        self.device_id = device_id
+        """Decides, with the groups, which staged rollouts this device joins."""
         self.settings = settings or Settings()
         self.emit = emit
         self.clock = clock
@@ -352,13 +359,25 @@ class DeviceUpdater:
         )
 
     def _pick(self, offers: Sequence[Offer], rec: Record) -> Job | None:
-        """The newest published version of the first slot that needs one, if any."""
+        """The newest version of the first slot that needs one, among those this device is in.
+
+        A staged version the device has not joined is not downloaded; the version it runs
+        stays a candidate, so a halted rollout never takes a device back down.
+        """
         for name, slot in self.slots.items():
-            mine = [o for o in offers if o.meta.name == name]
+            active = self.store.active(name)
+            mine = [
+                o
+                for o in offers
+                if o.meta.name == name
+                and (o.meta.joins(self.device_id, self.groups) or _runs(active, o))
+            ]
+            skipped = sum(o.meta.name == name for o in offers) - len(mine)
+            if skipped:
+                log.debug("%s: %d staged version(s) not rolled out to this device", name, skipped)
             if not mine:
                 continue
             best = max(mine, key=lambda o: o.meta.seq)
-            active = self.store.active(name)
             serving = slot.serving()
             if best.meta.seq in rec.failed.get(name, []):
                 log.info("%s: %s failed before; waiting for a newer one", name, best.meta.version)

@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 
+from telemetry.rollout import FULL, joins
+
 CUSTOM_KEY = "inferd"
 KIND_MODEL = "model"
 KIND_GOLDEN = "golden"
@@ -39,6 +41,20 @@ class Signature(msgspec.Struct, frozen=True):
         )
 
 
+class Rollout(msgspec.Struct, frozen=True, kw_only=True):
+    """A staged rollout: per group (``"*"``: any other) the basis points of devices that join.
+
+    ``halted`` says why a rollout was stopped (its shares are then all 0).
+    """
+
+    shares: dict[str, int]
+    halted: str | None = None
+
+    def __post_init__(self) -> None:
+        if any(not 0 <= v <= FULL for v in self.shares.values()):
+            raise ValueError(f"rollout shares are basis points between 0 and {FULL}")
+
+
 class ModelMeta(msgspec.Struct, frozen=True, kw_only=True):
     """The signed description of one published model version.
 
@@ -60,6 +76,8 @@ class ModelMeta(msgspec.Struct, frozen=True, kw_only=True):
     rtol: str = "1e-3"
     atol: str = "1e-4"
     latency_budget_us: int | None = None
+    rollout: Rollout | None = None
+    """A staged rollout; None: every device in ``groups`` installs this version."""
 
     @property
     def tolerance(self) -> tuple[float, float]:
@@ -69,6 +87,11 @@ class ModelMeta(msgspec.Struct, frozen=True, kw_only=True):
     def for_device(self, groups: tuple[str, ...]) -> bool:
         """Whether a device in ``groups`` should install this (no groups: every device)."""
         return not self.groups or bool(set(self.groups) & set(groups))
+
+    def joins(self, device_id: str, groups: tuple[str, ...]) -> bool:
+        """Whether this device is in the version's rollout (see :mod:`telemetry.rollout`)."""
+        shares = None if self.rollout is None else self.rollout.shares
+        return joins(shares, device_id, groups, self.name, self.version)
 
 
 def meta_to_custom(meta: ModelMeta) -> dict[str, Any]:

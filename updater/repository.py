@@ -39,6 +39,7 @@ from tuf.api.serialization.json import JSONSerializer
 from tuf.repository import Repository
 
 from telemetry.drift import DriftError, load_reference
+from telemetry.rollout import ALL
 from updater.durable import write_atomic
 from updater.errors import OperatorError
 from updater.model_info import ModelInfo, runtime_for
@@ -47,6 +48,7 @@ from updater.model_meta import (
     KIND_GOLDEN,
     KIND_STATS,
     ModelMeta,
+    Rollout,
     meta_from_custom,
     meta_to_custom,
 )
@@ -281,9 +283,13 @@ class OperatorRepository(Repository):
         rtol: float = 1e-3,
         atol: float = 1e-4,
         reference_stats: str | Path | None = None,
+        rollout: Rollout | None = None,
         force: bool = False,
     ) -> ModelMeta:
-        """Publish ``model_file`` as ``version`` of slot ``name`` and sign the new metadata."""
+        """Publish ``model_file`` as ``version`` of slot ``name`` and sign the new metadata.
+
+        With ``rollout``, only that share of the devices installs it (see :meth:`set_rollout`).
+        """
         src = Path(model_file)
         _label("model name", name)
         _label("version", version)
@@ -326,6 +332,7 @@ class OperatorRepository(Repository):
             latency_budget_us=None
             if latency_budget_ms is None
             else round(latency_budget_ms * 1000),
+            rollout=_checked_rollout(rollout),
         )
         model_path = f"{prefix}/{src.name}"
         new_targets[model_path] = self._store_target(
@@ -338,6 +345,31 @@ class OperatorRepository(Repository):
         self.publish()
         log.info("published %s version %s (seq %d) as %s", name, version, meta.seq, model_path)
         return meta
+
+    def model(self, name: str, version: str | None = None) -> tuple[str, TargetFile, ModelMeta]:
+        """The newest published version of slot ``name``, or its ``version``."""
+        found = [m for m in self.models() if m[2].name == name]
+        if version is not None:
+            found = [m for m in found if m[2].version == version]
+        if not found:
+            what = f"{name} version {version}" if version is not None else name
+            raise OperatorError(f"{what} is not published")
+        return found[-1]
+
+    def set_rollout(self, name: str, version: str | None, rollout: Rollout | None) -> ModelMeta:
+        """Re-sign a published version with new rollout shares (None: every device).
+
+        Only the model target's custom metadata changes (its ``seq`` too stays), so devices
+        that failed this version still do not retry it, and those that joined stay in.
+        """
+        path, target, meta = self.model(name, version)
+        new = msgspec.structs.replace(meta, rollout=_checked_rollout(rollout))
+        custom = dict(target.custom or {}) | meta_to_custom(new)
+        with self.edit_targets() as targets:
+            targets.targets[path].unrecognized_fields["custom"] = custom
+        self.publish()
+        log.info("%s %s: rollout %s", name, meta.version, new.rollout)
+        return new
 
     def _store_target(self, path: str, data: bytes, custom: dict[str, Any]) -> TargetFile:
         target = TargetFile.from_data(path, data, ["sha256"])
@@ -386,6 +418,14 @@ class OperatorRepository(Repository):
                 retired.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(old), retired / old.name)
         return [s.public_key.keyid for s in new]
+
+
+def _checked_rollout(rollout: Rollout | None) -> Rollout | None:
+    if rollout is not None:
+        for group in rollout.shares:
+            if group != ALL:
+                _label("group", group)
+    return rollout
 
 
 def _json_bytes(path: Path) -> bytes:

@@ -1,0 +1,402 @@
+"""Staged rollouts: which devices join one, and how it is going as seen from the broker.
+
+A published model version may carry rollout shares: per device group (``"*"`` for any group
+not named) the part of the fleet that installs it, in basis points (10000 = every device).
+A device joins when :func:`bucket` of its id, the slot and the version falls under its share.
+The hash is stable, so raising a share keeps every device that had joined, and salted with
+the slot and version, so each rollout starts on different devices. The device's updater,
+``inferctl rollout`` and ``inferctl watch --rollout`` all decide with these functions.
+
+:class:`RolloutTally` follows one rollout from MQTT: the retained ``status`` of every device
+(version served, update state, groups), the ``events`` of its update jobs (``update`` events
+carry the job's version and seq; ``failed`` and ``rolled_back`` are failures) and the retained
+group pokes ``inferctl rollout`` leaves, which carry the current shares (for display only:
+devices trust nothing but the signed metadata). Events are not retained, so failures count
+from the moment the tally subscribes; ``inferctl rollout --follow`` watches a whole wave.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from telemetry.payloads import Event, Offline, Status, StatusPayload
+
+ALL = "*"
+"""The share key for devices in none of the named groups (and devices without groups)."""
+FULL = 10_000
+"""Basis points of a whole fleet."""
+
+FAILED = ("failed", "rolled_back")
+SUCCEEDED = ("committed", "serving")
+IN_PROGRESS = ("checking", "downloading", "verifying", "staging", "validating", "activating")
+IN_PROGRESS_ALL = (*IN_PROGRESS, "trial")
+
+
+def bucket(device_id: str, slot: str, version: str) -> int:
+    """The device's stable place in ``[0, FULL)`` for this slot and version."""
+    digest = hashlib.sha256(f"{slot}\0{version}\0{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % FULL
+
+
+def share_of(shares: Mapping[str, int], groups: Sequence[str]) -> int:
+    """The share (basis points) for a device in ``groups``: its most generous group's."""
+    default = shares.get(ALL, 0)
+    return max((shares.get(g, default) for g in groups), default=default)
+
+
+def joins(
+    shares: Mapping[str, int] | None, device_id: str, groups: Sequence[str], slot: str, version: str
+) -> bool:
+    """Whether the device installs this version (no shares: every device does)."""
+    if shares is None:
+        return True
+    return bucket(device_id, slot, version) < share_of(shares, groups)
+
+
+def basis_points(pct: float) -> int:
+    """An operator's percentage (0-100, two decimals count) as basis points; ValueError else."""
+    if not 0.0 <= pct <= 100.0:
+        raise ValueError(f"{pct:g} is not a percentage between 0 and 100")
+    return round(pct * 100)
+
+
+def percent(bp: int) -> str:
+    """Basis points as an operator reads them: ``12.5 %``."""
+    return f"{bp / 100:g} %"
+
+
+def shares_text(shares: Mapping[str, int] | None) -> str:
+    """``10 % (canary 100 %)``; ``100 %`` for a version without staged rollout."""
+    if shares is None:
+        return "100 % (not staged)"
+    named = ", ".join(f"{g} {percent(v)}" for g, v in sorted(shares.items()) if g != ALL)
+    head = percent(shares.get(ALL, 0))
+    return f"{head} ({named})" if named else head
+
+
+# -- the tally ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Device:
+    groups: tuple[str, ...] | None = None
+    online: bool = False
+    version: str | None = None
+    """What the retained status says the slot serves."""
+    status_state: str | None = None
+    state: str | None = None
+    """The latest ``update`` event state of this rollout's job."""
+    started: float | None = None
+    finished: float | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RolloutSummary:
+    """Where a rollout stands: per-state counts, failures and an estimate of the rest."""
+
+    slot: str
+    version: str | None
+    seq: int | None
+    shares: dict[str, int] | None
+    shares_known: bool
+    halted: str | None
+    devices: int
+    online: int
+    eligible: int
+    joined: int
+    attempted: int
+    succeeded: int
+    failed: int
+    serving: int
+    states: dict[str, int]
+    rate_per_s: float | None
+    eta_s: float | None
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    """(device, reason) of each failure seen."""
+
+    @property
+    def failure_ratio(self) -> float:
+        return self.failed / self.attempted if self.attempted else 0.0
+
+    @property
+    def settled(self) -> bool:
+        """Every device in the rollout has finished (or none joined)."""
+        return self.succeeded + self.failed >= self.joined
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "version": self.version,
+            "seq": self.seq,
+            "shares": self.shares if self.shares_known else "unknown",
+            "halted": self.halted,
+            "devices": self.devices,
+            "online": self.online,
+            "eligible": self.eligible,
+            "joined": self.joined,
+            "attempted": self.attempted,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "failure_ratio": round(self.failure_ratio, 4),
+            "serving": self.serving,
+            "states": self.states,
+            "rate_per_s": self.rate_per_s,
+            "eta_s": self.eta_s,
+            "failures": [{"device": d, "reason": r} for d, r in self.failures],
+        }
+
+
+class RolloutTally:
+    """Follows one rollout of ``slot`` from MQTT messages fed to :meth:`feed`.
+
+    Without ``version`` it follows the newest rollout of the slot announced by a group poke or
+    seen in update events. ``shares`` and ``target_groups`` say who is meant to join (from the
+    signed metadata when the caller has it; otherwise learnt from the pokes).
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        slot: str,
+        version: str | None = None,
+        *,
+        seq: int | None = None,
+        target_groups: Sequence[str] = (),
+        shares: Mapping[str, int] | None = None,
+        shares_known: bool = False,
+        halted: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.prefix = prefix
+        self.slot = slot
+        self.version = version
+        self.seq = seq
+        self.target_groups = tuple(target_groups)
+        self.shares = dict(shares) if shares is not None else None
+        self.shares_known = shares_known or shares is not None
+        """Whether ``shares`` is what was published (None then means: not staged)."""
+        self.halted = halted
+        self.clock = clock
+        self._pinned = version is not None
+        self._from_metadata = self.shares_known
+        self.devices: dict[str, _Device] = {}
+
+    def topics(self) -> list[tuple[str, int]]:
+        """The subscriptions that feed the tally: (filter, qos)."""
+        p = self.prefix
+        return [(f"{p}/+/status", 1), (f"{p}/+/events", 1), (f"{p}/groups/+/update", 1)]
+
+    def retarget(
+        self,
+        version: str,
+        seq: int | None,
+        target_groups: Sequence[str] = (),
+        shares: Mapping[str, int] | None = None,
+        *,
+        shares_known: bool = True,
+        halted: str | None = None,
+    ) -> None:
+        """Follow this version from now on (device states of another one are forgotten)."""
+        if (version, seq) != (self.version, self.seq):
+            for dev in self.devices.values():
+                dev.state = dev.reason = None
+                dev.started = dev.finished = None
+        self.version, self.seq = version, seq
+        self.target_groups = tuple(target_groups)
+        self.shares = dict(shares) if shares is not None else None
+        self.shares_known = shares_known
+        self.halted = halted
+
+    # -- input ------------------------------------------------------------------------------
+
+    def feed(self, topic: str, payload: bytes) -> None:
+        """Take one message; anything that does not parse or concern the slot is ignored."""
+        if not payload or not topic.startswith(self.prefix + "/"):
+            return
+        parts = topic[len(self.prefix) + 1 :].split("/")
+        try:
+            if len(parts) == 3 and parts[0] == "groups" and parts[2] == "update":
+                self._poke(msgspec.json.decode(payload))
+            elif len(parts) == 2 and parts[1] == "status":
+                self._status(parts[0], msgspec.json.decode(payload, type=StatusPayload))
+            elif len(parts) == 2 and parts[1] == "events":
+                self._event(parts[0], msgspec.json.decode(payload, type=Event))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+
+    def _poke(self, data: Any) -> None:
+        if not isinstance(data, dict) or data.get("model") != self.slot:
+            return
+        version, seq = data.get("version"), data.get("seq")
+        if not isinstance(version, str) or not isinstance(seq, (int, type(None))):
+            return
+        if self._pinned and version != self.version:
+            return
+        if not self._pinned and self.seq is not None and (seq or 0) < self.seq:
+            return
+        raw = data.get("rollout")
+        shares = (
+            {str(k): int(v) for k, v in raw.items() if isinstance(v, int)}
+            if isinstance(raw, dict)
+            else None
+        )
+        groups = [g for g in data.get("groups") or [] if isinstance(g, str)]
+        halted = data.get("halted") if isinstance(data.get("halted"), str) else None
+        if self._from_metadata and version == self.version:
+            # the caller read the signed metadata; a poke only brings later changes of it
+            self.shares, self.halted = shares, halted
+            return
+        self.retarget(version, seq, groups, shares, halted=halted)
+
+    def _status(self, device: str, status: Status | Offline) -> None:
+        dev = self.devices.setdefault(device, _Device())
+        if isinstance(status, Offline):
+            dev.online = False  # what it served last stays known
+            return
+        dev.online = True
+        dev.groups = tuple(status.groups)
+        for slot in status.models:
+            if slot.name == self.slot:
+                dev.version = slot.version
+                dev.status_state = slot.update_state
+
+    def _event(self, device: str, event: Event) -> None:
+        if event.kind != "update" or event.model != self.slot or event.version is None:
+            return
+        details = event.details
+        seq = details.get("seq")
+        state = details.get("state")
+        if not isinstance(state, str):
+            return
+        newer = isinstance(seq, int) and (self.seq is None or seq > self.seq)
+        if not self._pinned and newer and event.version != self.version:
+            # a rollout no poke announced: who is meant to join is unknown
+            self.retarget(event.version, seq if isinstance(seq, int) else None, shares_known=False)
+        if event.version != self.version:
+            return
+        if self.seq is not None and isinstance(seq, int) and seq != self.seq:
+            return
+        dev = self.devices.setdefault(device, _Device())
+        now = self.clock()
+        if dev.started is None:
+            dev.started = now
+        dev.state = state
+        if state in FAILED or state == "committed" or (state == "trial" and dev.finished is None):
+            dev.finished = now
+        if state in FAILED:
+            dev.reason = event.message
+
+    # -- output -----------------------------------------------------------------------------
+
+    def _eligible(self, dev: _Device) -> bool:
+        if not self.target_groups or dev.groups is None:
+            return True
+        return bool(set(self.target_groups) & set(dev.groups))
+
+    def _joins(self, name: str, dev: _Device) -> bool:
+        if self.version is None or not self.shares_known:
+            return False
+        return self._eligible(dev) and joins(
+            self.shares, name, dev.groups or (), self.slot, self.version
+        )
+
+    def state_of(self, name: str, dev: _Device) -> str | None:
+        """The device's place in the rollout; None when it is outside it."""
+        if dev.state is not None:
+            return dev.state
+        if self.version is not None and dev.version == self.version:
+            if dev.status_state in ("trial", "committed"):
+                return dev.status_state
+            return "serving"
+        if self._joins(name, dev):
+            if dev.status_state in IN_PROGRESS:
+                return dev.status_state
+            return "waiting"
+        return None
+
+    def summary(self) -> RolloutSummary:
+        """The counts as of now."""
+        now = self.clock()
+        states: Counter[str] = Counter()
+        joined = eligible = serving = online = 0
+        failures = []
+        starts, done = [], 0
+        for name, dev in sorted(self.devices.items()):
+            online += dev.online
+            eligible += self._eligible(dev)
+            if self.version is not None and dev.version == self.version:
+                serving += 1
+            state = self.state_of(name, dev)
+            if state is None:
+                continue
+            joined += 1
+            states[state] += 1
+            if dev.started is not None:
+                starts.append(dev.started)
+            if state in FAILED:
+                failures.append((name, dev.reason or state))
+            if state in FAILED or state in SUCCEEDED or state == "trial":
+                done += 1
+        waiting = states.get("waiting", 0)
+        succeeded = sum(states.get(s, 0) for s in (*SUCCEEDED, "trial"))
+        failed = sum(states.get(s, 0) for s in FAILED)
+        rate = eta = None
+        if starts and now > min(starts):
+            rate = done / (now - min(starts))
+            left = joined - done
+            eta = left / rate if rate > 0 and left > 0 else (0.0 if left == 0 else None)
+        return RolloutSummary(
+            slot=self.slot,
+            version=self.version,
+            seq=self.seq,
+            shares=self.shares,
+            shares_known=self.shares_known,
+            halted=self.halted,
+            devices=len(self.devices),
+            online=online,
+            eligible=eligible,
+            joined=joined,
+            attempted=joined - waiting,
+            succeeded=succeeded,
+            failed=failed,
+            serving=serving,
+            states=dict(sorted(states.items())),
+            rate_per_s=rate,
+            eta_s=eta,
+            failures=failures,
+        )
+
+
+def render(s: RolloutSummary) -> str:
+    """The summary as a few lines of text."""
+    if s.version is None:
+        return f"{s.slot}: no rollout seen yet ({s.devices} devices known)"
+    seq = f" (seq {s.seq})" if s.seq is not None else ""
+    share = shares_text(s.shares) if s.shares_known else "share unknown (no poke seen)"
+    head = f"{s.slot} {s.version}{seq}: rollout {share}"
+    if s.halted:
+        head += f"; HALTED: {s.halted}"
+    states = ", ".join(f"{k} {v}" for k, v in s.states.items()) or "-"
+    ratio = f" ({s.failure_ratio:.1%} of attempted)" if s.attempted else ""
+    eta = "-" if s.eta_s is None else f"{s.eta_s:.0f} s"
+    rate = "-" if s.rate_per_s is None else f"{s.rate_per_s:.2f} devices/s"
+    lines = [
+        head,
+        f"devices: {s.devices} known, {s.online} online, {s.eligible} in the target groups, "
+        f"{s.joined} in the rollout, {s.attempted} attempted",
+        f"serving {s.version}: {s.serving}; succeeded {s.succeeded}; failed {s.failed}{ratio}",
+        f"states: {states}",
+        f"rate: {rate}; ETA: {eta}",
+    ]
+    lines += [f"  failed on {d}: {r}" for d, r in s.failures[:10]]
+    if len(s.failures) > 10:
+        lines.append(f"  ... and {len(s.failures) - 10} more")
+    return "\n".join(lines)
