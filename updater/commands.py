@@ -5,7 +5,7 @@
     inferctl repo init DIR [--keys ROLE=N] [--threshold ROLE=N] [--expiry ROLE=DAYS]
                        [--root-key-dir P]
     inferctl model add DIR MODEL --name SLOT --version V [--group G ...] [--golden in.npz]
-                       [--latency-budget-ms X] [--reference-stats stats.json]
+                       [--latency-budget-ms X] [--reference-stats stats.json] [--rollout PCT]
     inferctl model list DIR
     inferctl repo refresh [DIR]          re-sign the timestamp (run it from cron)
     inferctl repo serve DIR [--port 8000]
@@ -29,7 +29,9 @@ import paho.mqtt.client as mqtt
 
 from telemetry.broker import BrokerOptions, make_client
 from telemetry.errors import MqttError
+from telemetry.rollout import ALL, basis_points, shares_text
 from updater.errors import OperatorError
+from updater.model_meta import Rollout
 from updater.repository import ROLES, OperatorRepository
 from updater.serve import RepositoryServer
 
@@ -77,6 +79,13 @@ def _cmd_repo_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bp(pct: float) -> int:
+    try:
+        return basis_points(pct)
+    except ValueError as err:
+        raise OperatorError(str(err)) from None
+
+
 def _cmd_model_add(args: argparse.Namespace) -> int:
     _quiet_tuf()
     repo = OperatorRepository(args.dir)
@@ -91,10 +100,12 @@ def _cmd_model_add(args: argparse.Namespace) -> int:
         rtol=args.rtol,
         atol=args.atol,
         reference_stats=args.reference_stats,
+        rollout=None if args.rollout is None else Rollout(shares={ALL: _bp(args.rollout)}),
         force=args.force,
     )
     groups = ", ".join(meta.groups) or "all devices"
-    _out(f"published {meta.name} {meta.version} (seq {meta.seq}) for {groups}")
+    staged = "" if meta.rollout is None else f", staged at {shares_text(meta.rollout.shares)}"
+    _out(f"published {meta.name} {meta.version} (seq {meta.seq}) for {groups}{staged}")
     return 0
 
 
@@ -103,7 +114,8 @@ def _cmd_model_list(args: argparse.Namespace) -> int:
     for path, target, meta in repo.models():
         groups = ",".join(meta.groups) or "*"
         row = f"{meta.seq:>5}  {meta.name:<16} {meta.version:<12} {groups:<16}"
-        _out(f"{row} {target.length:>10}  {path}")
+        staged = "" if meta.rollout is None else f"  rollout {shares_text(meta.rollout.shares)}"
+        _out(f"{row} {target.length:>10}  {path}{staged}")
     return 0
 
 
@@ -144,7 +156,8 @@ def _cmd_rotate_key(args: argparse.Namespace) -> int:
 # -- broker -------------------------------------------------------------------------------------
 
 
-def _broker(args: argparse.Namespace) -> BrokerOptions:
+def broker_from_args(args: argparse.Namespace) -> BrokerOptions:
+    """The broker options of a command that took :func:`add_broker_args`."""
     host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
     password = None
     if args.password_file:
@@ -165,7 +178,8 @@ def _broker(args: argparse.Namespace) -> BrokerOptions:
     )
 
 
-def _connect(opts: BrokerOptions, timeout: float = 10.0) -> mqtt.Client:
+def connect(opts: BrokerOptions, timeout: float = 10.0) -> mqtt.Client:
+    """A connected client with its network loop running; MqttError when refused."""
     client = make_client(opts)
     connected = threading.Event()
     refused: list[str] = []
@@ -195,16 +209,24 @@ def poke_topic(prefix: str, group: str | None = None, device: str | None = None)
     return f"{prefix}/{device}/cmd/check-update"
 
 
-def _cmd_push(args: argparse.Namespace) -> int:
-    topic = poke_topic(args.prefix, args.group, args.device)
-    # the poke carries no authority: devices only ask the TUF repository for what is signed
-    payload = msgspec.json.encode({"ts": time.time(), "by": "inferctl push"})
-    client = _connect(_broker(args))
-    try:
-        info = client.publish(topic, payload, qos=1, retain=True)
+def poke(client: mqtt.Client, topics: list[str], payload: bytes) -> None:
+    """Leave a retained poke on each topic; MqttError unless the broker acknowledged all.
+
+    A poke carries no authority: devices only ask the TUF repository for what is signed.
+    """
+    infos = [(t, client.publish(t, payload, qos=1, retain=True)) for t in topics]
+    for topic, info in infos:
         info.wait_for_publish(10)
         if not info.is_published():
             raise MqttError(f"the broker did not acknowledge the poke on {topic}")
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    topic = poke_topic(args.prefix, args.group, args.device)
+    payload = msgspec.json.encode({"ts": time.time(), "by": "inferctl push"})
+    client = connect(broker_from_args(args))
+    try:
+        poke(client, [topic], payload)
     finally:
         client.disconnect()
         client.loop_stop()
@@ -227,7 +249,7 @@ def collect_status(opts: BrokerOptions, prefix: str, wait_s: float) -> dict[str,
             with lock:
                 found[device] = data
 
-    client = _connect(opts)
+    client = connect(opts)
     client.on_message = on_message
     try:
         client.subscribe(f"{prefix}/+/status", qos=1)
@@ -239,7 +261,7 @@ def collect_status(opts: BrokerOptions, prefix: str, wait_s: float) -> dict[str,
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    found = collect_status(_broker(args), args.prefix, args.wait)
+    found = collect_status(broker_from_args(args), args.prefix, args.wait)
     if args.json:
         _out(msgspec.json.encode(found).decode())
         return 0
@@ -260,7 +282,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 # -- assembly -----------------------------------------------------------------------------------
 
 
-def _add_broker_args(p: argparse.ArgumentParser) -> None:
+def add_broker_args(p: argparse.ArgumentParser) -> None:
+    """``--broker``, ``--prefix`` and the credential/TLS options."""
     p.add_argument("--broker", default="127.0.0.1:1883", help="HOST[:PORT] (default %(default)s)")
     p.add_argument("--prefix", default="inferd", help="topic prefix (default %(default)s)")
     p.add_argument("--username")
@@ -308,6 +331,12 @@ def register(sub: Any) -> None:
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--reference-stats", type=Path, help="input statistics JSON for drift")
     p.add_argument("--force", action="store_true", help="replace an already published version")
+    p.add_argument(
+        "--rollout",
+        type=float,
+        metavar="PERCENT",
+        help="staged: only this %% of devices install it (raise with inferctl rollout)",
+    )
     p.set_defaults(func=_cmd_model_add)
     p = model.add_parser("list", help="published model versions")
     p.add_argument("dir", type=Path)
@@ -323,11 +352,11 @@ def register(sub: Any) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--group")
     target.add_argument("--device")
-    _add_broker_args(p)
+    add_broker_args(p)
     p.set_defaults(func=_cmd_push)
 
     p = sub.add_parser("status", help="each device's model versions and update state")
-    _add_broker_args(p)
+    add_broker_args(p)
     p.add_argument("--wait", type=float, default=1.0, help="seconds to collect retained status")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)

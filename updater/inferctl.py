@@ -16,7 +16,12 @@ from telemetry.errors import InferdError
 
 # Modules that provide inferctl commands, each with ``register(subparsers) -> None``.
 # A command's parser sets ``func`` to a callable taking the parsed args and returning an exit code.
-COMMAND_MODULES: tuple[str, ...] = ("updater.lifecycle_cli", "updater.commands", "telemetry.watch")
+COMMAND_MODULES: tuple[str, ...] = (
+    "updater.lifecycle_cli",
+    "updater.commands",
+    "updater.rollout",
+    "telemetry.watch",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
