@@ -215,8 +215,9 @@ class Monitor:
             else:
                 self.online.discard(device)
         with self.lock:
-            if self.tally is not None:
-                self.tally.feed(msg.topic, payload)
+            tally = self.tally
+        if tally is not None:
+            tally.feed(msg.topic, payload)
 
     def follow(self, tally: RolloutTally | None) -> None:
         """Feed ``tally`` from now on, starting with the retained statuses (as inferctl gets)."""
@@ -384,14 +385,12 @@ def phase_staged(
     started = time.monotonic()
     for pct in args.stages:
         meta = repo.set_rollout(SLOT, FAIL_VERSION, raised(meta.rollout, pct * 100, None))
-        with mon.lock:
-            tally.shares = meta.rollout.shares if meta.rollout else None
+        tally.set_rollout(meta.rollout.shares if meta.rollout else None)
         stage_start = mon.poke("fleet", poke_payload(meta))
         deadline = stage_start + args.timeout
         while time.monotonic() < deadline:
             time.sleep(0.1)
-            with mon.lock:
-                s = tally.summary()
+            s = tally.summary()
             reason = halt_reason(s, args.halt_ratio, args.min_attempted)
             if reason is not None:
                 meta = repo.set_rollout(SLOT, FAIL_VERSION, halted(meta.rollout, reason))
@@ -410,8 +409,7 @@ def phase_staged(
     if halted_at is not None:
         downloads_at_halt = _artifact_gets(repo_log, started)
         time.sleep(args.after_halt_s)  # anyone not in the rollout who still downloads shows here
-    with mon.lock:
-        s = tally.summary()
+    s = tally.summary()
     mon.follow(None)
     downloads = _artifact_gets(repo_log, started)
     first_failure = min(

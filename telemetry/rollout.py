@@ -18,6 +18,7 @@ from the moment the tally subscribes; ``inferctl rollout --follow`` watches a wh
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -188,6 +189,7 @@ class RolloutTally:
         self._pinned = version is not None
         self._from_metadata = self.shares_known
         self.devices: dict[str, _Device] = {}
+        self._lock = threading.RLock()  # fed by a network thread, read by another
 
     def topics(self) -> list[tuple[str, int]]:
         """The subscriptions that feed the tally: (filter, qos)."""
@@ -205,6 +207,25 @@ class RolloutTally:
         halted: str | None = None,
     ) -> None:
         """Follow this version from now on (device states of another one are forgotten)."""
+        with self._lock:
+            self._retarget(version, seq, target_groups, shares, shares_known, halted)
+
+    def set_rollout(self, shares: Mapping[str, int] | None, halted: str | None = None) -> None:
+        """The version's rollout changed (the operator raised or halted it)."""
+        with self._lock:
+            self.shares = dict(shares) if shares is not None else None
+            self.shares_known = True
+            self.halted = halted
+
+    def _retarget(
+        self,
+        version: str,
+        seq: int | None,
+        target_groups: Sequence[str],
+        shares: Mapping[str, int] | None,
+        shares_known: bool,
+        halted: str | None,
+    ) -> None:
         if (version, seq) != (self.version, self.seq):
             for dev in self.devices.values():
                 dev.state = dev.reason = None
@@ -222,6 +243,10 @@ class RolloutTally:
         if not payload or not topic.startswith(self.prefix + "/"):
             return
         parts = topic[len(self.prefix) + 1 :].split("/")
+        with self._lock:
+            self._feed(parts, payload)
+
+    def _feed(self, parts: list[str], payload: bytes) -> None:
         try:
             if len(parts) == 3 and parts[0] == "groups" and parts[2] == "update":
                 self._poke(msgspec.json.decode(payload))
@@ -254,7 +279,7 @@ class RolloutTally:
             # the caller read the signed metadata; a poke only brings later changes of it
             self.shares, self.halted = shares, halted
             return
-        self.retarget(version, seq, groups, shares, halted=halted)
+        self._retarget(version, seq, groups, shares, True, halted)
 
     def _status(self, device: str, status: Status | Offline) -> None:
         dev = self.devices.setdefault(device, _Device())
@@ -279,7 +304,9 @@ class RolloutTally:
         newer = isinstance(seq, int) and (self.seq is None or seq > self.seq)
         if not self._pinned and newer and event.version != self.version:
             # a rollout no poke announced: who is meant to join is unknown
-            self.retarget(event.version, seq if isinstance(seq, int) else None, shares_known=False)
+            self._retarget(
+                event.version, seq if isinstance(seq, int) else None, (), None, False, None
+            )
         if event.version != self.version:
             return
         if self.seq is not None and isinstance(seq, int) and seq != self.seq:
@@ -324,6 +351,10 @@ class RolloutTally:
 
     def summary(self) -> RolloutSummary:
         """The counts as of now."""
+        with self._lock:
+            return self._summary()
+
+    def _summary(self) -> RolloutSummary:
         now = self.clock()
         states: Counter[str] = Counter()
         joined = eligible = serving = online = 0

@@ -3,7 +3,9 @@
 It subscribes to ``{prefix}/+/status`` (retained, so every known device shows at once) and
 ``{prefix}/+/metrics``, and shows per device: online, model versions, p50/p99, requests/s, CPU,
 temperature and update state. ``--json`` prints the fleet as one JSON document after
-``--wait`` seconds, for scripts. The table uses rich when it is installed, plain text otherwise.
+``--wait`` seconds, for scripts. ``--rollout SLOT`` shows one staged rollout instead
+(:mod:`telemetry.rollout`): devices per update state, failures, rate and ETA. The table uses
+rich when it is installed, plain text otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import paho.mqtt.client as mqtt
 from telemetry.broker import BrokerOptions, make_client
 from telemetry.errors import MqttError
 from telemetry.payloads import Metrics, StatusPayload
+from telemetry.rollout import RolloutTally, render
 
 COLUMNS = ("device", "online", "models", "p50 ms", "p99 ms", "req/s", "cpu %", "temp C", "update")
 
@@ -63,6 +66,10 @@ class Fleet:
                 entry.status = data
             else:
                 entry.metrics = data
+
+    def topics(self) -> list[tuple[str, int]]:
+        """The subscriptions that feed the table: (filter, qos)."""
+        return [(f"{self.prefix}/+/status", 1), (f"{self.prefix}/+/metrics", 0)]
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per device, sorted by name (what ``--json`` prints)."""
@@ -134,7 +141,7 @@ def render_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(c))) for c in cells)
 
 
-def connect(args: argparse.Namespace, fleet: Fleet) -> mqtt.Client:
+def connect(args: argparse.Namespace, fleet: Fleet | RolloutTally) -> mqtt.Client:
     """Connect and subscribe; MqttError with one line when the broker cannot be reached."""
     opts = BrokerOptions(
         host=args.host,
@@ -152,8 +159,8 @@ def connect(args: argparse.Namespace, fleet: Fleet) -> mqtt.Client:
 
     def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if not reason.is_failure:
-            c.subscribe(f"{args.prefix}/+/status", qos=1)
-            c.subscribe(f"{args.prefix}/+/metrics", qos=0)
+            for topic, qos in fleet.topics():
+                c.subscribe(topic, qos=qos)
 
     client.on_connect = on_connect
     client.on_message = lambda _c, _u, msg: fleet.feed(msg.topic, bytes(msg.payload))
@@ -167,6 +174,8 @@ def connect(args: argparse.Namespace, fleet: Fleet) -> mqtt.Client:
 
 def run(args: argparse.Namespace) -> int:
     """The ``watch`` command."""
+    if args.rollout:
+        return _watch_rollout(args)
     fleet = Fleet(args.prefix)
     client = connect(args, fleet)
     try:
@@ -185,6 +194,28 @@ def run(args: argparse.Namespace) -> int:
         client.disconnect()
         client.loop_stop()
     return 0
+
+
+def _watch_rollout(args: argparse.Namespace) -> int:
+    """``watch --rollout SLOT``: per-state counts, failures and ETA of the slot's rollout."""
+    tally = RolloutTally(args.prefix, args.rollout, args.version)
+    client = connect(args, tally)
+    try:
+        if args.json or args.once:
+            time.sleep(args.wait)
+            summary = tally.summary()
+            out = json.dumps(summary.to_json(), indent=2) if args.json else render(summary)
+            sys.stdout.write(out + "\n")
+            return 0
+        while True:
+            sys.stdout.write("\x1b[2J\x1b[H" + render(tally.summary()) + "\n")
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def _live(fleet: Fleet, interval: float) -> None:
@@ -229,4 +260,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--once", action="store_true", help="print the table once and exit")
     p.add_argument("--wait", type=float, default=2.0, help="seconds to listen for --json/--once")
     p.add_argument("--interval", type=float, default=1.0, help="refresh period of the live table")
+    p.add_argument(
+        "--rollout", metavar="SLOT", help="show the rollout of SLOT: states, failures, ETA"
+    )
+    p.add_argument("--version", help="with --rollout: this version (default: the newest poked)")
     p.set_defaults(func=run)

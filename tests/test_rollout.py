@@ -398,3 +398,34 @@ def test_rollout_mistakes_are_one_clear_line(staged_repo, capsys):
     assert inferctl(["rollout", "classifier", "--repo", repo_dir, "--percent", "500"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["inferctl: 500 is not a percentage between 0 and 100"]
+
+
+def test_inferctl_watch_rollout_shows_states_failures_and_eta(broker: Broker):
+    pub = _publisher(broker)
+    poke = {"model": "classifier", "version": "2", "seq": 7, "groups": ["fleet"],
+            "rollout": {ALL: 5000}, "halted": None, "by": "inferctl rollout"}  # fmt: skip
+    _send(pub, f"{PREFIX}/groups/fleet/update", json.dumps(poke).encode(), retain=True)
+    devices = [f"pi-{i:02d}" for i in range(20)]
+    for d in devices:
+        _send(pub, f"{PREFIX}/{d}/status", _status(d, "1", "idle"), retain=True)
+    joined = [d for d in devices if bucket(d, "classifier", "2") < 5000]
+    watch = _inferctl("watch", "--rollout", "classifier", "--json", "--wait", "4",
+                      "--port", str(broker.port))  # fmt: skip
+    time.sleep(2.0)  # the watcher has subscribed: events are not retained
+    for d in joined[:3]:
+        _send(pub, f"{PREFIX}/{d}/events", _update(d, "2", 7, "downloading"))
+    _send(pub, f"{PREFIX}/{joined[0]}/events", _update(joined[0], "2", 7, "failed", "no"))
+    for d in joined[1:3]:
+        _send(pub, f"{PREFIX}/{d}/events", _update(d, "2", 7, "committed"))
+        _send(pub, f"{PREFIX}/{d}/status", _status(d, "2", "committed"), retain=True)
+    out, err = watch.communicate(timeout=20)
+    assert watch.returncode == 0, err
+    s = json.loads(out)
+    assert (s["version"], s["seq"], s["shares"]) == ("2", 7, {ALL: 5000})
+    assert s["devices"] == 20 and s["joined"] == len(joined)
+    assert (s["attempted"], s["failed"], s["succeeded"], s["serving"]) == (3, 1, 2, 2)
+    assert s["states"] == {"committed": 2, "failed": 1, "waiting": len(joined) - 3}
+    assert s["eta_s"] is not None and s["rate_per_s"] > 0
+    assert s["failures"] == [{"device": joined[0], "reason": "no"}]
+    pub.disconnect()
+    pub.loop_stop()

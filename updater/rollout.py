@@ -109,17 +109,11 @@ def tally_for(meta: ModelMeta, prefix: str) -> RolloutTally:
     )
 
 
-def listen(client: mqtt.Client, tally: RolloutTally) -> threading.Lock:
-    """Feed ``tally`` from ``client``; returns the lock to hold while reading it."""
-    lock = threading.Lock()
-
-    def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        with lock:
-            tally.feed(msg.topic, bytes(msg.payload))
-
+def listen(client: mqtt.Client, tally: RolloutTally) -> None:
+    """Feed ``tally`` from ``client``, returning once the broker has the subscriptions."""
     topics = tally.topics()
     acked = threading.Semaphore(0)
-    client.on_message = on_message
+    client.on_message = lambda _c, _u, msg: tally.feed(msg.topic, bytes(msg.payload))
     client.on_subscribe = lambda *_: acked.release()
     for topic, qos in topics:
         client.subscribe(topic, qos=qos)
@@ -127,7 +121,6 @@ def listen(client: mqtt.Client, tally: RolloutTally) -> threading.Lock:
     for _ in topics:
         if not acked.acquire(timeout=10):
             raise MqttError("the broker did not acknowledge the subscriptions")
-    return lock
 
 
 def _out(line: str) -> None:
@@ -224,14 +217,13 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
 def _watch(ro: _Rollout, args: argparse.Namespace) -> tuple[RolloutSummary, bool]:
     """Tally for the window (or until settled with --follow); halt when the ratio is breached."""
     tally = tally_for(ro.meta, args.prefix)
-    lock = listen(ro.broker(), tally)
+    listen(ro.broker(), tally)
     deadline = time.monotonic() + args.window
     halted_now = False
     while True:
         left = deadline - time.monotonic()
         time.sleep(args.interval if args.follow else max(0.05, min(args.interval, left)))
-        with lock:
-            summary = tally.summary()
+        summary = tally.summary()
         if args.follow and not args.json:
             _out(_progress(summary))
         reason = (
@@ -239,10 +231,8 @@ def _watch(ro: _Rollout, args: argparse.Namespace) -> tuple[RolloutSummary, bool
         )
         if reason is not None:
             ro.sign(halted(ro.meta.rollout, reason))
-            with lock:
-                tally.halted = reason
-                tally.shares = None if ro.meta.rollout is None else ro.meta.rollout.shares
-                summary = tally.summary()
+            tally.set_rollout(ro.meta.rollout.shares if ro.meta.rollout else None, reason)
+            summary = tally.summary()
             halted_now = True
             break
         if args.follow:
