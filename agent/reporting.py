@@ -118,7 +118,7 @@ class Telemetry:
             self.collector,
             self.sampler.sample,
             self.link.spool,
-            lambda payload: self.link.publish("metrics", payload),
+            self._publish_metrics,
             other_drops=lambda: self.predictions.dropped,
         )
         self.inference = MqttInference(self.link, slots, workers=min(4, config.api.workers))
@@ -138,6 +138,16 @@ class Telemetry:
             models=[slot_status(s) for s in self.slots.values()],
         )
 
+    def _publish_metrics(self, payload: bytes) -> None:
+        """``telemetry.metrics_qos``: 1 goes through the spool (kept and replayed in order after
+        an outage); 0 is sent at once without waiting for an ack, and dropped while offline, so
+        a dashboard never gets a burst of stale metrics after an outage (the counts in the next
+        payload are totals since start: they cover the gap)."""
+        if self.config.telemetry.metrics_qos == 1:
+            self.link.publish("metrics", payload)
+        elif not self.link.send_now(self.link.topic("metrics"), payload, qos=0):
+            log.debug("metrics not sent: no broker connection (metrics_qos 0)")
+
     def _set_sampling(self, cmd: Command) -> dict[str, Any]:
         result = self.predictions.set_sampling_command(cmd.args)
         self.link.emit_event("sampling-changed", f"prediction sampling: {result}", **result)
@@ -145,7 +155,7 @@ class Telemetry:
 
     def reconfigure(self, config: Config) -> None:
         """SIGHUP: a new metrics interval and sample rate take effect now."""
-        self.metrics.interval_s = config.telemetry.metrics_interval_s
+        self.metrics.set_interval(config.telemetry.metrics_interval_s)
         self.predictions.set_sampling(config.telemetry.prediction_sample_rate)
         self.link.emit_event("config-reloaded", "configuration reloaded")
 

@@ -18,21 +18,9 @@ import msgspec
 
 from telemetry.histogram import Histogram
 from telemetry.payloads import Metrics, ModelMetrics, SpoolMetrics, SystemMetrics
+from telemetry.prediction import Prediction
 
 log = logging.getLogger(__name__)
-
-
-class Served(Protocol):
-    """What the collector reads from a prediction (the agent's ``slots.Prediction`` fits)."""
-
-    @property
-    def model(self) -> str: ...
-    @property
-    def version(self) -> str: ...
-    @property
-    def latency_ns(self) -> int: ...
-    @property
-    def error(self) -> str | None: ...
 
 
 class SpoolState(Protocol):
@@ -63,7 +51,7 @@ class MetricsCollector:
         self._models: dict[str, _ModelStats] = {}
         self._lock = threading.Lock()
 
-    def listener(self, p: Served) -> None:
+    def listener(self, p: Prediction) -> None:
         """Slot listener: record one request (a few hundred ns)."""
         stats = self._models.get(p.model)
         if stats is None:
@@ -130,7 +118,14 @@ class MetricsPublisher:
         self._last = time.monotonic()
         self._dropped_reported = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def set_interval(self, interval_s: float) -> None:
+        """Publish every ``interval_s`` from now on (SIGHUP): the thread re-plans its wait, so
+        the next payload is due ``interval_s`` after the previous one, not after the old wait."""
+        self.interval_s = interval_s
+        self._wake.set()
 
     def build(self) -> Metrics:
         """The payload for the interval since the previous call."""
@@ -163,13 +158,21 @@ class MetricsPublisher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:
+            self._wake.wait(max(0.0, self._last + self.interval_s - time.monotonic()))
+            self._wake.clear()  # stop() sets _stop first, so a stop this clears is seen below
+            if self._stop.is_set():
+                return
+            if time.monotonic() < self._last + self.interval_s:
+                continue  # woken by set_interval before the new interval is up
             try:
                 self.publish_once()
             except Exception:  # one bad sample must not end metrics for good
                 log.exception("metrics: cannot publish")
+                self._last = time.monotonic()

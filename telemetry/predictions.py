@@ -1,11 +1,14 @@
 """The prediction log: sampled records of served requests, batched onto ``predictions``.
 
-The slot listener only decides sampling and queues the prediction (well under a microsecond);
-the ``inferd-predictions`` thread turns queued predictions into
-:class:`~telemetry.payloads.PredictionRecord` (output summary, input digest, optional full
-tensors) and publishes one :class:`~telemetry.payloads.PredictionBatch` per ``batch_size``
-records or ``batch_ms`` milliseconds, whichever comes first. A record that cannot be queued
-because the thread is behind is dropped and counted, as are batches the spool drops.
+The slot listener only decides sampling and appends a reference to the prediction to a deque
+(a fraction of a microsecond). The ``inferd-predictions`` thread takes up to ``batch_size``
+queued predictions at a time and builds their :class:`~telemetry.payloads.PredictionRecord`
+together: outputs of the same name, dtype and shape are stacked and summarised with one numpy
+call per batch (top-k of classifier rows, else min/max/mean), input digests reuse one hash
+prefix per input signature, and the :class:`~telemetry.payloads.PredictionBatch` is encoded
+once. A batch goes out per ``batch_size`` records or ``batch_ms`` milliseconds, whichever comes
+first. A record that cannot be queued because the thread is behind is dropped and counted, as
+are batches the spool drops.
 """
 
 from __future__ import annotations
@@ -18,12 +21,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 import numpy as np
 
-from telemetry.metrics import Served
 from telemetry.payloads import (
     ClassScore,
     OutputSummary,
@@ -32,88 +34,191 @@ from telemetry.payloads import (
     SetSampling,
     TensorDump,
 )
-from telemetry.quality_monitor import PredictionLike
+from telemetry.prediction import Prediction
 
 log = logging.getLogger(__name__)
 
 TOP_K = 3
 TOP_K_ROWS = 8
 """Rows of a batched classifier output that get a top-k summary."""
-_SMALL = 256
-"""Outputs up to this many values are summarised in Python: faster than numpy's per-call cost."""
+STACK_MAX_VALUES = 4096
+"""Outputs up to this many values are stacked across a batch; bigger ones are summarised one
+by one (stacking a batch of images or masks would copy hundreds of megabytes)."""
+_SORT_MAX_CLASSES = 64
+"""Up to this many classes a stable sort is cheapest; above, a partition first."""
 
 Publish = Callable[[bytes, int], object]
 """``publish(payload, records)``: queue a batch of ``records`` prediction records."""
 
+_encode = msgspec.json.Encoder().encode
+_UTC = timezone.utc
 
-class Logged(PredictionLike, Served, Protocol):
-    """What the log reads from a prediction (the agent's ``slots.Prediction`` fits)."""
+
+# --- input digests ------------------------------------------------------------------------------
+
+
+def _chunks(arrays: list[np.ndarray]) -> list[Any]:
+    """The bytes of each array as the digest reads them (C order)."""
+    first = arrays[0]
+    if first.dtype == object:
+        return [repr(a.tolist()).encode() for a in arrays]
+    if len(arrays) > 1 and first.size <= STACK_MAX_VALUES:
+        blob = np.asarray(arrays).tobytes()  # one copy for the batch instead of one per array
+        step = first.nbytes
+        return (
+            [blob[o : o + step] for o in range(0, len(blob), step)] if step else [b""] * len(arrays)
+        )
+    return [(a if a.flags.c_contiguous else np.ascontiguousarray(a)).data for a in arrays]
+
+
+def input_digests(feeds: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
+    """:func:`input_digest` of many requests: inputs of one signature are hashed as a group."""
+    out: list[str] = [""] * len(feeds)
+    groups: dict[tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...], list[int]] = {}
+    for i, f in enumerate(feeds):
+        items = f.items() if len(f) == 1 else sorted(f.items())
+        key = tuple([(name, arr.dtype, arr.shape) for name, arr in items])
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [i]
+        else:
+            group.append(i)
+    for key, members in groups.items():
+        heads = [f"{name}\0{dtype.str}\0{shape}".encode() for name, dtype, shape in key]
+        base = hashlib.blake2b(heads[0] if heads else b"", digest_size=8)
+        chunks = [_chunks([feeds[i][name] for i in members]) for name, _, _ in key]
+        if len(chunks) == 1:
+            for i, chunk in zip(members, chunks[0], strict=True):
+                h = base.copy()
+                h.update(chunk)
+                out[i] = h.hexdigest()
+            continue
+        for m, i in enumerate(members):
+            h = base.copy()
+            for j, per_input in enumerate(chunks):
+                if j:
+                    h.update(heads[j])
+                h.update(per_input[m])
+            out[i] = h.hexdigest()
+    return out
 
 
 def input_digest(feeds: Mapping[str, np.ndarray]) -> str:
     """blake2b-64 over each input's name, dtype, shape and bytes, in name order."""
-    h = hashlib.blake2b(digest_size=8)
-    for name in sorted(feeds) if len(feeds) > 1 else feeds:
-        arr = feeds[name]
-        if not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr)
-        h.update(f"{name}\0{arr.dtype.str}\0{arr.shape}".encode())
-        h.update(arr.data if arr.dtype != object else repr(arr.tolist()).encode())
-    return h.hexdigest()
+    return input_digests([feeds])[0]
 
 
-def _classifier_rows(arr: np.ndarray, labels: Sequence[str]) -> list[list[float]] | None:
-    """The first rows of a classifier output as lists, or None when it is not one.
+# --- output summaries ---------------------------------------------------------------------------
 
-    A classifier output is float ``[N, C]`` (or ``[C]``) with ``C`` labels configured, or, without
-    labels, rows that look like probabilities (softmax output).
-    """
-    if arr.dtype.kind != "f" or arr.ndim not in (1, 2) or arr.shape[-1] < 2:
-        return None
-    rows = arr.reshape(-1, arr.shape[-1])[:TOP_K_ROWS]
-    if labels and arr.shape[-1] == len(labels):
-        return list(rows.tolist())
-    if rows.size > _SMALL:
-        if rows.min() < 0 or rows.max() > 1 or np.abs(rows.sum(axis=1) - 1).max() > 1e-3:
-            return None
-        return list(rows.tolist())
-    values: list[list[float]] = rows.tolist()
-    for row in values:
-        if min(row) < 0 or max(row) > 1 or abs(sum(row) - 1) > 1e-3:
-            return None
-    return values
+
+def _top_k(rows: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest values along the last axis, largest first, ties to the
+    lower index (as a stable sort gives them)."""
+    if rows.shape[-1] <= _SORT_MAX_CLASSES:
+        return np.argsort(-rows, axis=-1, kind="stable")[..., :k]
+    part = np.argpartition(-rows, k - 1, axis=-1)[..., :k]
+    vals = np.take_along_axis(rows, part, -1)
+    order = np.lexsort((part, -vals), axis=-1)
+    top = np.take_along_axis(part, order, -1)
+    # The partition picks any of several equal values at the k-th place: where the row holds
+    # more values >= the k-th than k, sort that row for the lowest indices.
+    kth = np.take_along_axis(rows, top[..., -1:], -1)
+    tied = (rows >= kth).sum(axis=-1) > k
+    if tied.any():
+        top[tied] = np.argsort(-rows[tied], axis=-1, kind="stable")[..., :k]
+    return top
+
+
+def _summaries_of_stack(
+    stack: np.ndarray, shape: list[int], labels: Sequence[str]
+) -> list[OutputSummary]:
+    """Summaries of ``stack[i]`` for every i: same-shape outputs of many requests."""
+    n = stack.shape[0]
+    if stack.dtype.kind not in "biuf" or stack.size == 0:
+        return [OutputSummary(shape=shape) for _ in range(n)]
+    out: list[OutputSummary | None] = [None] * n
+    is_clf = np.zeros(n, dtype=bool)
+    width = shape[-1] if shape else 0
+    if stack.dtype.kind == "f" and len(shape) in (1, 2) and width >= 2:
+        rows = stack.reshape(n, -1, width)[:, :TOP_K_ROWS]
+        if labels and width == len(labels):
+            is_clf[:] = True
+        else:  # without labels, rows that look like probabilities (a softmax output)
+            sums = rows.sum(axis=2, dtype=np.float64)
+            is_clf = (
+                (rows.min(axis=(1, 2)) >= 0)
+                & (rows.max(axis=(1, 2)) <= 1)
+                & (np.abs(sums - 1).max(axis=1) <= 1e-3)
+            )
+        picked = np.flatnonzero(is_clf)
+        if picked.size:
+            # Flat lists and slices: a nested tolist() would allocate a list per row and item,
+            # and allocations are what makes the garbage collector run.
+            clf_rows = rows[picked]
+            k = min(TOP_K, width)
+            top = _top_k(clf_rows, k)
+            per_item = top.shape[1]
+            names: list[str | None] = [*labels[:width], *[None] * (width - len(labels))]
+            scores = [
+                ClassScore(index=c, score=v, label=names[c])
+                for c, v in zip(
+                    top.reshape(-1).tolist(),
+                    np.take_along_axis(clf_rows, top, -1).reshape(-1).tolist(),
+                    strict=True,
+                )
+            ]
+            top_rows = [scores[o : o + k] for o in range(0, len(scores), k)]
+            for j, i in enumerate(picked.tolist()):
+                out[i] = OutputSummary(
+                    shape=shape, top_k=top_rows[j * per_item : (j + 1) * per_item]
+                )
+    rest = np.flatnonzero(~is_clf)
+    if rest.size:
+        flat = stack.reshape(n, -1) if rest.size == n else stack.reshape(n, -1)[rest]
+        mins = flat.min(axis=1).astype(np.float64).tolist()
+        maxs = flat.max(axis=1).astype(np.float64).tolist()
+        means = flat.mean(axis=1, dtype=np.float64).tolist()
+        for i, lo, hi, mean in zip(rest.tolist(), mins, maxs, means, strict=True):
+            out[i] = OutputSummary(shape=shape, min=lo, max=hi, mean=mean)
+    return out  # type: ignore[return-value]  # every index was filled above
+
+
+def _summaries_of_group(
+    arrays: list[np.ndarray], shape: list[int], labels: Sequence[str]
+) -> list[OutputSummary]:
+    """Summaries of outputs that share one dtype and ``shape``."""
+    if len(arrays) > 1 and arrays[0].size <= STACK_MAX_VALUES:
+        return _summaries_of_stack(np.asarray(arrays), shape, labels)
+    return [_summaries_of_stack(a[np.newaxis], shape, labels)[0] for a in arrays]
+
+
+def output_summaries(
+    arrays: Sequence[np.ndarray], labels: Sequence[str] = ()
+) -> list[OutputSummary]:
+    """:func:`summarize` of many outputs, vectorised over those of the same dtype and shape."""
+    out: list[OutputSummary | None] = [None] * len(arrays)
+    groups: dict[tuple[np.dtype[Any], tuple[int, ...]], tuple[list[int], list[np.ndarray]]] = {}
+    for i, arr in enumerate(arrays):
+        group = groups.get((arr.dtype, arr.shape))
+        if group is None:
+            groups[(arr.dtype, arr.shape)] = ([i], [arr])
+        else:
+            group[0].append(i)
+            group[1].append(arr)
+    for (_, shape), (members, same) in groups.items():
+        for i, summary in zip(members, _summaries_of_group(same, list(shape), labels), strict=True):
+            out[i] = summary
+    return out  # type: ignore[return-value]  # every index was filled above
 
 
 def summarize(arr: np.ndarray, labels: Sequence[str] = ()) -> OutputSummary:
-    """Top-k classes for a classifier output, else min/max/mean (nothing for non-numbers)."""
-    shape = list(arr.shape)
-    rows = _classifier_rows(arr, labels)
-    if rows is not None:
-        width = arr.shape[-1]
-        k = min(TOP_K, width)
-        top: list[list[ClassScore]] = []
-        for row in rows:
-            best = sorted(range(width), key=row.__getitem__, reverse=True)[:k]
-            top.append(
-                [
-                    ClassScore(index=i, score=row[i], label=labels[i] if i < len(labels) else None)
-                    for i in best
-                ]
-            )
-        return OutputSummary(shape=shape, top_k=top)
-    if arr.dtype.kind not in "biuf" or arr.size == 0:
-        return OutputSummary(shape=shape)
-    if arr.size <= _SMALL:
-        values = arr.ravel().tolist()
-        return OutputSummary(
-            shape=shape,
-            min=float(min(values)),
-            max=float(max(values)),
-            mean=float(sum(values)) / len(values),
-        )
-    return OutputSummary(
-        shape=shape, min=float(arr.min()), max=float(arr.max()), mean=float(arr.mean())
-    )
+    """Top-k classes for a classifier output, else min/max/mean (nothing for non-numbers).
+
+    A classifier output is float ``[N, C]`` (or ``[C]``) with ``C`` labels configured, or,
+    without labels, rows that look like probabilities (softmax output); its first
+    :data:`TOP_K_ROWS` rows get the top :data:`TOP_K` classes each.
+    """
+    return output_summaries([np.asarray(arr)], labels)[0]
 
 
 def dump(arr: np.ndarray) -> TensorDump:
@@ -147,8 +252,9 @@ class PredictionLogger:
         self.rates: dict[str, float] = {}
         """Per-model sample rates set by ``set-sampling``; others use ``default_rate``."""
         self.dropped = 0
-        """Records dropped because the queue was full (the thread fell behind)."""
-        self._queue: deque[Logged] = deque()
+        """Records dropped because the queue was full (the thread fell behind) or because they
+        could not be built or queued in the spool."""
+        self._queue: deque[Prediction] = deque()
         self._wake = threading.Event()
         self._full = threading.Event()
         self._stop = threading.Event()
@@ -156,7 +262,7 @@ class PredictionLogger:
 
     # --- request path -------------------------------------------------------------------------
 
-    def listener(self, p: Logged) -> None:
+    def listener(self, p: Prediction) -> None:
         """Slot listener: sample and queue; the work happens on the logger's thread."""
         rate = self.rates.get(p.model, self.default_rate)
         if rate < 1.0 and (rate <= 0.0 or random.random() >= rate):
@@ -210,57 +316,101 @@ class PredictionLogger:
     # --- the logger thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
+        stop = self._stop
+        while not stop.is_set():
             self._wake.wait()
-            if self._stop.is_set():
-                self._flush()
-                return
+            # Cleared before the flush: a record queued after it sets the flag again. stop()
+            # sets _stop before _wake, so the loop condition sees a stop that this clears.
+            self._wake.clear()
             deadline = time.monotonic() + self.batch_s
-            while len(self._queue) < self.batch_size and not self._stop.is_set():
+            while len(self._queue) < self.batch_size and not stop.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._full.wait(left)
                 self._full.clear()
-            self._wake.clear()
             self._flush()
             if self._queue:
                 self._wake.set()
+        self._flush()
 
     def _flush(self) -> None:
         q = self._queue
         while q:
-            batch = []
-            for _ in range(min(self.batch_size, len(q))):
-                try:
-                    batch.append(self.record(q.popleft()))
-                except IndexError:
-                    break
-                except Exception:
-                    log.exception("predictions: cannot build a record")
-            if batch:
-                self.publish_records(batch)
+            # Only this thread takes from the queue, so len(q) items are there to pop.
+            batch = [q.popleft() for _ in range(min(self.batch_size, len(q)))]
+            try:
+                records = self.records(batch)
+            except Exception:
+                log.exception("predictions: cannot build a batch; building its records one by one")
+                records = self._records_one_by_one(batch)
+            if not records:
+                continue
+            try:
+                self.publish_records(records)
+            except Exception:  # e.g. the spool's disk failed: count, keep the thread alive
+                log.exception("predictions: cannot queue %d records", len(records))
+                self.dropped += len(records)
+
+    def _records_one_by_one(self, batch: list[Prediction]) -> list[PredictionRecord]:
+        records = []
+        for p in batch:
+            try:
+                records.append(self.records([p])[0])
+            except Exception:
+                log.exception("predictions: cannot build the record of %s", p.request_id)
+                self.dropped += 1
+        return records
 
     def publish_records(self, records: list[PredictionRecord]) -> None:
         """Encode and queue one batch."""
-        payload = msgspec.json.encode(PredictionBatch(device=self.device, records=records))
-        self.publish(payload, len(records))
+        self.publish(_encode(PredictionBatch(device=self.device, records=records)), len(records))
 
-    def record(self, p: Logged) -> PredictionRecord:
+    def records(self, batch: Sequence[Prediction]) -> list[PredictionRecord]:
+        """The log records of ``batch``, in order; see the module docstring."""
+        digests = input_digests([p.feeds for p in batch])
+        outputs: list[dict[str, OutputSummary]] = [{} for _ in batch]
+        groups: dict[tuple[str, str, np.dtype[Any], tuple[int, ...]], tuple[list[int], list[Any]]]
+        groups = {}
+        for i, p in enumerate(batch):
+            if p.outputs:
+                for name, arr in p.outputs.items():
+                    key = (p.model, name, arr.dtype, arr.shape)
+                    group = groups.get(key)
+                    if group is None:
+                        groups[key] = ([i], [arr])
+                    else:
+                        group[0].append(i)
+                        group[1].append(arr)
+        for (model, name, _, shape), (members, arrays) in groups.items():
+            labels = self.labels.get(model, ())
+            for i, summary in zip(
+                members, _summaries_of_group(arrays, list(shape), labels), strict=True
+            ):
+                outputs[i][name] = summary
+        fromts = datetime.fromtimestamp
+        records = [
+            PredictionRecord(
+                ts=fromts(p.ts, _UTC),
+                model=p.model,
+                version=p.version,
+                request_id=p.request_id,
+                latency_ms=p.latency_ns / 1e6,
+                input_digest=digest,
+                outputs=summary,
+                error=p.error,
+            )
+            for p, digest, summary in zip(batch, digests, outputs, strict=True)
+        ]
+        if self.log_tensors:
+            for p, rec in zip(batch, records, strict=True):
+                if p.model in self.log_tensors:
+                    rec.inputs_tensors = {n: dump(np.asarray(a)) for n, a in p.feeds.items()}
+                    rec.outputs_tensors = {
+                        n: dump(np.asarray(a)) for n, a in (p.outputs or {}).items()
+                    }
+        return records
+
+    def record(self, p: Prediction) -> PredictionRecord:
         """The log record of one prediction."""
-        labels = self.labels.get(p.model, ())
-        outputs = p.outputs or {}
-        rec = PredictionRecord(
-            ts=datetime.fromtimestamp(p.ts, timezone.utc),
-            model=p.model,
-            version=p.version,
-            request_id=p.request_id,
-            latency_ms=p.latency_ns / 1e6,
-            input_digest=input_digest(p.feeds),
-            outputs={name: summarize(np.asarray(arr), labels) for name, arr in outputs.items()},
-            error=p.error,
-        )
-        if p.model in self.log_tensors:
-            rec.inputs_tensors = {n: dump(np.asarray(a)) for n, a in p.feeds.items()}
-            rec.outputs_tensors = {n: dump(np.asarray(a)) for n, a in outputs.items()}
-        return rec
+        return self.records([p])[0]

@@ -35,6 +35,7 @@ from telemetry.feedback import (
     parse_feedback,
     to_label,
 )
+from telemetry.prediction import Prediction
 from telemetry.quality import (
     ClassificationQuality,
     DriftQuality,
@@ -56,25 +57,6 @@ BATCH_PAUSE_S = 0.05
 """How long the worker lets predictions gather after a partial batch."""
 MAX_ROW_VALUES = 4096
 """Predictions whose output row is bigger than this (masks, embeddings) are not held for labels."""
-
-
-class PredictionLike(Protocol):
-    """What the monitor reads from a prediction (the agent's ``slots.Prediction`` fits)."""
-
-    @property
-    def model(self) -> str: ...
-    @property
-    def version(self) -> str: ...
-    @property
-    def request_id(self) -> str: ...
-    @property
-    def ts(self) -> float: ...
-    @property
-    def feeds(self) -> Mapping[str, np.ndarray]: ...
-    @property
-    def outputs(self) -> Mapping[str, np.ndarray] | None: ...
-    @property
-    def error(self) -> str | None: ...
 
 
 class QualitySettings(Protocol):
@@ -163,7 +145,7 @@ def _samples(held: _Held, label: Label) -> tuple[Task, list[Sample]]:
     return task, samples
 
 
-def _observe_drift(tracker: DriftTracker, group: list[PredictionLike]) -> DriftQuality | None:
+def _observe_drift(tracker: DriftTracker, group: list[Prediction]) -> DriftQuality | None:
     """Feed a group of predictions to the tracker, concatenated along the batch axis."""
     tensors: dict[str, list[np.ndarray]] = {}
     for p in group:
@@ -221,7 +203,7 @@ class QualityMonitor:
         self._labels = dict(labels or {})
         self._clock = clock
         self._monotonic = monotonic
-        self._queue: queue.Queue[PredictionLike | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[Prediction | None] = queue.Queue(queue_size)
         self._lock = threading.Lock()
         self._models: dict[str, _ModelState] = {}
         self._references: dict[tuple[str, str], ReferenceStats | None] = {}
@@ -230,7 +212,7 @@ class QualityMonitor:
 
     # -- inputs --------------------------------------------------------------------------
 
-    def listener(self, prediction: PredictionLike) -> None:
+    def listener(self, prediction: Prediction) -> None:
         """Slot listener: queue the prediction for the worker; never blocks the request."""
         if prediction.error is not None or prediction.outputs is None:
             return
@@ -314,8 +296,8 @@ class QualityMonitor:
                 deadline = self._monotonic() + interval
         self._publish_all()
 
-    def _take(self, limit: int) -> list[PredictionLike]:
-        items: list[PredictionLike] = []
+    def _take(self, limit: int) -> list[Prediction]:
+        items: list[Prediction] = []
         while len(items) < limit:
             try:
                 item = self._queue.get_nowait()
@@ -330,8 +312,8 @@ class QualityMonitor:
         while batch := self._take(MAX_BATCH):
             self._process(batch)
 
-    def _process(self, predictions: list[PredictionLike]) -> None:
-        groups: dict[tuple[str, str], list[PredictionLike]] = {}
+    def _process(self, predictions: list[Prediction]) -> None:
+        groups: dict[tuple[str, str], list[Prediction]] = {}
         for p in predictions:
             groups.setdefault((p.model, p.version), []).append(p)
         for (model, version), group in groups.items():
@@ -340,7 +322,7 @@ class QualityMonitor:
             except Exception:
                 log.exception("quality: cannot process predictions of %s", model)
 
-    def _observe(self, model: str, version: str, group: list[PredictionLike]) -> None:
+    def _observe(self, model: str, version: str, group: list[Prediction]) -> None:
         with self._lock:
             state = self._state(model)
             state.versions.pop(version, None)
