@@ -1,7 +1,8 @@
 """Telemetry of a real ``inferd run`` process against a private mosquitto.
 
 Broker and agent outages, the last will on SIGKILL, refused credentials and bad TLS files,
-MQTT request/response inference and the ``set-sampling`` command.
+MQTT request/response inference, the ``set-sampling`` command and what ``metrics_qos`` means
+through an outage (the telemetry component in this process).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.config import parse_config
+from agent.reporting import Telemetry
 from tests.fixtures.broker import Broker, Capture, Cutter
 from tests.fixtures.daemon import DaemonProc, start_daemon
 
@@ -296,3 +300,51 @@ def test_set_sampling_command_stops_and_restarts_the_prediction_log(live_agent: 
     request(cap, f"inferd/{DEVICE}/cmd/set-sampling", b'{"rate": 7}', b"s3")
     assert cap.wait(lambda: bool(replies(cap, b"s3")), 10)
     assert "rate" in json.loads(replies(cap, b"s3")[0].payload)["error"]
+
+
+def _built_at(m: Any) -> float:
+    ts = json.loads(m.payload)["ts"].replace("Z", "+00:00")
+    return datetime.fromisoformat(ts).timestamp()
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_metrics_qos_decides_whether_metrics_from_an_outage_arrive(
+    qos: int,
+    tmp_path: Path,
+    broker: Broker,
+    capture_factory: Callable[..., Capture],
+    cutter_factory: Callable[..., Cutter],
+) -> None:
+    """QoS 1 metrics are spooled and replayed after an outage; QoS 0 ones are sent unspooled
+    and those built while the broker was away never arrive (no stale burst on reconnect)."""
+    cap = capture_factory(broker, "inferd/qos-dev/metrics")
+    gate = cutter_factory(broker)
+    config = parse_config(
+        {
+            "device_id": "qos-dev",
+            "state_dir": str(tmp_path / "state"),
+            "mqtt": {"host": gate.host, "port": gate.port, "reconnect_min_s": 0.05,
+                     "reconnect_max_s": 0.2},
+            "telemetry": {"metrics_interval_s": 0.05, "metrics_qos": qos},
+        },
+        environ={},
+    )  # fmt: skip
+    telemetry = Telemetry(config, {})
+    telemetry.start()
+    try:
+        assert cap.wait(lambda: len(cap.on("/metrics")) >= 3, 10)
+        assert {m.qos for m in cap.on("/metrics")} == {qos}
+        gate.cut()
+        down = time.time()
+        time.sleep(0.6)  # about 12 intervals without a broker
+        back = time.time()
+        gate.restore()
+        assert cap.wait(lambda: any(_built_at(m) > back for m in cap.on("/metrics")), 10)
+        assert telemetry.link.flush(10)
+    finally:
+        telemetry.stop()
+    during = [m for m in cap.on("/metrics") if down + 0.1 < _built_at(m) < back]
+    if qos == 1:
+        assert len(during) >= 5
+    else:
+        assert during == []
