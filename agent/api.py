@@ -30,6 +30,7 @@ from agent.errors import (
     NotReadyError,
 )
 from agent.slots import ModelSlot
+from telemetry.prometheus import CONTENT_TYPE, Family, render
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class ApiServer:
                     HTTPStatus.OK, {"name": "inferd", "version": __version__, "extensions": []}
                 )
             if path == "/metrics":
-                return HTTPStatus.OK, self.prometheus().encode(), "text/plain; version=0.0.4"
+                return HTTPStatus.OK, self.prometheus().encode(), CONTENT_TYPE
         m = _MODEL_PATH.match(path)
         if m is None:
             raise _HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {method} {path}")
@@ -192,47 +193,28 @@ class ApiServer:
 
     def prometheus(self) -> str:
         """Prometheus text exposition of per-model counters and the API's own."""
-        families: list[tuple[str, str, str, list[str]]] = [
-            ("inferd_model_ready", "gauge", "Whether the model slot serves.", []),
-            ("inferd_inference_requests_total", "counter", "Model runs.", []),
-            ("inferd_inference_errors_total", "counter", "Failed model runs.", []),
-            ("inferd_inference_seconds_sum", "counter", "Time spent in model runs.", []),
-        ]
+        ready = Family("inferd_model_ready", "gauge", "Whether the model slot serves.")
+        runs = Family("inferd_inference_requests_total", "counter", "Model runs.")
+        errors = Family("inferd_inference_errors_total", "counter", "Failed model runs.")
+        seconds = Family("inferd_inference_seconds_sum", "counter", "Time spent in model runs.")
         for slot in self.slots.values():
-            name = _label(slot.name)
             if not slot.ready:
-                families[0][3].append(f'{{model="{name}"}} 0')
+                ready.add(0, model=slot.name)
                 continue
             model = slot.current
             st = model.backend.stats
-            labels = f'{{model="{name}",version="{_label(model.version)}"}}'
-            for (_, _, _, samples), value in zip(
-                families, (1, st.runs, st.errors, f"{st.total_ns / 1e9:.9f}"), strict=True
-            ):
-                samples.append(f"{labels} {value}")
-        families.append(
-            ("inferd_http_requests_total", "counter", "HTTP requests.", [f" {self.requests}"])
-        )
-        families.append(
-            (
-                "inferd_http_bad_requests_total",
-                "counter",
-                "HTTP 4xx replies.",
-                [f" {self.bad_requests}"],
-            )
-        )
-        lines = []
-        for metric, kind, text, samples in families:
-            lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}"]
-            lines += [metric + sample for sample in samples]
-        out = "\n".join(lines) + "\n"
+            ready.add(1, model=slot.name, version=model.version)
+            runs.add(st.runs, model=slot.name, version=model.version)
+            errors.add(st.errors, model=slot.name, version=model.version)
+            seconds.add(f"{st.total_ns / 1e9:.9f}", model=slot.name, version=model.version)
+        http = Family("inferd_http_requests_total", "counter", "HTTP requests.")
+        http.add(self.requests)
+        bad = Family("inferd_http_bad_requests_total", "counter", "HTTP 4xx replies.")
+        bad.add(self.bad_requests)
+        out = render([ready, runs, errors, seconds, http, bad])
         for extra in self.metrics_text:
             out += extra()
         return out
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 _ERROR_STATUS: tuple[tuple[type[Exception], HTTPStatus], ...] = (

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from agent.api import _label
 from agent.config import Config
 from agent.errors import InputError, ModelNotFoundError, NotReadyError
 from agent.slots import ModelSlot
 from telemetry.drift import ReferenceStats, load_reference
 from telemetry.feedback import FeedbackError, FeedbackLog, parse_command, parse_feedback
+from telemetry.prometheus import Family, render
 from telemetry.quality import QualityPayload
 from telemetry.quality_monitor import EmitEvent, QualityMonitor
 
@@ -151,13 +151,17 @@ _GAUGES = (
 
 def prometheus_text(payloads: Sequence[QualityPayload]) -> str:
     """Quality gauges and label counters in the Prometheus text format, for ``/metrics``."""
-    samples: dict[str, list[str]] = {name: [] for name, _ in _GAUGES}
-    labels_total: list[str] = []
+    gauges = {name: Family(f"inferd_quality_{name}", "gauge", text) for name, text in _GAUGES}
+    labels_total = Family(
+        "inferd_feedback_labels_total",
+        "counter",
+        "Fed-back labels by how they joined predictions.",
+    )
     seen_models: set[str] = set()
     for p in payloads:
-        labels = f'model="{_label(p.model)}",version="{_label(p.version)}"'
+        tags = {"model": p.model, "version": p.version}
         if p.task is not None:
-            labels += f',task="{p.task}"'
+            tags["task"] = p.task
         c, r = p.classification, p.regression
         values = {
             "accuracy": c.accuracy if c else None,
@@ -170,28 +174,12 @@ def prometheus_text(payloads: Sequence[QualityPayload]) -> str:
         }
         for name, value in values.items():
             if value is not None:
-                samples[name].append(f"inferd_quality_{name}{{{labels}}} {value}")
+                gauges[name].add(value, **tags)
         if p.feedback is not None and p.model not in seen_models:
             seen_models.add(p.model)
-            f = p.feedback
-            model = _label(p.model)
             for outcome in ("matched", "late", "unknown", "duplicate", "invalid"):
-                labels_total.append(
-                    f'inferd_feedback_labels_total{{model="{model}",outcome="{outcome}"}}'
-                    f" {getattr(f, outcome)}"
-                )
-    lines = []
-    for name, text in _GAUGES:
-        if samples[name]:
-            metric = f"inferd_quality_{name}"
-            lines += [f"# HELP {metric} {text}", f"# TYPE {metric} gauge", *samples[name]]
-    if labels_total:
-        lines += [
-            "# HELP inferd_feedback_labels_total Fed-back labels by how they joined predictions.",
-            "# TYPE inferd_feedback_labels_total counter",
-            *labels_total,
-        ]
-    return "\n".join(lines) + "\n" if lines else ""
+                labels_total.add(getattr(p.feedback, outcome), model=p.model, outcome=outcome)
+    return render([*gauges.values(), labels_total])
 
 
 def attach(daemon: Daemon) -> QualityService:

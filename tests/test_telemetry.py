@@ -421,3 +421,16 @@ def test_a_new_metrics_interval_takes_effect_at_once() -> None:
         start = time.monotonic()
         pub.stop()
         assert time.monotonic() - start < 1
+
+
+def test_prometheus_text_escapes_label_values_and_skips_empty_families() -> None:
+    from telemetry.prometheus import Family, render
+
+    runs = Family("x_total", "counter", "Runs.")
+    runs.add(3, model='a"b\\c\nd', version="1")
+    text = render([runs, Family("unused", "gauge", "Never set.")])
+    assert text == (
+        "# HELP x_total Runs.\n# TYPE x_total counter\n"
+        'x_total{model="a\\"b\\\\c\\nd",version="1"} 3\n'
+    )
+    assert render([Family("unused", "gauge", "Never set.")]) == ""
