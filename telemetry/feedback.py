@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
@@ -186,6 +186,18 @@ class JoinCounts:
     evicted_predictions: int = 0
 
 
+def _pop_older(
+    entries: OrderedDict[Hashable, tuple[float, Any]], horizon: float
+) -> Iterator[Hashable]:
+    """Remove the entries stamped before ``horizon`` (oldest first) and yield their keys."""
+    while entries:
+        key, (t, _) = next(iter(entries.items()))
+        if t >= horizon:
+            return
+        entries.popitem(last=False)
+        yield key
+
+
 class JoinWindow(Generic[P, L]):
     """Pairs predictions and labels by request id within ``max_age_s`` and ``max_pending``.
 
@@ -225,18 +237,10 @@ class JoinWindow(Generic[P, L]):
     def expire(self) -> None:
         """Drop predictions and early labels older than the window."""
         horizon = self.clock() - self.max_age_s
-        while self._predictions:
-            key, (t, _) = next(iter(self._predictions.items()))
-            if t >= horizon:
-                break
-            self._predictions.popitem(last=False)
+        for key in _pop_older(self._predictions, horizon):
             self.counts.expired_predictions += 1
             self._forget(key, matched=False)
-        while self._labels:
-            key, (t, _) = next(iter(self._labels.items()))
-            if t >= horizon:
-                break
-            self._labels.popitem(last=False)
+        for _ in _pop_older(self._labels, horizon):
             self.counts.unknown += 1
 
     def add_prediction(self, key: Hashable, prediction: P) -> tuple[P, L] | None:
