@@ -13,6 +13,7 @@ The updater never imports the agent: it drives a slot through :class:`SlotPort`.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -261,8 +262,13 @@ class DeviceUpdater:
 
     # -- the loop ---------------------------------------------------------------------------
 
+    def _poll_delay(self) -> float:
+        # +-10 % jitter: a fleet that booted together (after a power cut) must not keep
+        # polling the repository in lockstep
+        return self.settings.poll_interval_s * random.uniform(0.9, 1.1)
+
     def _loop(self) -> None:
-        next_poll = time.monotonic() + self.settings.poll_interval_s
+        next_poll = time.monotonic() + self._poll_delay()
         while not self._stop.is_set():
             try:
                 self.run_pending()
@@ -273,7 +279,7 @@ class DeviceUpdater:
                 break
             now = time.monotonic()
             if now >= next_poll:
-                next_poll = now + self.settings.poll_interval_s
+                next_poll = now + self._poll_delay()
                 self._check.set()
                 continue
             if self._wake.wait(next_poll - now):
