@@ -366,6 +366,29 @@ def phase_wave(
     }
 
 
+def phase_noop(mon: Monitor, repo_log: RepoLog, n: int, timeout: float) -> dict[str, Any]:
+    """A poke with nothing new: what a periodic poll costs the broker and the repository."""
+    pushed = mon.poke("fleet", push_payload())
+    quiet = pushed
+    deadline = pushed + timeout
+    while time.monotonic() < deadline:  # until a second passes without a request
+        time.sleep(0.2)
+        gets = repo_log.window(pushed, time.monotonic() + 1)
+        if gets:
+            quiet = gets[-1][0]
+        if len(gets) >= 2 * n and time.monotonic() - quiet > 1.0:
+            break
+    end = time.monotonic()
+    gets = repo_log.window(pushed, end)
+    msgs = [m for m in mon.window(pushed, end) if m[1] not in ("metrics", "predictions")]
+    return {
+        "repo_requests_per_device": len(gets) / n,
+        "repo_bytes_per_device": sum(repo_log.size(g[1]) for g in gets if g[2] == 200) / n,
+        "broker_msgs_per_device": len(msgs) / n,
+        "by_path": dict(Counter(re.sub(r"/\d+\.", "/N.", g[1]) for g in gets)),
+    }
+
+
 def phase_staged(
     repo: OperatorRepository,
     mon: Monitor,
@@ -533,6 +556,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         solo_wave = phase_wave(repo, mon, repo_log, cpu, v[2], "2", "solo", 1, args.timeout)
         wave = phase_wave(repo, mon, repo_log, cpu, v[3], "3", "fleet", n, args.timeout)
         time.sleep(args.trial_s + 1.0)  # every agent through its trial before the next wave
+        noop = phase_noop(mon, repo_log, n, args.timeout)
         staged = phase_staged(repo, mon, repo_log, v[4], args, faulty)
     finally:
         stop_workers(procs)
@@ -547,6 +571,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "idle": idle,
         "solo": solo_wave,
         "wave": wave,
+        "noop_check": noop,
         "staged": staged,
     }
 
