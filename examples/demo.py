@@ -3,7 +3,8 @@
 Run it through ``bash scripts/demo.sh`` (which prepares .venv). Everything lives under
 ``demo-state/`` in the checkout and every process it starts is stopped at the end. Steps:
 
- 1. a broker: the one on 127.0.0.1:1883 when it answers, else a private mosquitto on a free port
+ 1. a broker: the one on 127.0.0.1:1883 when it answers (unless --private-broker), else a
+    private mosquitto on a free port
  2. a TUF repository signed with fresh keys (``inferctl repo init``), served over HTTP
  3. ``inferd run`` serving examples/models/demo.onnx as version 1 of slot ``classifier``
  4. a few inference requests over HTTP, checked against the model's golden output
@@ -90,13 +91,13 @@ def process(argv: list[str], log: Path, **kw: object) -> Iterator[subprocess.Pop
                 proc.wait()
 
 
-def broker(stack: ExitStack, state: Path) -> tuple[str, int]:
-    if port_open("127.0.0.1", 1883):
+def broker(stack: ExitStack, state: Path, private: bool) -> tuple[str, int]:
+    if not private and port_open("127.0.0.1", 1883):
         print("using the broker on 127.0.0.1:1883")
         return "127.0.0.1", 1883
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(exe).exists():
-        raise SystemExit("demo: no broker on 127.0.0.1:1883 and mosquitto is not installed")
+        raise SystemExit("demo: no broker to use and mosquitto is not installed")
     port = free_port()
     conf = state / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
@@ -159,13 +160,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="inferd end-to-end demo")
     parser.add_argument("--state", default=str(ROOT / "demo-state"), help="work folder")
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument(
+        "--private-broker",
+        action="store_true",
+        help="start a private mosquitto even when 127.0.0.1:1883 answers (leaves nothing there)",
+    )
     args = parser.parse_args()
     state = Path(args.state).resolve()
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
     with ExitStack() as stack:
         say("1. broker")
-        host, port = broker(stack, state)
+        host, port = broker(stack, state, args.private_broker)
 
         say("2. signed model repository (TUF)")
         repo = state / "repo"
@@ -274,7 +280,7 @@ def main() -> int:
             payload = telemetry.latest(leaf)
             text = json.dumps(payload)[:300] if payload else "(none yet)"
             print(f"inferd/{DEVICE}/{leaf}: {text}")
-        print(inferctl("watch", "--host", host, "--port", str(port), "--once", "--wait", "2"))
+        print(inferctl("watch", "--broker", f"{host}:{port}", "--once", "--wait", "2"))
 
         say("6. sign version 2 and push it to group 'demo'")
         golden2 = MODELS / "demo-v2.golden.npz"

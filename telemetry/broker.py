@@ -1,14 +1,28 @@
 """Building a configured paho-mqtt client: protocol, credentials and TLS in one place.
 
-Used by the agent's link (``agent/mqtt.py``) and by ``inferctl watch``; each process still has
-exactly one client. TLS files are loaded here, so a missing or malformed file is one
+Used by the agent's link (``agent/mqtt.py``) and by every operator command that talks to the
+broker (``inferctl watch``, ``push``, ``status``, ``rollout``, ``collect``); each process still
+has exactly one client. TLS files are loaded here, so a missing or malformed file is one
 :class:`MqttError` line naming the file, before any connection is tried.
+
+Operator commands take the same broker options through :func:`add_broker_args` and turn them
+into :class:`BrokerOptions` with :func:`broker_from_args`: ``--broker [mqtt[s]://]HOST[:PORT]``,
+``--prefix``, ``--protocol``, ``--username``, ``--password-file`` (or the environment variable
+``INFERD_MQTT_PASSWORD``; never a password on the command line, where ``ps`` shows it),
+``--ca-file``, ``--cert-file``, ``--key-file``.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -16,6 +30,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from telemetry.errors import MqttError
 
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+PASSWORD_ENV = "INFERD_MQTT_PASSWORD"  # noqa: S105 - where the password is, not one
+DEFAULT_BROKER = "127.0.0.1:1883"
 
 
 @dataclass(frozen=True)
@@ -84,3 +100,120 @@ def tls_context(opts: BrokerOptions) -> ssl.SSLContext:
         reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or str(err)
         raise MqttError(f"mqtt.tls.{what}: cannot load {files}: {reason}") from err
     return ctx
+
+
+# --- operator commands ------------------------------------------------------------------------
+
+
+def add_broker_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_BROKER) -> None:
+    """Add the broker options every operator command shares (see the module docstring).
+
+    ``default=None`` makes ``--broker`` optional (``args.broker`` is then None when not given).
+    """
+    # No abbreviations: "--password SECRET" would otherwise be taken for --password-file.
+    parser.allow_abbrev = False
+    g = parser.add_argument_group("broker")
+    g.add_argument(
+        "--broker",
+        default=default,
+        metavar="[mqtts://]HOST[:PORT]",
+        help="MQTT broker; mqtts:// or a CA/cert file means TLS (port 8883 unless given)"
+        + (" (default %(default)s)" if default else ""),
+    )
+    g.add_argument("--prefix", default="inferd", help="topic prefix (mqtt.topic_prefix)")
+    g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="5", help="MQTT version")
+    g.add_argument("--username")
+    g.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help=f"file holding the password (else ${PASSWORD_ENV}, if set)",
+    )
+    g.add_argument("--ca-file", help="CA certificates to trust (TLS)")
+    g.add_argument("--cert-file", help="client certificate (TLS)")
+    g.add_argument("--key-file", help="client key (TLS)")
+
+
+def parse_broker(text: str) -> tuple[str, int | None, bool]:
+    """``[mqtt[s]://]HOST[:PORT]`` (IPv6 in brackets) -> (host, port or None, TLS asked for)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    elif scheme not in ("mqtt", "mqtts"):
+        raise MqttError(f"--broker {text}: the scheme must be mqtt:// or mqtts://")
+    host, port = rest, ""
+    if rest.startswith("["):  # [::1]:1883
+        host, _, tail = rest[1:].partition("]")
+        port = tail.removeprefix(":")
+    elif rest.count(":") == 1:
+        host, _, port = rest.partition(":")
+    if not host or (port and not port.isdigit()) or not 0 < int(port or 1) < 65536:
+        raise MqttError(f"--broker {text}: expected [mqtts://]HOST[:PORT]")
+    return host, int(port) if port else None, scheme == "mqtts"
+
+
+def broker_from_args(
+    args: argparse.Namespace, client: str = "inferctl", environ: Mapping[str, str] = os.environ
+) -> BrokerOptions:
+    """The :class:`BrokerOptions` of a command that took :func:`add_broker_args`."""
+    host, port, tls = parse_broker(args.broker)
+    password = environ.get(PASSWORD_ENV)
+    if args.password_file:
+        if args.username is None:
+            raise MqttError("--password-file needs --username")
+        try:
+            password = Path(args.password_file).read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise MqttError(f"--password-file {args.password_file}: {err.strerror}") from err
+    tls = tls or bool(args.ca_file or args.cert_file)
+    return BrokerOptions(
+        host=host,
+        port=port or (8883 if tls else 1883),
+        protocol=args.protocol,
+        client_id=f"{client}-{os.getpid()}-{int(time.time() * 1000) % 10**6}",
+        username=args.username,
+        password=password if args.username is not None else None,
+        tls=tls,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+    )
+
+
+def connect(
+    opts: BrokerOptions,
+    *,
+    subscriptions: Iterable[tuple[str, int]] = (),
+    on_message: Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None] | None = None,
+    timeout: float = 10.0,
+) -> mqtt.Client:
+    """A connected client with its network loop running; MqttError when refused or unreachable.
+
+    ``subscriptions`` (filter, qos) are made on every (re)connect, after ``on_message`` is set,
+    so retained messages they bring are not missed.
+    """
+    client = make_client(opts)
+    filters = list(subscriptions)
+    connected = threading.Event()
+    refused: list[str] = []
+
+    def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
+        if getattr(reason, "is_failure", False):
+            refused.append(str(reason))
+        else:
+            for topic, qos in filters:
+                c.subscribe(topic, qos=qos)
+        connected.set()
+
+    client.on_connect = on_connect
+    if on_message is not None:
+        client.on_message = on_message
+    try:
+        client.connect(opts.host, opts.port, keepalive=opts.keepalive_s)
+    except (OSError, ssl.SSLError) as err:
+        raise MqttError(f"cannot reach the broker at {opts.where}: {err.strerror or err}") from err
+    client.loop_start()
+    if not connected.wait(timeout) or refused:
+        client.loop_stop()
+        why = refused[0] if refused else "no answer"
+        raise MqttError(f"broker {opts.where} refused the connection: {why}")
+    return client

@@ -21,8 +21,8 @@ from typing import Any
 import msgspec
 import paho.mqtt.client as mqtt
 
-from telemetry.broker import BrokerOptions, make_client
-from telemetry.errors import MqttError
+from telemetry import broker
+from telemetry.broker import add_broker_args, broker_from_args
 from telemetry.payloads import Metrics, StatusPayload
 from telemetry.rollout import RolloutTally, render
 
@@ -143,33 +143,11 @@ def render_text(rows: list[dict[str, Any]]) -> str:
 
 def connect(args: argparse.Namespace, fleet: Fleet | RolloutTally) -> mqtt.Client:
     """Connect and subscribe; MqttError with one line when the broker cannot be reached."""
-    opts = BrokerOptions(
-        host=args.host,
-        port=args.port,
-        protocol=args.protocol,
-        client_id=f"inferctl-watch-{int(time.time() * 1000) % 10**9}",
-        username=args.username,
-        password=args.password,
-        tls=bool(args.tls or args.ca_file or args.cert_file),
-        ca_file=args.ca_file,
-        cert_file=args.cert_file,
-        key_file=args.key_file,
+    return broker.connect(
+        broker_from_args(args, "inferctl-watch"),
+        subscriptions=fleet.topics(),
+        on_message=lambda _c, _u, msg: fleet.feed(msg.topic, bytes(msg.payload)),
     )
-    client = make_client(opts)
-
-    def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if not reason.is_failure:
-            for topic, qos in fleet.topics():
-                c.subscribe(topic, qos=qos)
-
-    client.on_connect = on_connect
-    client.on_message = lambda _c, _u, msg: fleet.feed(msg.topic, bytes(msg.payload))
-    try:
-        client.connect(opts.host, opts.port, keepalive=30)
-    except OSError as err:
-        raise MqttError(f"cannot connect to {opts.where}: {err.strerror or err}") from err
-    client.loop_start()
-    return client
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,16 +224,7 @@ def _live(fleet: Fleet, interval: float) -> None:
 def register(subparsers: Any) -> None:
     """Add ``inferctl watch``."""
     p = subparsers.add_parser("watch", help="live table of the fleet from the MQTT broker")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--prefix", default="inferd", help="topic prefix (mqtt.topic_prefix)")
-    p.add_argument("--protocol", choices=("5", "3.1.1"), default="5")
-    p.add_argument("--username")
-    p.add_argument("--password")
-    p.add_argument("--tls", action="store_true", help="TLS with the system CAs")
-    p.add_argument("--ca-file")
-    p.add_argument("--cert-file")
-    p.add_argument("--key-file")
+    add_broker_args(p)
     p.add_argument("--json", action="store_true", help="print the fleet as JSON and exit")
     p.add_argument("--once", action="store_true", help="print the table once and exit")
     p.add_argument("--wait", type=float, default=2.0, help="seconds to listen for --json/--once")

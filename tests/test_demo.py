@@ -22,6 +22,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
             str(tmp_path / "demo"),
             "--requests",
             "50",
+            "--private-broker",  # nothing retained is left on a shared broker
         ],
         capture_output=True,
         text=True,

@@ -410,7 +410,7 @@ def test_inferctl_watch_rollout_shows_states_failures_and_eta(broker: Broker):
         _send(pub, f"{PREFIX}/{d}/status", _status(d, "1", "idle"), retain=True)
     joined = [d for d in devices if bucket(d, "classifier", "2") < 5000]
     watch = _inferctl("watch", "--rollout", "classifier", "--json", "--wait", "4",
-                      "--port", str(broker.port))  # fmt: skip
+                      "--broker", f"{broker.host}:{broker.port}")  # fmt: skip
     time.sleep(2.0)  # the watcher has subscribed: events are not retained
     for d in joined[:3]:
         _send(pub, f"{PREFIX}/{d}/events", _update(d, "2", 7, "downloading"))

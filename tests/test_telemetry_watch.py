@@ -18,7 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def watch(b: Broker, *args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "updater.inferctl", "watch", "--port", str(b.port), *args],
+        [
+            sys.executable,
+            "-m",
+            "updater.inferctl",
+            "watch",
+            "--broker",
+            f"{b.host}:{b.port}",
+            *args,
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

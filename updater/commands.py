@@ -10,8 +10,10 @@
     inferctl repo refresh [DIR]          re-sign the timestamp (run it from cron)
     inferctl repo serve DIR [--port 8000]
     inferctl rotate-key ROLE [--repo DIR] [--root-key-dir P]
-    inferctl push --group G | --device D [--broker HOST:PORT]
-    inferctl status [--broker HOST:PORT]
+    inferctl push --group G | --device D [--broker HOST:PORT] [broker options]
+    inferctl status [--broker HOST:PORT] [broker options]
+
+Broker options are the same for every operator command: see ``telemetry.broker``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import msgspec
 import paho.mqtt.client as mqtt
 
-from telemetry.broker import BrokerOptions, make_client
+from telemetry.broker import BrokerOptions, add_broker_args, broker_from_args, connect
 from telemetry.errors import MqttError
 from telemetry.rollout import ALL, basis_points, shares_text
 from updater.errors import OperatorError
@@ -156,52 +158,6 @@ def _cmd_rotate_key(args: argparse.Namespace) -> int:
 # -- broker -------------------------------------------------------------------------------------
 
 
-def broker_from_args(args: argparse.Namespace) -> BrokerOptions:
-    """The broker options of a command that took :func:`add_broker_args`."""
-    host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
-    password = None
-    if args.password_file:
-        try:
-            password = Path(args.password_file).read_text(encoding="utf-8").strip()
-        except OSError as err:
-            raise OperatorError(f"{args.password_file}: {err.strerror}") from err
-    return BrokerOptions(
-        host=host or args.broker,
-        port=int(port) if port else (8883 if args.ca_file else 1883),
-        client_id=f"inferctl-{int(time.time() * 1000) % 10**9}",
-        username=args.username,
-        password=password,
-        tls=args.ca_file is not None,
-        ca_file=args.ca_file,
-        cert_file=args.cert_file,
-        key_file=args.key_file,
-    )
-
-
-def connect(opts: BrokerOptions, timeout: float = 10.0) -> mqtt.Client:
-    """A connected client with its network loop running; MqttError when refused."""
-    client = make_client(opts)
-    connected = threading.Event()
-    refused: list[str] = []
-
-    def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
-        if getattr(reason, "is_failure", False):
-            refused.append(str(reason))
-        connected.set()
-
-    client.on_connect = on_connect
-    try:
-        client.connect(opts.host, opts.port, keepalive=30)
-    except OSError as err:
-        raise MqttError(f"cannot reach the broker at {opts.where}: {err.strerror or err}") from err
-    client.loop_start()
-    if not connected.wait(timeout) or refused:
-        client.loop_stop()
-        why = refused[0] if refused else "no answer"
-        raise MqttError(f"broker {opts.where} refused the connection: {why}")
-    return client
-
-
 def poke_topic(prefix: str, group: str | None = None, device: str | None = None) -> str:
     """Where a push goes: a group's retained update poke, or one device's check-update."""
     if group is not None:
@@ -280,17 +236,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 # -- assembly -----------------------------------------------------------------------------------
-
-
-def add_broker_args(p: argparse.ArgumentParser) -> None:
-    """``--broker``, ``--prefix`` and the credential/TLS options."""
-    p.add_argument("--broker", default="127.0.0.1:1883", help="HOST[:PORT] (default %(default)s)")
-    p.add_argument("--prefix", default="inferd", help="topic prefix (default %(default)s)")
-    p.add_argument("--username")
-    p.add_argument("--password-file")
-    p.add_argument("--ca-file", help="enables TLS")
-    p.add_argument("--cert-file")
-    p.add_argument("--key-file")
 
 
 def register(sub: Any) -> None:

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from telemetry.broker import add_broker_args, broker_from_args
+
 EXIT_BELOW = 3
 """Exit code when evaluation misses a threshold or quantization loses too much."""
 
@@ -168,8 +170,7 @@ def _add_collect(sub: Any) -> None:
             "or MODEL.npz with the logged input tensors and y."
         ),
     )
-    co.add_argument("--broker", metavar="HOST:PORT", help="subscribe live (default port 1883)")
-    co.add_argument("--prefix", default="inferd", help="topic prefix of the fleet")
+    add_broker_args(co, default=None)  # without --broker: only --replay
     co.add_argument("--device", action="append", default=[], help="only these devices")
     co.add_argument("--model", action="append", default=[], help="only these models")
     co.add_argument("--since", help="keep records from this time: RFC 3339 or an age (12h, 7d)")
@@ -191,17 +192,11 @@ def _add_collect(sub: Any) -> None:
     )
     co.add_argument("--format", choices=("jsonl", "npz"), default="jsonl")
     co.add_argument("--labelled-only", action="store_true", help="drop records without a label")
-    co.add_argument("--username")
-    co.add_argument("--password-file", type=Path)
-    co.add_argument("--ca-file")
-    co.add_argument("--cert-file")
-    co.add_argument("--key-file")
     co.add_argument("--out", type=Path, required=True, metavar="DIR")
     co.set_defaults(func=_cmd_collect)
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
-    from telemetry.broker import BrokerOptions
     from updater.collect import Collector, parse_time, replay_lines, subscribe, write
     from updater.errors import OperatorError
 
@@ -223,23 +218,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         except OSError as err:
             raise OperatorError(f"{path}: cannot read: {err.strerror}") from err
     if args.broker is not None:
-        host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
-        password = None
-        if args.password_file is not None:
-            try:
-                password = args.password_file.read_text(encoding="utf-8").strip()
-            except OSError as err:
-                raise OperatorError(f"{args.password_file}: {err.strerror}") from err
-        opts = BrokerOptions(
-            host=host,
-            port=int(port) if port else 1883,
-            username=args.username,
-            password=password,
-            tls=bool(args.ca_file or args.cert_file),
-            ca_file=args.ca_file,
-            cert_file=args.cert_file,
-            key_file=args.key_file,
-        )
+        opts = broker_from_args(args, "inferctl-collect")
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: write what was collected
             subscribe(
                 collector,

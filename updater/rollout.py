@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 import paho.mqtt.client as mqtt
 
+from telemetry.broker import add_broker_args, broker_from_args, connect
 from telemetry.errors import MqttError
 from telemetry.rollout import (
     ALL,
@@ -39,7 +40,7 @@ from telemetry.rollout import (
     render,
     shares_text,
 )
-from updater.commands import add_broker_args, broker_from_args, connect, poke, poke_topic
+from updater.commands import poke, poke_topic
 from updater.errors import OperatorError
 from updater.model_meta import ModelMeta, Rollout
 from updater.repository import OperatorRepository
@@ -149,7 +150,7 @@ class _Rollout:
 
     def broker(self) -> mqtt.Client:
         if self.client is None:
-            self.client = connect(broker_from_args(self.args))
+            self.client = connect(broker_from_args(self.args, "inferctl-rollout"))
         return self.client
 
     def sign(self, rollout: Rollout) -> None:
