@@ -394,9 +394,10 @@ class MqttLink:
             self._window = min(WINDOW, receive_max) if receive_max else WINDOW
             self._generation += 1
             self._connected = True
-            filters = list(self._subs)
-        for topic_filter in filters:
-            client.subscribe(topic_filter, qos=1)
+            # Queued before the forwarder (which needs this lock) can send the birth status:
+            # once the broker shows the device online, it already hears its commands.
+            for topic_filter in self._subs:
+                client.subscribe(topic_filter, qos=1)
         self.connects += 1
         if self._problem is not None:
             log.info("mqtt: connected to %s:%d", self.config.mqtt.host, self.config.mqtt.port)
