@@ -1,4 +1,4 @@
-"""``inferctl`` update commands against real files, a real HTTP server and the real broker."""
+"""``inferctl`` update commands against real files, a real HTTP server and a private broker."""
 
 from __future__ import annotations
 
@@ -8,21 +8,19 @@ import signal
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.fixtures.broker import Broker
 from tests.fixtures.daemon import free_port
 from tests.fixtures.models import classifier
 from updater.client import RepositoryClient
 from updater.inferctl import main
 
 ROOT = Path(__file__).resolve().parents[1]
-BROKER = ("127.0.0.1", 1883)
 
 
 def test_repo_init_model_add_list_refresh_rotate(tmp_path, capsys):
@@ -93,18 +91,7 @@ def test_repo_serve_serves_what_a_device_verifies(tmp_path):
         proc.wait(10)
 
 
-def _broker_up() -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(BROKER) == 0
-
-
-needs_broker = pytest.mark.skipif(not _broker_up(), reason="no MQTT broker on 127.0.0.1:1883")
-
-
-def _retained(topic: str, timeout: float = 5.0) -> bytes | None:
+def _retained(b: Broker, topic: str, timeout: float = 5.0) -> bytes | None:
     got: list[bytes] = []
     done = threading.Event()
     c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -115,7 +102,7 @@ def _retained(topic: str, timeout: float = 5.0) -> bytes | None:
 
     c.on_message = on_message
     c.on_connect = lambda cl, *_: cl.subscribe(topic, qos=1)
-    c.connect(*BROKER)
+    c.connect(b.host, b.port)
     c.loop_start()
     done.wait(timeout)
     c.disconnect()
@@ -123,49 +110,33 @@ def _retained(topic: str, timeout: float = 5.0) -> bytes | None:
     return got[0] if got else None
 
 
-@needs_broker
-def test_push_leaves_a_retained_poke_for_the_group_or_device(capsys):
-    prefix = f"inferd-test-{uuid.uuid4().hex[:8]}"
-    broker = f"{BROKER[0]}:{BROKER[1]}"
-    assert main(["push", "--group", "kitchen", "--broker", broker, "--prefix", prefix]) == 0
-    assert main(["push", "--device", "pi-01", "--broker", broker, "--prefix", prefix]) == 0
-    for topic in (f"{prefix}/groups/kitchen/update", f"{prefix}/pi-01/cmd/check-update"):
-        payload = _retained(topic)
+def test_push_leaves_a_retained_poke_for_the_group_or_device(broker: Broker) -> None:
+    where = f"{broker.host}:{broker.port}"
+    assert main(["push", "--group", "kitchen", "--broker", where]) == 0
+    assert main(["push", "--device", "pi-01", "--broker", where]) == 0
+    for topic in ("inferd/groups/kitchen/update", "inferd/pi-01/cmd/check-update"):
+        payload = _retained(broker, topic)
         assert payload is not None, topic
         assert "ts" in json.loads(payload)
-        # clean up the retained message
-        c = mqtt.Client(CallbackAPIVersion.VERSION2)
-        c.connect(*BROKER)
-        c.loop_start()
-        c.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
-        c.disconnect()
-        c.loop_stop()
 
 
-@needs_broker
-def test_status_lists_devices_from_retained_status(capsys):
-    prefix = f"inferd-test-{uuid.uuid4().hex[:8]}"
+def test_status_lists_devices_from_retained_status(broker: Broker, capsys) -> None:
     status = {
         "state": "online",
         "device": "pi-01",
         "models": [{"name": "classifier", "version": "3", "update_state": "trial"}],
     }
-    topic = f"{prefix}/pi-01/status"
     c = mqtt.Client(CallbackAPIVersion.VERSION2)
-    c.connect(*BROKER)
+    c.connect(broker.host, broker.port)
     c.loop_start()
-    c.publish(topic, json.dumps(status), qos=1, retain=True).wait_for_publish(5)
-    try:
-        assert (
-            main(["status", "--broker", "127.0.0.1:1883", "--prefix", prefix, "--wait", "0.5"]) == 0
-        )
-        out = capsys.readouterr().out
-        row = [line for line in out.splitlines() if line.startswith("pi-01")]
-        assert row and row[0].split() == ["pi-01", "online", "classifier", "3", "trial"]
-    finally:
-        c.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
-        c.disconnect()
-        c.loop_stop()
+    c.publish("inferd/pi-01/status", json.dumps(status), qos=1, retain=True).wait_for_publish(5)
+    c.disconnect()
+    c.loop_stop()
+    where = f"{broker.host}:{broker.port}"
+    assert main(["status", "--broker", where, "--wait", "0.5"]) == 0
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("pi-01")]
+    assert row and row[0].split() == ["pi-01", "online", "classifier", "3", "trial"]
 
 
 def test_push_to_an_unreachable_broker_is_one_clear_line(capsys):

@@ -4,7 +4,6 @@ and a forged poke that can do nothing but make the device ask the repository."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import uuid
@@ -14,51 +13,32 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.fixtures.broker import Broker
 from tests.fixtures.daemon import start_daemon
 from tests.fixtures.models import classifier
 from tests.fixtures.tuf_repo import FaultyServer
 from updater.inferctl import main as inferctl
 
 pytest.importorskip("agent.reporting", reason="the daemon's MQTT link is not wired in yet")
-BROKER = ("127.0.0.1", 1883)
-
-
-def _broker_up() -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(BROKER) == 0
-
-
-pytestmark = pytest.mark.skipif(not _broker_up(), reason="no MQTT broker on 127.0.0.1:1883")
 
 
 class Listener:
     """Collects a device's events from the broker."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, b: Broker, prefix: str) -> None:
         self.events: list[dict] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = lambda _c, _u, msg: self.events.append(json.loads(msg.payload))
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *_: subscribed.set()
         self.client.on_connect = lambda c, *_: c.subscribe(f"{prefix}/+/events", qos=1)
-        self.client.connect(*BROKER)
+        self.client.connect(b.host, b.port)
         self.client.loop_start()
         assert subscribed.wait(5)
 
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-def _clear_retained(topics: list[str]) -> None:
-    c = mqtt.Client(CallbackAPIVersion.VERSION2)
-    c.connect(*BROKER)
-    c.loop_start()
-    for topic in topics:
-        c.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
-    c.disconnect()
-    c.loop_stop()
 
 
 def _serving(daemon) -> str:
@@ -76,15 +56,15 @@ def _wait_version(daemon, version: str, timeout: float = 20.0) -> float:
     raise AssertionError(f"still serving {_serving(daemon)} after {timeout}s:\n{daemon.stderr()}")
 
 
-def test_push_forged_poke_and_restart(tuf_repo, tmp_path):
+def test_push_forged_poke_and_restart(broker: Broker, tuf_repo, tmp_path):
     prefix = f"inferd-test-{uuid.uuid4().hex[:8]}"
     poke_topic = f"{prefix}/groups/kitchen/update"
-    listener = Listener(prefix)
+    listener = Listener(broker, prefix)
     evil = FaultyServer(tmp_path)
     config = {
         "groups": ["kitchen"],
         "models": [{"name": "classifier", "path": str(classifier(tmp_path / "v1.onnx"))}],
-        "mqtt": {"enabled": True, "host": BROKER[0], "port": BROKER[1], "topic_prefix": prefix},
+        "mqtt": {"enabled": True, "host": broker.host, "port": broker.port, "topic_prefix": prefix},
         "updates": {
             "repository_url": tuf_repo.url,
             "trusted_root": str(tuf_repo.trusted_root),
@@ -99,7 +79,8 @@ def test_push_forged_poke_and_restart(tuf_repo, tmp_path):
     try:
         assert _serving(daemon) == "1"
         tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
-        assert inferctl(["push", "--group", "kitchen", "--prefix", prefix]) == 0
+        where = f"{broker.host}:{broker.port}"
+        assert inferctl(["push", "--group", "kitchen", "--prefix", prefix, "--broker", where]) == 0
         took = _wait_version(daemon, "2")
         assert took < 10
 
@@ -107,7 +88,7 @@ def test_push_forged_poke_and_restart(tuf_repo, tmp_path):
         tuf_repo.server.requests.clear()
         forged = {"repository_url": evil.url, "version": "99", "sha256": "0" * 64}
         c = mqtt.Client(CallbackAPIVersion.VERSION2)
-        c.connect(*BROKER)
+        c.connect(broker.host, broker.port)
         c.loop_start()
         c.publish(poke_topic, msgspec.json.encode(forged), qos=1, retain=True).wait_for_publish(5)
         c.disconnect()
@@ -129,7 +110,6 @@ def test_push_forged_poke_and_restart(tuf_repo, tmp_path):
         code = daemon.stop()
         listener.close()
         evil.stop()
-        _clear_retained([poke_topic, f"{prefix}/test-device/status"])
     assert code == 0
     states = [e["details"].get("state") for e in listener.events if e["kind"] == "update"]
     assert "committed" in states, listener.events
