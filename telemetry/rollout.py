@@ -37,7 +37,13 @@ FULL = 10_000
 FAILED = ("failed", "rolled_back")
 SUCCEEDED = ("committed", "serving")
 IN_PROGRESS = ("checking", "downloading", "verifying", "staging", "validating", "activating")
-IN_PROGRESS_ALL = (*IN_PROGRESS, "trial")
+GAVE_UP = ("withdrawn", "superseded")
+"""The device dropped the job: the version was no longer offered to it, or a newer one was."""
+_KINDS: dict[str, str | None] = {
+    "update": None,  # the state is in the details
+    "update-withdrawn": "withdrawn",
+    "update-superseded": "superseded",
+}
 
 
 def bucket(device_id: str, slot: str, version: str) -> int:
@@ -130,7 +136,8 @@ class RolloutSummary:
     @property
     def settled(self) -> bool:
         """Every device in the rollout has finished (or none joined)."""
-        return self.succeeded + self.failed >= self.joined
+        gave_up = sum(self.states.get(s, 0) for s in GAVE_UP)
+        return self.succeeded + self.failed + gave_up >= self.joined
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -294,11 +301,11 @@ class RolloutTally:
                 dev.status_state = slot.update_state
 
     def _event(self, device: str, event: Event) -> None:
-        if event.kind != "update" or event.model != self.slot or event.version is None:
+        if event.kind not in _KINDS or event.model != self.slot or event.version is None:
             return
         details = event.details
         seq = details.get("seq")
-        state = details.get("state")
+        state = _KINDS[event.kind] or details.get("state")
         if not isinstance(state, str):
             return
         newer = isinstance(seq, int) and (self.seq is None or seq > self.seq)
@@ -316,7 +323,7 @@ class RolloutTally:
         if dev.started is None:
             dev.started = now
         dev.state = state
-        if state in FAILED or state == "committed" or (state == "trial" and dev.finished is None):
+        if state in (*FAILED, *GAVE_UP, "committed") or (state == "trial" and not dev.finished):
             dev.finished = now
         if state in FAILED:
             dev.reason = event.message
@@ -374,7 +381,7 @@ class RolloutTally:
                 starts.append(dev.started)
             if state in FAILED:
                 failures.append((name, dev.reason or state))
-            if state in FAILED or state in SUCCEEDED or state == "trial":
+            if state in (*FAILED, *SUCCEEDED, *GAVE_UP, "trial"):
                 done += 1
         waiting = states.get("waiting", 0)
         succeeded = sum(states.get(s, 0) for s in (*SUCCEEDED, "trial"))

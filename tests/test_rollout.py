@@ -153,6 +153,26 @@ def test_halting_does_not_take_a_joined_device_back_down(tuf_repo, update_device
     assert device.states() == ["checking", "idle"]
 
 
+def test_a_halt_during_the_download_withdraws_the_job(tuf_repo, update_device, tmp_path):
+    device = update_device(classifier(tmp_path / "v1.onnx", seed=0))
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+
+    def emit(kind: str, message: str, **fields: object) -> None:
+        device.emit(kind, message, **fields)
+        if fields.get("state") == "downloading":  # the operator halts, the poke arrives
+            tuf_repo.repo.set_rollout("classifier", "2", Rollout(shares={ALL: 0}, halted="x"))
+            device.updater.request_check("poke")
+
+    device.updater.emit = emit
+    device.check()
+    assert device.version == "1"
+    assert device.states() == ["checking", "downloading", "checking", "idle"]
+    (withdrawn,) = [f for k, _, f in device.events if k == "update-withdrawn"]
+    assert withdrawn["version"] == "2" and withdrawn["seq"] > 0
+    assert device.slot.update_state == "idle"
+    assert list((device.state_dir / "models").glob("classifier/*-2")) == []
+
+
 def test_a_malformed_rollout_is_refused_by_the_repository(tuf_repo, tmp_path):
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"shares": {ALL: FULL + 1}}, Rollout)
@@ -256,6 +276,17 @@ def test_tally_counts_states_failures_and_eta():
     # an agent going offline keeps its last known version
     t.feed(f"{PREFIX}/{started[3]}/status", msgspec.json.encode(Offline(device=started[3])))
     assert t.summary().online == 40 and t.summary().serving == s.serving
+    # the rest start, then the rollout is halted under them: they withdraw, nothing is left
+    rest = joined[len(started) :]
+    for d in rest:
+        t.feed(f"{PREFIX}/{d}/events", _update(d, "2", 5, "downloading"))
+    assert not t.summary().settled
+    withdrawn = Event(device="x", kind="update-withdrawn", message="no longer offered",
+                      model="classifier", version="2", details={"seq": 5})  # fmt: skip
+    for d in rest:
+        t.feed(f"{PREFIX}/{d}/events", msgspec.json.encode(withdrawn))
+    s = t.summary()
+    assert s.states["withdrawn"] == len(rest) and s.settled and s.failed == 2
 
 
 def test_tally_without_a_version_follows_the_newest_poke():

@@ -346,7 +346,16 @@ class DeviceUpdater:
         current = rec.job
         if job is None:
             if current is not None:
+                # e.g. its rollout was halted: say so, the IDLE event names no job
+                self._event(
+                    "update-withdrawn",
+                    f"{current.slot} {current.version} is no longer offered to this device",
+                    model=current.slot,
+                    version=current.version,
+                    seq=current.seq,
+                )
                 self._discard(current)
+                self.slots[current.slot].set_update_state(S.IDLE.value)  # nothing in progress
             self.machine.transition(S.IDLE, "up to date")
             return
         if current is not None and (current.slot, current.seq) == (job.slot, job.seq):
@@ -358,6 +367,7 @@ class DeviceUpdater:
                 f"{current.slot} {current.version} superseded by {job.version}",
                 model=current.slot,
                 version=current.version,
+                seq=current.seq,
             )
             self._discard(current)
         self.machine.transition(
