@@ -310,6 +310,10 @@ def phase_idle(
         "by_topic_per_device_per_min": {
             k: round(v * per_min, 2) for k, v in sorted(Counter(m[1] for m in msgs).items())
         },
+        "bytes_by_topic_per_device_per_min": {
+            k: round(sum(m[2] for m in msgs if m[1] == k) * per_min)
+            for k in sorted({m[1] for m in msgs})
+        },
         "broker_msgs_per_s": len(msgs) / seconds,
         "repo_requests": len(repo_log.window(start, start + seconds)),
         "cpu_s": used,
@@ -352,6 +356,10 @@ def phase_wave(
         "broker_msgs_per_s": len(msgs) / span,
         "broker_msgs_peak_per_s": peak_per_s([m[0] for m in msgs]),
         "broker_msgs_per_device": len(msgs) / n,
+        "broker_update_bytes_per_device": sum(
+            m[2] for m in msgs if m[1] not in ("metrics", "predictions")
+        )
+        / n,
         "repo_requests": len(gets),
         "repo_requests_per_device": len(gets) / n,
         "repo_metadata_requests": len(meta),
