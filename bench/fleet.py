@@ -48,11 +48,11 @@ import msgspec
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from telemetry.broker import BrokerOptions  # noqa: E402
+from telemetry.broker import BrokerOptions, connect  # noqa: E402
 from telemetry.rollout import ALL, RolloutTally, bucket  # noqa: E402
 from tests.fixtures import models  # noqa: E402
 from tests.fixtures.broker import Broker, free_port  # noqa: E402
-from updater.commands import connect, poke, poke_topic  # noqa: E402
+from updater.commands import poke, poke_topic  # noqa: E402
 from updater.model_meta import Rollout  # noqa: E402
 from updater.repository import OperatorRepository  # noqa: E402
 from updater.rollout import halt_reason, halted, poke_payload, raised, tally_for  # noqa: E402
