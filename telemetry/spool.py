@@ -131,6 +131,11 @@ class Spool:
             db.execute("PRAGMA page_size=16384")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            # Debian builds SQLite with SECURE_DELETE: every acknowledged batch would be written
+            # again as zeros (a third of the spool's time, and flash wear). FAST still purges
+            # b-tree pages; freed overflow pages keep old telemetry until reused, data of the
+            # kind the spool holds in its live rows anyway.
+            db.execute("PRAGMA secure_delete=FAST")
             db.executescript(_SCHEMA)
             db.execute("SELECT COUNT(*) FROM stream").fetchone()
         except sqlite3.DatabaseError:
