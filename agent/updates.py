@@ -19,7 +19,7 @@ from agent.config import Config
 from agent.slots import LoadedModel, ModelSlot
 from telemetry.errors import InferdError
 from updater.client import RepositoryClient
-from updater.device import DeviceUpdater, Emit, RunCounts, Serving, Settings
+from updater.device import DeviceUpdater, Emit, RunCounts, Serving
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
@@ -91,23 +91,6 @@ class CommandLink(Protocol):
     def publish_status(self) -> None: ...
 
 
-def settings_from(config: Config) -> Settings:
-    u = config.updates
-    return Settings(
-        poll_interval_s=u.poll_interval_s,
-        state_timeout_s=u.state_timeout_s,
-        trial_window_s=u.trial_window_s,
-        trial_min_requests=u.trial_min_requests,
-        trial_max_error_rate=u.trial_max_error_rate,
-        trial_max_latency_ratio=u.trial_max_latency_ratio,
-        trial_latency_slack_ms=u.trial_latency_slack_ms,
-        crash_loop_restarts=u.crash_loop_restarts,
-        keep_versions=u.keep_versions,
-        validation_runs=u.validation_runs,
-        check_on_start=u.check_on_start,
-    )
-
-
 class UpdateComponent:
     """The daemon component running the update loop (a no-op when updates are disabled)."""
 
@@ -141,7 +124,7 @@ class UpdateComponent:
             slots=self.adapters,
             groups=config.groups,
             device_id=config.device_id,
-            settings=settings_from(config),
+            settings=u,
             emit=emit,
         )
 

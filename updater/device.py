@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from updater.client import Offer, RepositoryClient
+from updater.config import UpdatesConfig
 from updater.errors import CancelledError, StepTimeoutError, UpdateError, ValidationError
 from updater.model_meta import ModelMeta, Signature, meta_from_custom
 from updater.state import TERMINAL, TRANSITIONS, Job, Record, State, StateMachine, Trial
@@ -94,24 +95,6 @@ class Emit(Protocol):
     ) -> None: ...
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Timing and thresholds (from the agent's ``updates`` config)."""
-
-    poll_interval_s: float = 300.0
-    state_timeout_s: float = 600.0
-    trial_window_s: float = 60.0
-    trial_min_requests: int = 20
-    trial_max_error_rate: float = 0.05
-    trial_max_latency_ratio: float = 3.0
-    trial_latency_slack_ms: float = 1.0
-    crash_loop_restarts: int = 3
-    keep_versions: int = 2
-    validation_runs: int = 20
-    trial_check_interval_s: float = 0.2
-    check_on_start: bool = True
-
-
 def _job_meta(job: Job) -> ModelMeta:
     meta = meta_from_custom(job.target.get("custom"))
     if meta is None:  # only reachable with a hand-edited state file
@@ -143,7 +126,7 @@ class DeviceUpdater:
         slots: Mapping[str, SlotPort],
         groups: Sequence[str] = (),
         device_id: str = "",
-        settings: Settings | None = None,
+        settings: UpdatesConfig | None = None,
         emit: Emit | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -152,7 +135,7 @@ class DeviceUpdater:
         self.groups = tuple(groups)
         self.device_id = device_id
         """Decides, with the groups, which staged rollouts this device joins."""
-        self.settings = settings or Settings()
+        self.settings = settings or UpdatesConfig()
         self.emit = emit
         self.clock = clock
         self.store = ModelStore(state_dir, self.settings.keep_versions)
