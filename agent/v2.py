@@ -20,9 +20,10 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from agent.backends.base import NUMPY_DTYPES, V2_DATATYPES, Backend
+from agent.backends.base import Backend
 from agent.errors import InputError
 from agent.slots import ModelSlot
+from updater.model_meta import NUMPY_DTYPES, V2_DATATYPES
 
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
 

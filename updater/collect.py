@@ -47,7 +47,7 @@ from telemetry.feedback import (
 )
 from telemetry.payloads import PredictionBatch, PredictionRecord, TensorDump
 from updater.errors import OperatorError
-from updater.model_info import NUMPY_DTYPES
+from updater.model_meta import NUMPY_DTYPES
 
 log = logging.getLogger(__name__)
 

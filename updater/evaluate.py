@@ -30,7 +30,8 @@ from telemetry.quality import (
     task_of,
 )
 from updater.errors import OperatorError
-from updater.model_info import NUMPY_DTYPES, ModelInfo, runtime_for
+from updater.model_info import ModelInfo, runtime_for
+from updater.model_meta import NUMPY_DTYPES
 
 LOWER_IS_BETTER = ("mae", "rmse", "latency_")
 _THRESHOLD = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|=)\s*([-+0-9.eE]+)\s*$")

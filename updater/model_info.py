@@ -13,27 +13,10 @@ from typing import Any
 import numpy as np
 
 from updater.errors import OperatorError
-from updater.model_meta import Signature, TensorMeta
+from updater.model_meta import V2_DATATYPES, Signature, TensorMeta
 
 RUNTIME_BY_SUFFIX = {".onnx": "onnxruntime", ".tflite": "tflite"}
 
-# numpy dtype name -> KServe v2 datatype (the form the device's backends report)
-V2_DATATYPES: dict[str, str] = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "float32": "FP32",
-    "float64": "FP64",
-    "str": "BYTES",
-}
-NUMPY_DTYPES = {v: k for k, v in V2_DATATYPES.items()}
 _ORT_TYPES = {f"tensor({t})": n for t, n in (("float", "float32"), ("double", "float64"))}
 _ORT_TYPES.update({f"tensor({n})": n for n in V2_DATATYPES if n not in ("float32", "float64")})
 _ORT_TYPES["tensor(string)"] = "str"

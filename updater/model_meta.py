@@ -15,6 +15,24 @@ import msgspec
 
 from telemetry.rollout import FULL, joins
 
+# numpy dtype name -> KServe v2 datatype: the vocabulary of signatures, shared with the backends
+V2_DATATYPES: dict[str, str] = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
+    "str": "BYTES",
+}
+NUMPY_DTYPES: dict[str, str] = {v: k for k, v in V2_DATATYPES.items()}
+
 CUSTOM_KEY = "inferd"
 KIND_MODEL = "model"
 KIND_GOLDEN = "golden"

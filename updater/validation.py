@@ -17,8 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from updater.errors import ValidationError
-from updater.model_info import NUMPY_DTYPES
-from updater.model_meta import ModelMeta, Signature, TensorMeta
+from updater.model_meta import NUMPY_DTYPES, ModelMeta, Signature, TensorMeta
 
 Feeds = Mapping[str, np.ndarray]
 

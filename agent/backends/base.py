@@ -18,6 +18,7 @@ import numpy as np
 
 from agent.config import ModelConfig
 from agent.errors import BackendError, InferdError, InputError, ModelLoadError
+from updater.model_meta import V2_DATATYPES
 
 Dim = int | None
 Observer = Callable[[int, bool], None]
@@ -50,25 +51,6 @@ class TensorSpec:
         if len(shape) != len(self.shape):
             return False
         return all(d is None or d == s for d, s in zip(self.shape, shape, strict=True))
-
-
-# numpy dtype name -> KServe v2 datatype
-V2_DATATYPES: dict[str, str] = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "float32": "FP32",
-    "float64": "FP64",
-    "str": "BYTES",
-}
-NUMPY_DTYPES: dict[str, str] = {v: k for k, v in V2_DATATYPES.items()}
 
 
 @dataclass

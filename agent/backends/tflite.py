@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.backends.base import V2_DATATYPES, Backend, TensorSpec, one_line
+from agent.backends.base import Backend, TensorSpec, one_line
 from agent.errors import BackendUnavailableError, InputError, ModelLoadError
+from updater.model_meta import V2_DATATYPES
 
 try:
     from ai_edge_litert.interpreter import Interpreter
