@@ -115,6 +115,19 @@ def _hammer(device, x: np.ndarray, stop: threading.Event, results: list) -> None
             results.append(err)
 
 
+def _check_under_load(device, x: np.ndarray) -> list:
+    """Run one update check while a thread keeps predicting ``x``; returns each request's result."""
+    stop, results = threading.Event(), []
+    loader = threading.Thread(target=_hammer, args=(device, x, stop, results), name="load")
+    loader.start()
+    try:
+        device.check()
+    finally:
+        stop.set()
+        loader.join()
+    return results
+
+
 def test_hot_swap_under_concurrent_load_fails_no_request(tuf_repo, update_device, tmp_path):
     device = update_device(classifier(tmp_path / "v1.onnx"), trial_window_s=0.5)
     tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
@@ -146,14 +159,7 @@ def test_trial_error_spike_rolls_back_to_previous_version(tuf_repo, update_devic
     )
     tuf_repo.publish(failing(tmp_path / "bad.onnx"), "2")  # passes validation: runs on zeros
     bad_input = np.full((1, 4), 0.5, np.float32)
-    stop, results = threading.Event(), []
-    loader = threading.Thread(target=_hammer, args=(device, bad_input, stop, results), name="load")
-    loader.start()
-    try:
-        device.check()
-    finally:
-        stop.set()
-        loader.join()
+    _check_under_load(device, bad_input)
     assert device.version == "1"
     assert device.states()[-3:] == ["trial", "rolled_back", "idle"]
     assert any("error rate" in m for m in device.messages("update"))
@@ -303,14 +309,7 @@ def test_trial_latency_regression_rolls_back_beyond_the_slack(
     for _ in range(200):  # the serving version's mean latency is the baseline
         device.predict(x)
     tuf_repo.publish(_slow_classifier(tmp_path / "slow.onnx"), "2")
-    stop, results = threading.Event(), []
-    loader = threading.Thread(target=_hammer, args=(device, x, stop, results), name="load")
-    loader.start()
-    try:
-        device.check()
-    finally:
-        stop.set()
-        loader.join()
+    results = _check_under_load(device, x)
     assert all(r is True for r in results), "no request fails while the trial judges latency"
     assert device.version == expected
     if expected == "1":
