@@ -4,7 +4,7 @@ Run it through ``bash scripts/demo.sh`` (which prepares .venv). Everything lives
 ``demo-state/`` in the checkout and every process it starts is stopped at the end. Steps:
 
  1. a broker: the one on 127.0.0.1:1883 when it answers (unless --private-broker), else a
-    private mosquitto on a free port
+    private mosquitto on a free port, else (no mosquitto) the pure-Python amqtt (MQTT 3.1.1)
  2. a TUF repository signed with fresh keys (``inferctl repo init``), served over HTTP
  3. ``inferd run`` serving examples/models/demo.onnx as version 1 of slot ``classifier``
  4. a few inference requests over HTTP, checked against the model's golden output
@@ -91,20 +91,33 @@ def process(argv: list[str], log: Path, **kw: object) -> Iterator[subprocess.Pop
                 proc.wait()
 
 
-def broker(stack: ExitStack, state: Path, private: bool) -> tuple[str, int]:
-    if not private and port_open("127.0.0.1", 1883):
+def broker(stack: ExitStack, state: Path, private: str | None) -> tuple[str, int, str]:
+    """(host, port, MQTT protocol) of the broker the demo uses, starting one when needed."""
+    if private is None and port_open("127.0.0.1", 1883):
         print("using the broker on 127.0.0.1:1883")
-        return "127.0.0.1", 1883
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(exe).exists():
-        raise SystemExit("demo: no broker to use and mosquitto is not installed")
+        return "127.0.0.1", 1883, "5"
     port = free_port()
-    conf = state / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    stack.enter_context(process([exe, "-c", str(conf)], state / "mosquitto.log"))
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if Path(exe).exists() and private != "amqtt":
+        conf = state / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        argv, name, protocol = [exe, "-c", str(conf)], "mosquitto", "5"
+    elif (BIN / "amqtt").exists():
+        # scripts/setup.sh installs the pure-Python amqtt broker where mosquitto could not be
+        # installed; it speaks MQTT 3.1.1 only, so the demo's clients use that.
+        conf = state / "amqtt.yaml"
+        conf.write_text(
+            f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\n"
+            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+            "    allow_anonymous: true\n"
+        )
+        argv, name, protocol = [str(BIN / "amqtt"), "-c", str(conf)], "amqtt", "3.1.1"
+    else:
+        raise SystemExit("demo: no broker on 127.0.0.1:1883, and neither mosquitto nor amqtt")
+    stack.enter_context(process(argv, state / f"{name}.log"))
     wait_for("the private broker", lambda: port_open("127.0.0.1", port))
-    print(f"started a private mosquitto on 127.0.0.1:{port}")
-    return "127.0.0.1", port
+    print(f"started a private {name} on 127.0.0.1:{port} (MQTT {protocol})")
+    return "127.0.0.1", port, protocol
 
 
 def inferctl(*args: str) -> str:
@@ -131,9 +144,13 @@ def http_json(url: str, body: object | None = None) -> tuple[int, dict]:
 class Telemetry:
     """Collects what the device publishes under inferd/demo-device/#."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, protocol: str) -> None:
         self.messages: list[tuple[str, dict]] = []
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="inferd-demo-viewer")
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id="inferd-demo-viewer",
+            protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
+        )
         self.client.on_message = self._on_message
         self.client.connect(host, port)
         self.client.subscribe(f"inferd/{DEVICE}/#", qos=1)
@@ -162,8 +179,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument(
         "--private-broker",
-        action="store_true",
-        help="start a private mosquitto even when 127.0.0.1:1883 answers (leaves nothing there)",
+        nargs="?",
+        const="auto",
+        choices=["auto", "mosquitto", "amqtt"],
+        help="start a private broker even when 127.0.0.1:1883 answers (leaves nothing there);"
+        " auto: mosquitto when installed, else amqtt",
     )
     args = parser.parse_args()
     state = Path(args.state).resolve()
@@ -171,7 +191,8 @@ def main() -> int:
     state.mkdir(parents=True)
     with ExitStack() as stack:
         say("1. broker")
-        host, port = broker(stack, state, args.private_broker)
+        host, port, protocol = broker(stack, state, args.private_broker)
+        on_broker = ["--broker", f"{host}:{port}", "--protocol", protocol]
 
         say("2. signed model repository (TUF)")
         repo = state / "repo"
@@ -201,7 +222,7 @@ def main() -> int:
                 }
             ],
             "api": {"listen": f"127.0.0.1:{api_port}"},
-            "mqtt": {"host": host, "port": port},
+            "mqtt": {"host": host, "port": port, "protocol": protocol},
             "telemetry": {"metrics_interval_s": 1, "prediction_batch_ms": 200},
             "updates": {
                 "repository_url": f"http://127.0.0.1:{repo_port}/",
@@ -214,7 +235,7 @@ def main() -> int:
         }
         cfg_path = state / "config.yaml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        telemetry = Telemetry(host, port)
+        telemetry = Telemetry(host, port, protocol)
         stack.callback(telemetry.close)
         stack.enter_context(
             process(
@@ -280,7 +301,7 @@ def main() -> int:
             payload = telemetry.latest(leaf)
             text = json.dumps(payload)[:300] if payload else "(none yet)"
             print(f"inferd/{DEVICE}/{leaf}: {text}")
-        print(inferctl("watch", "--broker", f"{host}:{port}", "--once", "--wait", "2"))
+        print(inferctl("watch", *on_broker, "--once", "--wait", "2"))
 
         say("6. sign version 2 and push it to group 'demo'")
         golden2 = MODELS / "demo-v2.golden.npz"
@@ -301,7 +322,7 @@ def main() -> int:
             "50",
         )
         pushed = time.monotonic()
-        inferctl("push", "--broker", f"{host}:{port}", "--group", "demo")
+        inferctl("push", *on_broker, "--group", "demo")
         print("pushed: a retained poke on inferd/groups/demo/update")
 
         say("7. the device verifies, validates and swaps while serving")
@@ -347,7 +368,7 @@ def main() -> int:
         for message in update_events():
             print(f"  event update: {message}")
         print(f"version 2 committed after its trial; failed requests throughout: {failures}")
-        print(inferctl("status", "--broker", f"{host}:{port}"))
+        print(inferctl("status", *on_broker))
         print("\ndemo complete: everything it started is being stopped")
     return 0
 
