@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.tflite_models",
     "tests.fixtures.daemon",
     "tests.fixtures.sdnotify",
+    "tests.fixtures.pki",
 ]
