@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -301,7 +302,26 @@ def main() -> int:
             payload = telemetry.latest(leaf)
             text = json.dumps(payload)[:300] if payload else "(none yet)"
             print(f"inferd/{DEVICE}/{leaf}: {text}")
-        print(inferctl("watch", *on_broker, "--once", "--wait", "2"))
+        # Keep some traffic flowing so the table has live latency and request rate to show.
+        busy = threading.Event()
+
+        def traffic() -> None:
+            body = {
+                "inputs": [
+                    {"name": "x", "shape": [1, 8], "datatype": "FP32", "data": x[1].tolist()}
+                ]
+            }
+            while not busy.is_set():
+                http_json(base + "/v2/models/classifier/infer", body)
+                busy.wait(0.01)
+
+        sender = threading.Thread(target=traffic, name="demo-traffic")
+        sender.start()
+        try:
+            print(inferctl("watch", *on_broker, "--once", "--wait", "2.5"))
+        finally:
+            busy.set()
+            sender.join()
 
         say("6. sign version 2 and push it to group 'demo'")
         golden2 = MODELS / "demo-v2.golden.npz"
