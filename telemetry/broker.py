@@ -204,7 +204,15 @@ def connect(
                 c.subscribe(topic, qos=qos)
         connected.set()
 
+    def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
+        # Under TLS 1.3 a broker that rejects the client certificate just closes the
+        # connection: no CONNACK ever comes, so say so now instead of after the timeout.
+        if not connected.is_set():
+            refused.append(f"connection closed before the broker answered ({reason})")
+            connected.set()
+
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     if on_message is not None:
         client.on_message = on_message
     try:

@@ -511,3 +511,35 @@ def test_daemon_with_a_wrong_password_keeps_serving_and_says_so_once(
     assert len(lines) == 1, daemon.stderr()
     assert "refused" in lines[0] and "password" in lines[0], lines[0]
     assert "not-the-password" not in daemon.stderr()
+
+
+def test_inferctl_says_why_a_certificate_listener_closed_on_it(fleet: ExampleBroker) -> None:
+    """Under TLS 1.3 a refused client certificate is a closed connection, not a CONNACK:
+    the operator hears that, rather than a generic "no answer" after the timeout."""
+    watch = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "updater.inferctl",
+            "watch",
+            "--broker",
+            f"mqtts://127.0.0.1:{fleet.cert_port}",
+            "--ca-file",
+            str(fleet.ca.cert_file),
+            "--cert-file",
+            str(fleet.foreign_cert.cert_file),
+            "--key-file",
+            str(fleet.foreign_cert.key_file),
+            "--json",
+            "--wait",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert watch.returncode == 1
+    assert "connection closed before the broker answered" in watch.stderr, watch.stderr
+    assert "Traceback" not in watch.stderr
