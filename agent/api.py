@@ -16,7 +16,6 @@ import socketserver
 import threading
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -225,13 +224,22 @@ _ERROR_STATUS: tuple[tuple[type[Exception], HTTPStatus], ...] = (
 )
 
 
-def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
-    limit = api.config.max_body_bytes
+_MAX_LINE = 65536
+_MAX_HEADERS = 100
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = f"inferd/{__version__}"
-        sys_version = ""
+
+def _make_handler(api: ApiServer) -> type[socketserver.StreamRequestHandler]:
+    limit = api.config.max_body_bytes
+    server_header = f"Server: inferd/{__version__}\r\n".encode()
+
+    class Handler(socketserver.StreamRequestHandler):
+        """HTTP/1.1 with keep-alive, parsed by hand: the stdlib's BaseHTTPRequestHandler runs
+        every request's headers through the email package, and with its response
+        bookkeeping that was most of the API's overhead on small models."""
+
+        close_connection = True
+        method = ""
+        path = ""
 
         def setup(self) -> None:
             super().setup()
@@ -241,19 +249,16 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                 api._idle.add(self.connection)
 
         def handle(self) -> None:
-            self.close_connection = True
-            self.handle_one_request()
+            self.close_connection = False
             while not self.close_connection:
                 with api._conn_lock:
                     if api._stopping:
                         return
                     api._idle.add(self.connection)
-                self.handle_one_request()
-
-        def parse_request(self) -> bool:
-            with api._conn_lock:
-                api._idle.discard(self.connection)
-            return super().parse_request()
+                try:
+                    self._one_request()
+                except (ConnectionError, TimeoutError):
+                    return
 
         def finish(self) -> None:
             with api._conn_lock:
@@ -261,47 +266,83 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
             with contextlib.suppress(OSError):  # the client went away: nothing to flush to
                 super().finish()
 
-        def address_string(self) -> str:
-            addr = self.client_address
-            return str(addr[0]) if isinstance(addr, tuple) and addr else "unix"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("%s " + format, self.address_string(), *args)
-
-        def do_GET(self) -> None:
-            self._dispatch(b"")
-
-        def do_POST(self) -> None:
-            raw_length = self.headers.get("Content-Length")
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                self._reply(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not supported")
+        def _one_request(self) -> None:
+            line = self.rfile.readline(_MAX_LINE + 1)
+            if not line:
+                self.close_connection = True
                 return
-            try:
-                length = int(raw_length) if raw_length is not None else 0
-                if length < 0:
-                    raise ValueError
-            except ValueError:
-                self._reply(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
+            with api._conn_lock:
+                api._idle.discard(self.connection)
+            if len(line) > _MAX_LINE:
+                self._fatal(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
                 return
+            parts = line.decode("latin-1").split()
+            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+                self._fatal(HTTPStatus.BAD_REQUEST, "malformed request line")
+                return
+            self.method, self.path, version = parts
+            headers: dict[str, str] = {}
+            for _ in range(_MAX_HEADERS):
+                raw = self.rfile.readline(_MAX_LINE + 1)
+                if raw in (b"\r\n", b"\n", b""):
+                    break
+                name, sep, value = raw.decode("latin-1").partition(":")
+                if not sep or len(raw) > _MAX_LINE:
+                    self._fatal(HTTPStatus.BAD_REQUEST, "malformed header line")
+                    return
+                headers[name.strip().lower()] = value.strip()
+            else:
+                self._fatal(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
+                return
+            connection = headers.get("connection", "").lower()
+            if version == "HTTP/1.0":
+                self.close_connection = connection != "keep-alive"
+            else:
+                self.close_connection = connection == "close"
+            if self.method == "GET":
+                self._dispatch(b"")
+            elif self.method == "POST":
+                self._post(headers)
+            else:
+                self._reply(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.method} is not supported")
+
+        def _fatal(self, status: HTTPStatus, message: str) -> None:
+            self.close_connection = True
+            self._reply(status, message)
+
+        def _post(self, headers: dict[str, str]) -> None:
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                self._fatal(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not supported")
+                return
+            raw_length = headers.get("content-length", "0")
+            if not raw_length.isdigit():
+                self._fatal(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
+                return
+            length = int(raw_length)
             if length > limit:
                 # Not reading the body: the connection cannot be reused, so close it.
-                self.close_connection = True
-                self._reply(
+                self._fatal(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     f"request body of {length} bytes is over the limit of {limit}",
                 )
                 return
-            raw_header = self.headers.get(_HEADER_LENGTH)
+            if headers.get("expect", "").lower() == "100-continue":
+                # curl asks this for bodies over 1 KiB and otherwise waits a second for it
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = self.rfile.read(length)
+            if len(body) < length:
+                self.close_connection = True
+                return  # the client went away mid-body
+            raw_header = headers.get(_HEADER_LENGTH.lower())
             if raw_header is not None and not raw_header.isdigit():
                 self._reply(HTTPStatus.BAD_REQUEST, f"invalid {_HEADER_LENGTH}")
                 return
-            header_length = int(raw_header) if raw_header is not None else None
-            self._dispatch(self.rfile.read(length), header_length)
+            self._dispatch(body, int(raw_header) if raw_header is not None else None)
 
         def _dispatch(self, body: bytes, header_length: int | None = None) -> None:
             api.requests += 1
             try:
-                status, payload, ctype = api.handle(self.command, self.path, body, header_length)
+                status, payload, ctype = api.handle(self.method, self.path, body, header_length)
             except _HttpError as err:
                 self._reply(err.status, str(err))
                 return
@@ -313,7 +354,7 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                 self._reply(status, str(err))
                 return
             except Exception as err:
-                log.exception("unexpected error serving %s %s", self.command, self.path)
+                log.exception("unexpected error serving %s %s", self.method, self.path)
                 self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {err}")
                 return
             self._send(status, payload, ctype)
@@ -324,17 +365,19 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
             self._send(status, v2.error_body(message), "application/json")
 
         def _send(self, status: HTTPStatus, payload: bytes, ctype: str | tuple[str, int]) -> None:
-            self.send_response(status)
+            extra = ""
             if isinstance(ctype, tuple):
                 ctype, head_len = ctype
-                self.send_header(_HEADER_LENGTH, str(head_len))
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(payload)))
+                extra = f"{_HEADER_LENGTH}: {head_len}\r\n"
             if self.close_connection:
-                self.send_header("Connection", "close")
+                extra += "Connection: close\r\n"
+            head = (
+                f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: {len(payload)}\r\n{extra}"
+            )
             # One write for head and body: with TCP_NODELAY two writes are two packets.
-            self._headers_buffer.append(b"\r\n" + payload)  # type: ignore[attr-defined]
-            self.flush_headers()
+            self.wfile.write(head.encode("latin-1") + server_header + b"\r\n" + payload)
+            log.debug("%s %s -> %d", self.method, self.path, status.value)
 
     return Handler
 

