@@ -19,6 +19,7 @@ import msgspec
 import yaml
 
 from agent.errors import ConfigError
+from telemetry.config import QualityConfig, TelemetryConfig
 from updater.config import UpdatesConfig
 
 EX_CONFIG = 78
@@ -137,45 +138,6 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
                     f"mqtt.password_file: cannot read {self.password_file}: {err.strerror}"
                 ) from err
         return self.password
-
-
-class TelemetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    metrics_interval_s: float = 10.0
-    prediction_sample_rate: float = 1.0
-    prediction_batch_size: int = 500
-    prediction_batch_ms: int = 1000
-    spool_max_bytes: int = 64 * 1024 * 1024
-    metrics_qos: Literal[0, 1] = 0
-
-    def __post_init__(self) -> None:
-        if self.metrics_interval_s <= 0:
-            raise ValueError("metrics_interval_s must be > 0")
-        if not 0.0 <= self.prediction_sample_rate <= 1.0:
-            raise ValueError("prediction_sample_rate must be between 0 and 1")
-        if self.prediction_batch_size < 1 or self.prediction_batch_ms < 1:
-            raise ValueError("prediction_batch_size and prediction_batch_ms must be >= 1")
-        if self.spool_max_bytes < 64 * 1024:
-            raise ValueError("spool_max_bytes must be >= 65536")
-
-
-class QualityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    window_count: int = 1000
-    window_s: float = 3600.0
-    join_window_s: float = 600.0
-    join_max_pending: int = 10000
-    max_classes: int = 20
-    drift_window: int = 500
-    drift_psi_threshold: float = 0.2
-    publish_interval_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        counts = ("window_count", "join_max_pending", "max_classes", "drift_window")
-        for name in counts:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        for name in ("window_s", "join_window_s", "publish_interval_s", "drift_psi_threshold"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

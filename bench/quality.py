@@ -25,8 +25,9 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.config import ModelConfig, QualityConfig  # noqa: E402
+from agent.config import ModelConfig  # noqa: E402
 from agent.slots import ModelSlot  # noqa: E402
+from telemetry.config import QualityConfig  # noqa: E402
 from telemetry.drift import compute_reference  # noqa: E402
 from telemetry.quality_monitor import QualityMonitor  # noqa: E402
 

@@ -20,11 +20,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 import numpy as np
 
+from telemetry.config import QualityConfig
 from telemetry.drift import DriftError, DriftTracker, ReferenceStats
 from telemetry.errors import InferdError
 from telemetry.feedback import (
@@ -57,27 +58,6 @@ BATCH_PAUSE_S = 0.05
 """How long the worker lets predictions gather after a partial batch."""
 MAX_ROW_VALUES = 4096
 """Predictions whose output row is bigger than this (masks, embeddings) are not held for labels."""
-
-
-class QualitySettings(Protocol):
-    """The knobs the monitor uses (the agent's ``QualityConfig`` fits)."""
-
-    @property
-    def window_count(self) -> int: ...
-    @property
-    def window_s(self) -> float: ...
-    @property
-    def join_window_s(self) -> float: ...
-    @property
-    def join_max_pending(self) -> int: ...
-    @property
-    def max_classes(self) -> int: ...
-    @property
-    def drift_window(self) -> int: ...
-    @property
-    def drift_psi_threshold(self) -> float: ...
-    @property
-    def publish_interval_s(self) -> float: ...
 
 
 PublishQuality = Callable[[QualityPayload], None]
@@ -165,9 +145,7 @@ def _observe_drift(tracker: DriftTracker, group: list[Prediction]) -> DriftQuali
 class _ModelState:
     """Everything the monitor keeps for one model slot."""
 
-    def __init__(
-        self, settings: QualitySettings, labels: Sequence[str], clock: Callable[[], float]
-    ):
+    def __init__(self, settings: QualityConfig, labels: Sequence[str], clock: Callable[[], float]):
         self.labels = tuple(labels)
         self.join: JoinWindow[_Held, Label] = JoinWindow(
             settings.join_window_s, settings.join_max_pending, clock
@@ -184,7 +162,7 @@ class QualityMonitor:
 
     def __init__(
         self,
-        settings: QualitySettings,
+        settings: QualityConfig,
         device_id: str,
         publish: PublishQuality,
         *,

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from sklearn import metrics as skm
 
-from agent.config import ModelConfig, QualityConfig
+from agent.config import ModelConfig
 from agent.slots import ModelSlot
+from telemetry.config import QualityConfig
 from telemetry.drift import compute_reference
 from telemetry.quality import (
     QualityWindow,
