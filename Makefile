@@ -1,4 +1,4 @@
-.PHONY: setup test lint demo bench soak schemas clean install uninstall
+.PHONY: setup test lint demo bench schemas clean check-aarch64 install uninstall
 
 setup:
 	bash scripts/setup.sh
@@ -23,8 +23,19 @@ demo:
 bench: setup
 	.venv/bin/python bench/run.py
 
-soak: setup
-	.venv/bin/pytest -q -m soak
+schemas: setup
+	.venv/bin/python -m telemetry.schemas
 
 clean:
 	rm -rf .venv build *.egg-info .mypy_cache .ruff_cache .pytest_cache demo-state
+
+# DESIGN §3: the dependency set must resolve on aarch64 (Pi OS bookworm 3.11, JetPack 6 3.10).
+# onnxruntime >= 1.17 publishes manylinux_2_27/2_28 aarch64 wheels only, hence the extra tags.
+check-aarch64: setup
+	for py in 3.10 3.11; do \
+	  .venv/bin/pip install --dry-run --quiet --only-binary=:all: --ignore-installed \
+	    --platform manylinux2014_aarch64 --platform manylinux_2_27_aarch64 \
+	    --platform manylinux_2_28_aarch64 --python-version $$py \
+	    --target "$$(mktemp -d)" ".[tflite]" || exit 1; \
+	  echo "aarch64 python $$py: resolves"; \
+	done
