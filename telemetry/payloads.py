@@ -50,6 +50,23 @@ class HostFacts(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Execution providers this onnxruntime build offers (inferd names: tensorrt, cuda, cpu)."""
 
 
+UpdateOutcome = Literal["committed", "failed", "rolled_back", "withdrawn", "superseded"]
+"""How an update job ended: withdrawn when its version was no longer offered to the device
+(a halted rollout), superseded when a newer version replaced it before activation."""
+
+
+class LastUpdate(msgspec.Struct, kw_only=True):
+    """The last update job of a slot that ended, kept by the updater across restarts."""
+
+    version: str
+    seq: int
+    """The published version's sequence number (what a rollout is identified by)."""
+    outcome: UpdateOutcome
+    reason: str
+    ts: Timestamp
+    """When the job ended."""
+
+
 class SlotStatus(msgspec.Struct, kw_only=True):
     """One model slot as the status topic shows it."""
 
@@ -63,6 +80,8 @@ class SlotStatus(msgspec.Struct, kw_only=True):
     signature_digest: str | None
     """sha256 of the model's input/output signature: equal digests mean interchangeable models."""
     update_state: str
+    last_update: LastUpdate | None = None
+    """How the slot's last update job ended; null when it never had one."""
 
 
 class Status(Payload, kw_only=True, tag_field="state", tag="online"):
