@@ -78,6 +78,7 @@ def slot_status(slot: ModelSlot) -> SlotStatus:
             digest=None,
             signature_digest=None,
             update_state=slot.update_state,
+            last_update=slot.last_update,
         )
     signature = json.dumps(loaded.backend.signature(), sort_keys=True).encode()
     return SlotStatus(
@@ -89,6 +90,7 @@ def slot_status(slot: ModelSlot) -> SlotStatus:
         digest=loaded.digest,
         signature_digest=hashlib.sha256(signature).hexdigest(),
         update_state=slot.update_state,
+        last_update=slot.last_update,
     )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from agent.backends import Backend, open_backend
 from agent.config import ModelConfig
 from agent.errors import BackendError, InputError, NotReadyError
+from telemetry.payloads import LastUpdate
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ class ModelSlot:
         self._gate = threading.BoundedSemaphore(config.max_concurrency)
         self.listeners: list[Listener] = []
         self.update_state = "idle"
+        self.last_update: LastUpdate | None = None
+        """How the last update job of this slot ended (set by the updater)."""
 
     @property
     def name(self) -> str:

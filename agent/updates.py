@@ -18,6 +18,7 @@ import numpy as np
 from agent.config import Config
 from agent.slots import LoadedModel, ModelSlot
 from telemetry.errors import InferdError
+from telemetry.payloads import LastUpdate
 from updater.client import RepositoryClient
 from updater.device import DeviceUpdater, Emit, RunCounts, Serving
 
@@ -77,6 +78,11 @@ class SlotAdapter:
 
     def set_update_state(self, state: str) -> None:
         self.slot.update_state = state
+        if self.on_state is not None:
+            self.on_state()
+
+    def set_last_update(self, last: LastUpdate) -> None:
+        self.slot.last_update = last
         if self.on_state is not None:
             self.on_state()
 

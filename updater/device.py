@@ -5,7 +5,8 @@ interval or by ``cmd/check-update``. A found version is downloaded and verified 
 staged in the store, validated beside the serving model, swapped in, then watched during a
 trial window: a breach of the error rate or latency thresholds, or a crash loop, rolls back to
 the previous version kept on disk. Every transition is an event; the slot's ``update_state``
-mirrors the job for the retained status.
+mirrors the job for the retained status, and its ``last_update`` says how the last job ended
+(persisted with the state, so a fleet view sees failures after the fact and after a restart).
 
 The updater never imports the agent: it drives a slot through :class:`SlotPort`.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+from telemetry.payloads import LastUpdate, UpdateOutcome
 from updater.client import Offer, RepositoryClient
 from updater.config import UpdatesConfig
 from updater.errors import CancelledError, StepTimeoutError, UpdateError, ValidationError
@@ -77,6 +79,10 @@ class SlotPort(Protocol):
 
     def set_update_state(self, state: str) -> None:
         """Reflect the update state in the retained status."""
+        ...
+
+    def set_last_update(self, last: LastUpdate) -> None:
+        """Reflect how the slot's last update job ended in the retained status."""
         ...
 
 
@@ -176,6 +182,9 @@ class DeviceUpdater:
         if not self._booted:
             self._booted = True
             self._resume()
+            for name, last in self.machine.record.last.items():
+                if name in self.slots:
+                    self.slots[name].set_last_update(last)
         return {name: e for name in self.slots if (e := self.store.active(name)) is not None}
 
     def _resume(self) -> None:
@@ -338,6 +347,7 @@ class DeviceUpdater:
                     seq=current.seq,
                 )
                 self._discard(current)
+                self._end_job(current, "withdrawn", "no longer offered to this device")
                 self.slots[current.slot].set_update_state(S.IDLE.value)  # nothing in progress
             self.machine.transition(S.IDLE, "up to date")
             return
@@ -353,6 +363,7 @@ class DeviceUpdater:
                 seq=current.seq,
             )
             self._discard(current)
+            self._end_job(current, "superseded", f"superseded by {job.version}")
         self.machine.transition(
             S.DOWNLOADING, f"{job.slot} {job.version} published (seq {job.seq})", job=job
         )
@@ -629,6 +640,10 @@ class DeviceUpdater:
             del seqs[:-20]
         self.machine.save()
 
+    def _end_job(self, job: Job, outcome: UpdateOutcome, reason: str) -> None:
+        """A job dropped before a terminal state (those are recorded by the state machine)."""
+        self.slots[job.slot].set_last_update(self.machine.end_job(job, outcome, reason))
+
     def _discard(self, job: Job) -> None:
         if self._candidate is not None:
             self._candidate.close()
@@ -675,6 +690,8 @@ class DeviceUpdater:
         job = rec.job
         if job is not None and to != S.IDLE:
             self.slots[job.slot].set_update_state(to.value)
+            if to in TERMINAL:
+                self.slots[job.slot].set_last_update(rec.last[job.slot])
         level = "info"
         if to in (S.FAILED, S.ROLLED_BACK):
             level = "warning" if before == S.CHECKING else "error"

@@ -16,11 +16,13 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from telemetry.payloads import LastUpdate, UpdateOutcome
 from updater.durable import write_atomic
 from updater.errors import StateError, StorageError
 
@@ -77,6 +79,11 @@ RESUME: dict[State, State] = {
 """Where a job continues after the process died while its record named each state."""
 
 TERMINAL = frozenset({S.COMMITTED, S.FAILED, S.ROLLED_BACK})
+_OUTCOMES: dict[State, UpdateOutcome] = {
+    S.COMMITTED: "committed",
+    S.FAILED: "failed",
+    S.ROLLED_BACK: "rolled_back",
+}
 MAX_RESUMES = 3
 """Resuming the same state of the same job more often than this fails the job."""
 MAX_TRANSITIONS = 64
@@ -116,6 +123,8 @@ class Record(msgspec.Struct, kw_only=True):
     trial: Trial | None = None
     failed: dict[str, list[int]] = {}
     """Per slot, the seqs of versions that failed validation or trial: not retried."""
+    last: dict[str, LastUpdate] = {}
+    """Per slot, how its last job ended (shown in the retained status)."""
 
 
 Listener = Callable[[State, State, Record], None]
@@ -169,12 +178,26 @@ class StateMachine:
         rec.entered_at = self.clock()
         rec.resumes = 0
         rec.transitions = 1 if before == S.IDLE else rec.transitions + 1
+        if to in TERMINAL and rec.job is not None:
+            self.end_job(rec.job, _OUTCOMES[to], reason)  # saved with the state it ends in
         if to == S.IDLE:
             rec.job = None
             rec.trial = None
         self.save()
         if self.listener is not None:
             self.listener(before, to, rec)
+
+    def end_job(self, job: Job, outcome: UpdateOutcome, reason: str) -> LastUpdate:
+        """Record how ``job`` ended; saved with the next :meth:`save` or transition."""
+        last = LastUpdate(
+            version=job.version,
+            seq=job.seq,
+            outcome=outcome,
+            reason=reason,
+            ts=datetime.fromtimestamp(self.clock(), timezone.utc),
+        )
+        self.record.last[job.slot] = last
+        return last
 
     def resume(self) -> State:
         """After a restart: the state to continue in (saved), with the loop breaker applied.
