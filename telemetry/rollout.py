@@ -11,8 +11,10 @@ the slot and version, so each rollout starts on different devices. The device's 
 (version served, update state, groups), the ``events`` of its update jobs (``update`` events
 carry the job's version and seq; ``failed`` and ``rolled_back`` are failures) and the retained
 group pokes ``inferctl rollout`` leaves, which carry the current shares (for display only:
-devices trust nothing but the signed metadata). Events are not retained, so failures count
-from the moment the tally subscribes; ``inferctl rollout --follow`` watches a whole wave.
+devices trust nothing but the signed metadata). Events are not retained, but each slot's
+``last_update`` in the retained status says how the device's last job ended, so a tally
+started after a wave still sees who failed; a device counts once, by whichever of its
+latest event and its ``last_update`` is newer.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import msgspec
 
-from telemetry.payloads import Event, Offline, Status, StatusPayload
+from telemetry.payloads import Event, LastUpdate, Offline, Status, StatusPayload
 
 ALL = "*"
 """The share key for devices in none of the named groups (and devices without groups)."""
@@ -98,8 +101,11 @@ class _Device:
     version: str | None = None
     """What the retained status says the slot serves."""
     status_state: str | None = None
+    last: LastUpdate | None = None
+    """The retained status' ``last_update`` of the slot (any version)."""
     state: str | None = None
     """The latest ``update`` event state of this rollout's job."""
+    event_ts: datetime | None = None
     started: float | None = None
     finished: float | None = None
     reason: str | None = None
@@ -237,6 +243,7 @@ class RolloutTally:
             for dev in self.devices.values():
                 dev.state = dev.reason = None
                 dev.started = dev.finished = None
+                dev.event_ts = None
         self.version, self.seq = version, seq
         self.target_groups = tuple(target_groups)
         self.shares = dict(shares) if shares is not None else None
@@ -299,6 +306,7 @@ class RolloutTally:
             if slot.name == self.slot:
                 dev.version = slot.version
                 dev.status_state = slot.update_state
+                dev.last = slot.last_update
 
     def _event(self, device: str, event: Event) -> None:
         if event.kind not in _KINDS or event.model != self.slot or event.version is None:
@@ -323,6 +331,7 @@ class RolloutTally:
         if dev.started is None:
             dev.started = now
         dev.state = state
+        dev.event_ts = event.ts
         if state in (*FAILED, *GAVE_UP, "committed") or (state == "trial" and not dev.finished):
             dev.finished = now
         if state in FAILED:
@@ -342,8 +351,22 @@ class RolloutTally:
             self.shares, name, dev.groups or (), self.slot, self.version
         )
 
+    def _ended(self, dev: _Device) -> LastUpdate | None:
+        """The retained outcome of this rollout's job, unless an event seen is newer."""
+        last = dev.last
+        if last is None or last.version != self.version:
+            return None
+        if self.seq is not None and last.seq != self.seq:
+            return None
+        if dev.event_ts is not None and dev.event_ts > last.ts:
+            return None  # e.g. it joined again after a withdrawal
+        return last
+
     def state_of(self, name: str, dev: _Device) -> str | None:
         """The device's place in the rollout; None when it is outside it."""
+        ended = self._ended(dev)
+        if ended is not None:
+            return ended.outcome
         if dev.state is not None:
             return dev.state
         if self.version is not None and dev.version == self.version:
@@ -380,7 +403,9 @@ class RolloutTally:
             if dev.started is not None:
                 starts.append(dev.started)
             if state in FAILED:
-                failures.append((name, dev.reason or state))
+                ended = self._ended(dev)
+                reason = ended.reason if ended is not None else dev.reason
+                failures.append((name, reason or state))
             if state in (*FAILED, *SUCCEEDED, *GAVE_UP, "trial"):
                 done += 1
         waiting = states.get("waiting", 0)

@@ -9,6 +9,7 @@
 ``--percent`` sets the share of devices that install the version (of every group, or of
 ``--group`` only), re-signs targets, snapshot and timestamp and pokes the version's groups.
 Then the tally (:class:`telemetry.rollout.RolloutTally`): the retained status of every device
+(which says how its last update job ended, so a wave that already finished is judged too)
 and the update events seen for ``--window`` seconds, or with ``--follow`` until every device
 in the rollout has finished. When failures / attempted exceeds ``--halt-ratio`` (after at least
 ``--min-attempted`` attempts) the rollout is halted: every share is set to 0 and signed, with
