@@ -412,6 +412,29 @@ def status_states(peer: Peer) -> list[str]:
     return [json.loads(body).get("state") for body in bodies if body.startswith(b"{")]
 
 
+def inferctl_watch(broker: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """``inferctl watch --json`` against ``broker``, as an operator runs it."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "updater.inferctl",
+            "watch",
+            "--broker",
+            broker,
+            *options,
+            "--json",
+            "--wait",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def test_daemon_with_a_client_certificate_is_online_for_operators_and_applications(
     fleet: ExampleBroker,
     connect: Callable[..., Peer],
@@ -427,29 +450,14 @@ def test_daemon_with_a_client_certificate_is_online_for_operators_and_applicatio
     operator = connect("operator", f"inferd/{DEVICE}/status")
     assert operator.wait(lambda: "online" in status_states(operator)), daemon.stderr()
 
-    watch = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "updater.inferctl",
-            "watch",
-            "--broker",
-            f"mqtts://127.0.0.1:{fleet.tls_port}",
-            "--ca-file",
-            str(fleet.ca.cert_file),
-            "--username",
-            "operator",
-            "--password-file",
-            str(fleet.password_file("operator")),
-            "--json",
-            "--wait",
-            "1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    watch = inferctl_watch(
+        f"mqtts://127.0.0.1:{fleet.tls_port}",
+        "--ca-file",
+        str(fleet.ca.cert_file),
+        "--username",
+        "operator",
+        "--password-file",
+        str(fleet.password_file("operator")),
     )
     assert watch.returncode == 0, watch.stderr
     rows = {row["device"]: row for row in json.loads(watch.stdout)}
@@ -516,29 +524,14 @@ def test_daemon_with_a_wrong_password_keeps_serving_and_says_so_once(
 def test_inferctl_says_why_a_certificate_listener_closed_on_it(fleet: ExampleBroker) -> None:
     """Under TLS 1.3 a refused client certificate is a closed connection, not a CONNACK:
     the operator hears that, rather than a generic "no answer" after the timeout."""
-    watch = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "updater.inferctl",
-            "watch",
-            "--broker",
-            f"mqtts://127.0.0.1:{fleet.cert_port}",
-            "--ca-file",
-            str(fleet.ca.cert_file),
-            "--cert-file",
-            str(fleet.foreign_cert.cert_file),
-            "--key-file",
-            str(fleet.foreign_cert.key_file),
-            "--json",
-            "--wait",
-            "1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    watch = inferctl_watch(
+        f"mqtts://127.0.0.1:{fleet.cert_port}",
+        "--ca-file",
+        str(fleet.ca.cert_file),
+        "--cert-file",
+        str(fleet.foreign_cert.cert_file),
+        "--key-file",
+        str(fleet.foreign_cert.key_file),
     )
     assert watch.returncode == 1
     assert "connection closed before the broker answered" in watch.stderr, watch.stderr
