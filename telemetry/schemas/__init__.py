@@ -9,6 +9,7 @@ defines ``SCHEMA_TYPES: dict[str, type]`` (file stem -> type) and is listed in
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,32 @@ def payload_types() -> dict[str, Any]:
     return types
 
 
+def _normalise(node: Any) -> None:
+    """Make a generated schema independent of the msgspec release that generated it, in place.
+
+    Releases differ in two ways that do not change what a schema accepts: whether class
+    docstrings copied into ``description`` are dedented (0.23 does, earlier ones kept the source
+    indentation) and the order of ``anyOf`` branches for optional fields (0.18 puts ``null``
+    first). Dedenting every description and sorting every ``anyOf`` makes the committed files
+    the same with every msgspec the lower bound admits.
+    """
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "description" and isinstance(value, str):
+                node[key] = inspect.cleandoc(value)
+            else:
+                _normalise(value)
+        if isinstance(node.get("anyOf"), list):
+            node["anyOf"].sort(key=lambda branch: json.dumps(branch, sort_keys=True))
+    elif isinstance(node, list):
+        for item in node:
+            _normalise(item)
+
+
 def schema_for(tp: Any) -> dict[str, Any]:
     """The JSON Schema of one payload type, with ``schema_version`` and ``ts`` required."""
     schema: dict[str, Any] = msgspec.json.schema(tp)
+    _normalise(schema)
     for definition in schema.get("$defs", {}).values():
         props = definition.get("properties", {})
         required = definition.setdefault("required", [])
