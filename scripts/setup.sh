@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare a checkout: Debian packages when missing (python3-venv, mosquitto, curl, systemd for
-# systemd-analyze), a virtual environment in .venv with inferd and its dev/test extras.
+# systemd-analyze), a virtual environment in .venv with inferd and its dev/test extras, from the lock.
 # Idempotent and quick when done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,17 +29,22 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   fi
 fi
 
+# Every package comes from the committed lock (requirements/dev.txt, exported from uv.lock by
+# `make lock`), each file checked against its sha256: a clone installs the same versions on any day.
+python3 -c 'import sys; sys.exit(0 if sys.version_info < (3, 14) else 1)' \
+  || { echo "the lock covers Python 3.10 to 3.13; python3 is $(python3 --version 2>&1)" >&2; exit 1; }
 stamp=.venv/.inferd-installed
-want="$(sha256sum pyproject.toml | cut -c1-16)"
+want="$(cat pyproject.toml requirements/dev.txt | sha256sum | cut -c1-16)"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "installing inferd and its dependencies into .venv" >&2
+  echo "installing inferd and its locked dependencies into .venv" >&2
   log=.venv/pip-install.log
-  if ! { .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip &&
-         .venv/bin/python -m pip install --disable-pip-version-check \
-           -e ".[dev,tflite,quantize,operator]"; } </dev/null >"$log" 2>&1; then
+  pip=(.venv/bin/python -m pip --disable-pip-version-check)
+  if ! { "${pip[@]}" install --require-hashes -r requirements/dev.txt &&
+         "${pip[@]}" install --no-deps --no-build-isolation -e . &&
+         "${pip[@]}" check; } </dev/null >"$log" 2>&1; then
     tail -n 30 "$log" >&2
     echo "pip install failed; the whole log is in $log" >&2
     exit 1
