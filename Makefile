@@ -1,4 +1,4 @@
-.PHONY: setup test lint demo bench schemas clean check-aarch64 install uninstall
+.PHONY: setup test lint demo bench schemas clean lock check-latest check-oldest check-arm64 install uninstall
 
 setup:
 	bash scripts/setup.sh
@@ -29,13 +29,22 @@ schemas: setup
 clean:
 	rm -rf .venv build *.egg-info .mypy_cache .ruff_cache .pytest_cache demo-state
 
-# DESIGN §3: the dependency set must resolve on aarch64 (Pi OS bookworm 3.11, JetPack 6 3.10).
-# onnxruntime >= 1.17 publishes manylinux_2_27/2_28 aarch64 wheels only, hence the extra tags.
-check-aarch64: setup
-	for py in 3.10 3.11; do \
-	  .venv/bin/pip install --dry-run --quiet --only-binary=:all: --ignore-installed \
-	    --platform manylinux2014_aarch64 --platform manylinux_2_27_aarch64 \
-	    --platform manylinux_2_28_aarch64 --python-version $$py \
-	    --target "$$(mktemp -d)" ".[tflite]" || exit 1; \
-	  echo "aarch64 python $$py: resolves"; \
-	done
+# The lock (uv.lock, exported to requirements/*.txt with hashes): refresh it, keeping pins that
+# still fit (UPGRADE=1: newest allowed versions). Commit the result.
+lock:
+	bash scripts/lock.sh
+
+# The tests against the newest versions pyproject.toml allows (Python 3.13), not the lock:
+# drift upstream shows here before a lock refresh, never first to a new user.
+check-latest:
+	bash scripts/check-deps.sh latest
+
+# The tests against the lowest version of every direct dependency (Python 3.10): the lower
+# bounds in pyproject.toml are true.
+check-oldest:
+	bash scripts/check-deps.sh oldest
+
+# The device install on real arm64 Debian userland under qemu (bookworm/Python 3.11 and
+# trixie/Python 3.13): install from the lock, serve, infer, status on MQTT, a signed update.
+check-arm64:
+	bash scripts/check-arm64.sh

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# `make check-latest` / `make check-oldest`: run the whole test command in a throwaway copy of the
+# tree whose virtual environment is NOT installed from the lock, so that upstream drift is seen by
+# us before a lock refresh, and the lower bounds in pyproject.toml are known to be true.
+#   latest  newest versions pyproject.toml allows, on the newest Python the lock covers (3.13)
+#   oldest  the lowest version of every direct dependency, on the oldest Python (3.10)
+# PYTHON=/path/to/python overrides the interpreter. Takes a few minutes more than `make test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:?usage: check-deps.sh latest|oldest}
+find_python() {
+    local want=$1
+    for py in "${PYTHON:-}" "python$want" "$HOME/.pyenv/versions/$want"*/bin/python3; do
+        [ -n "$py" ] && command -v "$py" >/dev/null 2>&1 && { command -v "$py"; return; }
+    done
+    echo "no Python $want found; set PYTHON=/path/to/python$want" >&2
+    exit 1
+}
+case "$mode" in
+    latest) py=$(find_python 3.13) ;;
+    oldest) py=$(find_python 3.10) ;;
+    *) echo "usage: check-deps.sh latest|oldest" >&2; exit 2 ;;
+esac
+bash scripts/setup.sh  # for uv
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/inferd-check-$mode.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+# the tracked files as they are in the work tree (uncommitted edits included)
+git ls-files -z | xargs -0 tar cf - | tar xf - -C "$tmp"
+extras="dev,tflite,quantize,operator"
+"$py" -m venv "$tmp/.venv"
+if [ "$mode" = oldest ]; then
+    .venv/bin/uv pip compile --quiet --resolution lowest-direct --python "$py" \
+        --no-header --extra dev --extra tflite --extra quantize --extra operator \
+        --group build pyproject.toml -o "$tmp/oldest.txt"
+    echo "== $mode: $(grep -c '==' "$tmp/oldest.txt") pins"
+    "$tmp/.venv/bin/pip" install --quiet -r "$tmp/oldest.txt"
+else
+    "$tmp/.venv/bin/pip" install --quiet --upgrade pip setuptools wheel
+    "$tmp/.venv/bin/pip" install --quiet "${tmp}[$extras]"
+fi
+"$tmp/.venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$tmp"
+"$tmp/.venv/bin/pip" freeze > "$tmp/freeze.txt"
+echo "== $mode, $("$tmp/.venv/bin/python" --version): " \
+    "$(grep -i -E '^(onnxruntime|numpy|msgspec|paho-mqtt|tuf|httptools)==' "$tmp/freeze.txt" | tr '\n' ' ')"
+# setup.sh would reinstall from the lock; this venv is the point of the check
+cd "$tmp" && INFERD_SKIP_SETUP=1 bash scripts/test.sh "$@"
