@@ -156,17 +156,44 @@ install_venv() {
         "$PYTHON" -m venv "$VENV"
         say "created virtual environment $VENV"
     fi
-    local spec=${PACKAGE:-${SRC}[${extras}]}
-    # shellcheck disable=SC2086 # PIP_ARGS is a list of arguments on purpose
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PIP_ARGS "$spec"
-    if [ "$PLATFORM" = nvidia ] || { [ "$PLATFORM" = jetson ] && [ -n "$JETSON_INDEX" ]; }; then
+    local pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+    local spec
+    if [ -n "$PACKAGE" ]; then
+        spec=$PACKAGE
+        # shellcheck disable=SC2086 # PIP_ARGS is a list of arguments on purpose
+        "${pip[@]}" $PIP_ARGS "$spec"
+    else
+        # The committed lock, every file checked against its sha256: each device of a fleet runs
+        # the versions the tests ran, whenever it was installed.
+        local lock=$SRC/requirements/device.txt
+        [ "$extras" != "${extras/gpu/}" ] && lock=$SRC/requirements/device-gpu.txt
+        spec="$SRC (locked: ${lock#"$SRC"/})"
+        # shellcheck disable=SC2086
+        if ! "${pip[@]}" $PIP_ARGS --require-hashes -r "$lock"; then
+            # LiteRT publishes wheels for fewer platforms than the rest; serve ONNX without it.
+            say "warning: the locked set did not install; retrying without LiteRT (ai-edge-litert):"
+            say "  this device will serve ONNX models only (runtime: tflite is unavailable)"
+            local trimmed
+            trimmed=$(mktemp)
+            awk '/^ai-edge-litert==/ {skip=1; next} skip && /^[^ #]/ {skip=0} !skip' \
+                "$lock" >"$trimmed"
+            # shellcheck disable=SC2086
+            "${pip[@]}" $PIP_ARGS --require-hashes -r "$trimmed" \
+                || { rm -f "$trimmed"; die "could not install the locked dependencies from $lock"; }
+            rm -f "$trimmed"
+        fi
+        # shellcheck disable=SC2086
+        "${pip[@]}" $PIP_ARGS --require-hashes -r "$SRC/requirements/build.txt"
+        # shellcheck disable=SC2086
+        "${pip[@]}" $PIP_ARGS --no-deps --no-build-isolation "$SRC"
+    fi
+    if [ "$PLATFORM" = jetson ] && [ -n "$JETSON_INDEX" ]; then
         # onnxruntime and onnxruntime-gpu install the same module; only the GPU build may stay.
-        local index=()
-        [ -z "$JETSON_INDEX" ] || index=(--index-url "$JETSON_INDEX")
+        # (NVIDIA's index is outside the lock: PyPI has no JetPack builds to pin)
         "$VENV/bin/python" -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu || true
         # shellcheck disable=SC2086
         "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PIP_ARGS \
-            "${index[@]}" --no-deps onnxruntime-gpu
+            --index-url "$JETSON_INDEX" --no-deps onnxruntime-gpu
     elif [ "$PLATFORM" = jetson ]; then
         say "Jetson: CPU onnxruntime installed; for CUDA/TensorRT run again with"
         say "  --jetson-index URL: NVIDIA's Jetson AI Lab pip index for your JetPack (.../jp6/cu126)"
