@@ -11,7 +11,8 @@ mode=${1:?usage: check-deps.sh latest|oldest}
 find_python() {
     local want=$1
     for py in "${PYTHON:-}" "python$want" "$HOME/.pyenv/versions/$want"*/bin/python3; do
-        [ -n "$py" ] && command -v "$py" >/dev/null 2>&1 && { command -v "$py"; return; }
+        # (a pyenv shim is on PATH for every version but runs only the selected ones)
+        [ -n "$py" ] && "$py" -c 'import venv' >/dev/null 2>&1 && { command -v "$py"; return; }
     done
     echo "no Python $want found; set PYTHON=/path/to/python$want" >&2
     exit 1
