@@ -15,7 +15,8 @@ uninstall:
 	bash systemd/install.sh --uninstall $(INSTALL_ARGS)
 
 lint: setup
-	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy && \
+	  .venv/bin/lint-imports --no-cache
 
 demo:
 	bash scripts/demo.sh

@@ -12,7 +12,7 @@ import numpy as np
 
 from agent import __version__, logsetup, tune
 from agent.config import EX_CONFIG, ModelConfig, load_config
-from agent.errors import ConfigError, InferdError, InputError
+from runtime.errors import ConfigError, InferdError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from agent.backends import open_backend
+    from runtime.backends import open_backend
 
     path = Path(args.model_file)
     runtime = args.runtime or ("tflite" if path.suffix == ".tflite" else "onnxruntime")

@@ -18,17 +18,15 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
-from agent.errors import ConfigError
+from runtime.errors import ConfigError
+from runtime.options import RuntimeOptions
 from telemetry.config import QualityConfig, TelemetryConfig
-from updater.config import UpdatesConfig
+from updater.device.config import UpdatesConfig
 
 EX_CONFIG = 78
 
-Scalar = str | int | float | bool
-
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TOPIC_BAD = re.compile(r"[#+\x00]")
-PROVIDERS = ("tensorrt", "cuda", "cpu")
 
 
 def _check_name(what: str, value: str) -> None:
@@ -38,40 +36,19 @@ def _check_name(what: str, value: str) -> None:
         )
 
 
-class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class ModelConfig(RuntimeOptions, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One model slot: its runtime options plus where the model is and how it is reported."""
+
     name: str
     path: str
     version: str = "1"
-    runtime: Literal["onnxruntime", "tflite"] = "onnxruntime"
-    providers: tuple[Literal["tensorrt", "cuda", "cpu"], ...] = ("cpu",)
-    threads: int = 1
-    inter_op_threads: int = 1
-    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
-    optimized_model_cache: bool = False
-    device_id: int = 0
-    tensorrt_fp16: bool = False
-    tensorrt_int8: bool = False
-    provider_options: dict[str, dict[str, Scalar]] = {}
-    warmup_runs: int = 1
-    max_concurrency: int = 4
     stuck_run_s: float = 30.0
     labels: tuple[str, ...] = ()
     log_tensors: bool = False
 
     def __post_init__(self) -> None:
         _check_name("model name", self.name)
-        if not self.providers:
-            raise ValueError("providers must name at least one of tensorrt, cuda, cpu")
-        if len(set(self.providers)) != len(self.providers):
-            raise ValueError("providers must not repeat")
-        for bad in set(self.provider_options) - set(PROVIDERS):
-            raise ValueError(f"provider_options key {bad!r} is not one of {', '.join(PROVIDERS)}")
-        if self.threads < 0 or self.inter_op_threads < 0:
-            raise ValueError("threads must be >= 0 (0 lets the runtime choose)")
-        if self.warmup_runs < 0:
-            raise ValueError("warmup_runs must be >= 0")
-        if self.max_concurrency < 1:
-            raise ValueError("max_concurrency must be >= 1")
+        super().__post_init__()
         if self.stuck_run_s <= 0:
             raise ValueError("stuck_run_s must be > 0")
 

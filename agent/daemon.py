@@ -17,13 +17,13 @@ from types import FrameType
 from typing import Protocol
 
 from agent import quality, reporting, updates
-from agent.api import ApiServer
+from agent.api.server import ApiServer
 from agent.config import Config
-from agent.errors import ConfigError, InferdError
 from agent.health import ServingHealth
 from agent.reload import ReloadResult, reload_config
 from agent.sdnotify import Notifier, WatchdogPinger
 from agent.slots import ModelSlot
+from runtime.errors import ConfigError, InferdError
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import socket
 import time
 from collections.abc import Mapping
 
-from agent.api import ApiServer
-from agent.errors import NotReadyError
+from agent.api.server import ApiServer
 from agent.slots import ModelSlot
+from runtime.errors import NotReadyError
 
 _PROBE = b"GET /v2/health/live HTTP/1.1\r\nHost: inferd\r\nConnection: close\r\n\r\n"
 _WILDCARD = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}

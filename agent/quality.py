@@ -3,7 +3,7 @@
 to whichever model version a slot serves, payloads out on ``quality`` and ``events``.
 
 Reference statistics for drift (made by ``inferctl evaluate --reference-out`` or
-:func:`telemetry.drift.compute_reference`): ``<model>.ref.json`` beside a configured model
+:func:`telemetry.quality.drift.compute_reference`): ``<model>.ref.json`` beside a configured model
 file (``demo.onnx`` -> ``demo.ref.json``), or the ``reference.json`` an update ships in its
 signed metadata, staged beside the installed model.
 """
@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from agent.config import Config
-from agent.errors import InputError, ModelNotFoundError, NotReadyError
 from agent.slots import ModelSlot
-from telemetry.drift import ReferenceStats, load_reference
-from telemetry.feedback import FeedbackError, FeedbackLog, parse_command, parse_feedback
+from runtime.errors import InputError, ModelNotFoundError, NotReadyError
 from telemetry.prometheus import Family, render
-from telemetry.quality import QualityPayload
-from telemetry.quality_monitor import EmitEvent, QualityMonitor
+from telemetry.quality.drift import ReferenceStats, load_reference
+from telemetry.quality.feedback import FeedbackError, FeedbackLog, parse_command, parse_feedback
+from telemetry.quality.monitor import EmitEvent, QualityMonitor
+from telemetry.quality.scores import QualityPayload
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
-    from agent.mqtt import MqttLink
+    from agent.mqtt.link import MqttLink
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,6 @@ def attach(daemon: Daemon) -> QualityService:
 
 
 def connect_link(service: QualityService, link: MqttLink) -> None:
-    """Publish through ``link`` (an :class:`agent.mqtt.MqttLink`) and take ``cmd/feedback``."""
+    """Publish through ``link`` (an :class:`agent.mqtt.link.MqttLink`) and take ``cmd/feedback``."""
     service.connect(link.publish, link.emit_event)
     link.on_command("feedback", lambda cmd: service.mqtt_feedback(cmd.args))

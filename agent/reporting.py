@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.config import Config
-from agent.errors import NotReadyError
-from agent.mqtt import Command, MqttLink
-from agent.mqtt_infer import MqttInference
+from agent.mqtt.infer import MqttInference
+from agent.mqtt.link import Command, MqttLink
 from agent.slots import ModelSlot
+from runtime.errors import NotReadyError
 from telemetry.metrics import MetricsCollector, MetricsPublisher
 from telemetry.payloads import HostFacts, SlotStatus, Status, utc_now
-from telemetry.predictions import PredictionLogger
+from telemetry.prediction_log import PredictionLogger
 from telemetry.resources import ResourceSampler
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def host_facts() -> HostFacts:
             continue
     providers: list[str] = []
     if "onnxruntime" in sys.modules:  # ask only a runtime that is loaded already
-        from agent.backends.onnx import available_providers
+        from runtime.backends.onnx import available_providers
 
         providers = available_providers()
     return HostFacts(

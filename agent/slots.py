@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.backends import Backend, open_backend
 from agent.config import ModelConfig
-from agent.errors import BackendError, InputError, NotReadyError
+from runtime.backends import Backend, open_backend
+from runtime.errors import BackendError, InputError, NotReadyError
 from telemetry.payloads import LastUpdate
 
 log = logging.getLogger(__name__)

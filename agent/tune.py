@@ -31,9 +31,9 @@ import msgspec
 import numpy as np
 import yaml
 
-from agent.backends import Backend, open_backend
 from agent.config import Config, ModelConfig, load_config
-from agent.errors import InferdError
+from runtime.backends import Backend, open_backend
+from runtime.errors import InferdError
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def tune(
 ) -> TuneResult:
     """Measure the configured options, then the search plan, within ``budget_s`` seconds."""
     if providers is None:
-        from agent.backends.onnx import available_providers
+        from runtime.backends.onnx import available_providers
 
         providers = available_providers() if cfg.runtime == "onnxruntime" else []
     start = clock()
@@ -394,7 +394,7 @@ def dropin(result: TuneResult) -> str:
 
 def model_file(config: Config, cfg: ModelConfig) -> Path:
     """The file the daemon would serve for this slot: an installed update, else the config's."""
-    from updater.store import ModelStore
+    from updater.device.store import ModelStore
 
     try:
         active = ModelStore(config.state_dir).active(cfg.name)

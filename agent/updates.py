@@ -1,6 +1,6 @@
 """Glue between the daemon and the updater: builds a DeviceUpdater from the config and slots.
 
-The updater sees a slot only through :class:`updater.device.SlotPort`; this module adapts
+The updater sees a slot only through :class:`updater.device.updater.SlotPort`; this module adapts
 ``ModelSlot``/``LoadedModel`` to it. The daemon calls :meth:`UpdateComponent.boot_plan` before
 loading models (so a slot starts on the version the store says is active, and a crash loop in
 trial is rolled back before the failing version loads again), then runs it as a component.
@@ -17,10 +17,10 @@ import numpy as np
 
 from agent.config import Config
 from agent.slots import LoadedModel, ModelSlot
-from telemetry.errors import InferdError
+from runtime.errors import InferdError
 from telemetry.payloads import LastUpdate
-from updater.client import RepositoryClient
-from updater.device import DeviceUpdater, Emit, RunCounts, Serving
+from updater.device.client import RepositoryClient
+from updater.device.updater import DeviceUpdater, Emit, RunCounts, Serving
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
@@ -47,7 +47,7 @@ class _Candidate:
 
 
 class SlotAdapter:
-    """:class:`updater.device.SlotPort` over a ``ModelSlot``."""
+    """:class:`updater.device.updater.SlotPort` over a ``ModelSlot``."""
 
     def __init__(self, slot: ModelSlot, on_state: Callable[[], None] | None = None) -> None:
         self.slot = slot

@@ -49,13 +49,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from telemetry.broker import BrokerOptions, connect  # noqa: E402
-from telemetry.rollout import ALL, RolloutTally, bucket  # noqa: E402
+from telemetry.fleet.rollout import RolloutTally  # noqa: E402
+from telemetry.shares import ALL, bucket  # noqa: E402
 from tests.fixtures import models  # noqa: E402
 from tests.fixtures.broker import Broker, free_port  # noqa: E402
-from updater.commands import poke, poke_topic  # noqa: E402
-from updater.model_meta import Rollout  # noqa: E402
-from updater.repository import OperatorRepository  # noqa: E402
-from updater.rollout import halt_reason, halted, poke_payload, raised, tally_for  # noqa: E402
+from updater.meta import Rollout  # noqa: E402
+from updater.operator.push import poke, poke_topic  # noqa: E402
+from updater.operator.repository import OperatorRepository  # noqa: E402
+from updater.operator.rollout import halt_reason, halted, poke_payload, raised, tally_for  # noqa: E402
 
 SLOT = "classifier"
 PREFIX = "fleet"
@@ -73,7 +74,7 @@ def worker(spec: dict[str, Any]) -> int:
 
     from agent.config import parse_config
     from agent.daemon import Daemon
-    from agent.errors import BackendError
+    from runtime.errors import BackendError
 
     logging.basicConfig(level=logging.WARNING, filename=spec["log"])
     daemons = []

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 from agent.config import ModelConfig  # noqa: E402
 from agent.slots import ModelSlot  # noqa: E402
 from telemetry.config import QualityConfig  # noqa: E402
-from telemetry.drift import compute_reference  # noqa: E402
-from telemetry.quality_monitor import QualityMonitor  # noqa: E402
+from telemetry.quality.drift import compute_reference  # noqa: E402
+from telemetry.quality.monitor import QualityMonitor  # noqa: E402
 
 
 def p50_us(samples: list[float]) -> float:

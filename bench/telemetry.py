@@ -40,11 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.config import ModelConfig, parse_config  # noqa: E402
-from agent.mqtt import MqttLink  # noqa: E402
+from agent.mqtt.link import MqttLink  # noqa: E402
 from agent.slots import ModelSlot  # noqa: E402
 from telemetry.metrics import MetricsCollector, MetricsPublisher  # noqa: E402
 from telemetry.payloads import HostFacts, PredictionBatch, Status, utc_now  # noqa: E402
-from telemetry.predictions import PredictionLogger  # noqa: E402
+from telemetry.prediction_log import PredictionLogger  # noqa: E402
 from telemetry.resources import ResourceSampler  # noqa: E402
 from tests.fixtures.broker import Broker  # noqa: E402
 

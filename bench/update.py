@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 from tests.fixtures import models  # noqa: E402
 from tests.fixtures.daemon import start_daemon  # noqa: E402
-from updater.client import RepositoryClient  # noqa: E402
-from updater.inferctl import main as inferctl  # noqa: E402
-from updater.repository import OperatorRepository  # noqa: E402
-from updater.serve import RepositoryServer  # noqa: E402
+from updater.device.client import RepositoryClient  # noqa: E402
+from updater.inferctl.main import main as inferctl  # noqa: E402
+from updater.operator.repository import OperatorRepository  # noqa: E402
+from updater.operator.serve import RepositoryServer  # noqa: E402
 
 UPDATES = 3
 BODY = json.dumps(

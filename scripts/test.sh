@@ -8,6 +8,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff check" && ruff check .
 echo "== ruff format --check" && ruff format --check .
 echo "== mypy" && mypy
+echo "== import contracts" && lint-imports --no-cache
 echo "== pytest"
 set +e
 pytest -q -p no:cacheprovider "$@"

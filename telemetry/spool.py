@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from telemetry.errors import SpoolError
+from runtime.errors import SpoolError
 
 log = logging.getLogger(__name__)
 

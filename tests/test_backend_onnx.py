@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from agent.backends import backend_class, open_backend
 from agent.config import ModelConfig
-from agent.errors import BackendError, BackendUnavailableError, InputError, ModelLoadError
 from agent.slots import ModelSlot
+from runtime.backends import backend_class, open_backend
+from runtime.errors import BackendError, BackendUnavailableError, InputError, ModelLoadError
 from tests.fixtures import models
 
 
@@ -148,7 +148,7 @@ def test_gpu_providers_fall_back_to_cpu_with_one_warning(
 
 
 def test_provider_list_carries_documented_tensorrt_options(model_factory, tmp_path: Path) -> None:
-    from agent.backends.onnx import OnnxBackend
+    from runtime.backends.onnx import OnnxBackend
 
     path = model_factory("classifier")
     options = cfg(path, providers=("tensorrt", "cpu"), tensorrt_fp16=True, device_id=1)

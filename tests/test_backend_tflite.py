@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.backends import open_backend
 from agent.config import ModelConfig
-from agent.errors import BackendError, InputError, ModelLoadError
 from agent.slots import ModelSlot
+from runtime.backends import open_backend
+from runtime.errors import BackendError, InputError, ModelLoadError
 from tests.fixtures import tflite_models as tm
 
 HAVE_LITERT = importlib.util.find_spec("ai_edge_litert") is not None
@@ -273,8 +273,8 @@ def test_no_tflite_runtime_is_backend_unavailable_naming_the_extra() -> None:
         import sys
         sys.modules["ai_edge_litert"] = None  # makes `import ai_edge_litert...` fail
         sys.modules["tflite_runtime"] = None
-        from agent.backends import backend_class
-        from agent.errors import BackendUnavailableError
+        from runtime.backends import backend_class
+        from runtime.errors import BackendUnavailableError
         try:
             backend_class("tflite")
         except BackendUnavailableError as err:
@@ -302,7 +302,7 @@ def test_falls_back_to_tflite_runtime_when_litert_is_absent(tflite_factory) -> N
         sys.modules["tflite_runtime"] = package
         sys.modules["tflite_runtime.interpreter"] = litert
         sys.modules["ai_edge_litert"] = sys.modules["ai_edge_litert.interpreter"] = None
-        from agent.backends import open_backend, tflite
+        from runtime.backends import open_backend, tflite
         from agent.config import ModelConfig
         path = sys.argv[1]
         backend = open_backend(path, ModelConfig(name="m", path=path, runtime="tflite"))

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from telemetry.broker import BrokerOptions, broker_from_args, parse_broker
-from telemetry.errors import MqttError
+from runtime.errors import MqttError
+from telemetry.broker import BrokerOptions, parse_broker
 from tests.fixtures.broker import Broker
-from updater.inferctl import build_parser, main
+from updater.inferctl.broker import broker_from_args
+from updater.inferctl.main import build_parser, main
 
 BROKER_ARGS = [
     "--broker", "mqtts://mq.example:8884", "--prefix", "fleet", "--protocol", "3.1.1",

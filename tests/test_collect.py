@@ -18,8 +18,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from telemetry.broker import BrokerOptions
 from telemetry.payloads import PredictionBatch, PredictionRecord, TensorDump
 from tests.fixtures.broker import free_port
-from updater.collect import Collector, parse_time, subscribe, write
-from updater.inferctl import main
+from updater.inferctl.main import main
+from updater.operator.collect import Collector, parse_time, subscribe, write
 
 T0 = datetime(2025, 5, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from agent.config import Config, load_config, parse_config
-from agent.errors import ConfigError
+from runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config.example.yaml"

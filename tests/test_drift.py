@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from telemetry.drift import (
+from telemetry.quality.drift import (
     DriftError,
     DriftTracker,
     compute_reference,
@@ -168,8 +168,8 @@ def test_reference_shipped_in_a_signed_update_drives_drift(tuf_repo, update_devi
 
 
 def test_publishing_refuses_reference_stats_that_do_not_fit_the_model(tuf_repo, tmp_path):
+    from runtime.errors import OperatorError
     from tests.fixtures.models import classifier
-    from updater.errors import OperatorError
 
     model = classifier(tmp_path / "m.onnx", n_features=4, n_classes=3)
     wrong = tmp_path / "wrong.ref.json"

@@ -11,10 +11,10 @@ import pytest
 from onnx import TensorProto
 from sklearn import metrics as skm
 
-from telemetry.drift import DriftTracker, load_reference
+from telemetry.quality.drift import DriftTracker, load_reference
 from tests.fixtures.lifecycle import mlp, mlp_forward, mlp_weights
 from tests.fixtures.models import classifier, classifier_weights, elementwise
-from updater.inferctl import main
+from updater.inferctl.main import main
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

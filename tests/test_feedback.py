@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from telemetry.feedback import FeedbackError, JoinWindow, Label, parse_feedback, to_label
+from telemetry.quality.feedback import FeedbackError, JoinWindow, Label, parse_feedback, to_label
 
 
 class Clock:
@@ -151,7 +151,7 @@ def daemon(tmp_path, model_factory):
 
     from agent.config import parse_config
     from agent.daemon import Daemon
-    from telemetry.drift import compute_reference
+    from telemetry.quality.drift import compute_reference
 
     model = model_factory("classifier", n_features=4, n_classes=3, seed=2)
     ref = compute_reference({"x": np.random.default_rng(0).normal(size=(1000, 4))})
@@ -245,7 +245,7 @@ def test_cmd_feedback_over_mqtt_and_quality_published(tmp_path, broker, capture_
     from paho.mqtt.properties import Properties
 
     from agent.config import parse_config
-    from agent.mqtt import MqttLink
+    from agent.mqtt.link import MqttLink
     from agent.quality import QualityService, connect_link
     from agent.slots import ModelSlot
     from telemetry import schemas

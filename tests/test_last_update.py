@@ -19,16 +19,17 @@ import pytest
 from agent import __version__
 from agent.reporting import host_facts, slot_status
 from telemetry import schemas
+from telemetry.fleet.rollout import RolloutTally
 from telemetry.payloads import Event, LastUpdate, Status, utc_now
-from telemetry.rollout import ALL, RolloutTally
+from telemetry.shares import ALL
 from tests.fixtures.broker import Broker, Capture
 from tests.fixtures.daemon import start_daemon
 from tests.fixtures.models import classifier
 from tests.fixtures.tuf_repo import Device, TufRepo
 from tests.test_rollout import _inferctl, _publisher, _send, _status, ids_by_bucket
-from updater.model_meta import Rollout
-from updater.rollout import EXIT_HALTED
-from updater.state import StateMachine
+from updater.device.state import StateMachine
+from updater.meta import Rollout
+from updater.operator.rollout import EXIT_HALTED
 
 PREFIX = "inferd"
 STATUS = jsonschema.Draft202012Validator(

@@ -103,5 +103,5 @@ def test_inferd_run_logs_for_the_journal(
         text = daemon.stderr()
     finally:
         assert daemon.stop() == 0
-    assert "<6>agent.api: API listening on http://" in text
+    assert "<6>agent.api.server: API listening on http://" in text
     assert not TIMESTAMP.search(text), text

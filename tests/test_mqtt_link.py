@@ -17,8 +17,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import Config, parse_config
-from agent.mqtt import Command, MqttLink, backoff_delay
-from telemetry.errors import InferdError
+from agent.mqtt.link import Command, MqttLink, backoff_delay
+from runtime.errors import InferdError
 from telemetry.payloads import HostFacts, Status, utc_now
 from tests.fixtures.broker import Broker, Capture, Cutter
 
@@ -283,7 +283,7 @@ def test_wrong_password_is_one_error_line_and_spooling_goes_on(
     pwfile.write_text("dev1:secret\n")
     subprocess.run(["mosquitto_passwd", "-U", str(pwfile)], check=True)
     b = broker_factory(f"allow_anonymous false\npassword_file {pwfile}\n")
-    caplog.set_level(logging.INFO, logger="agent.mqtt")
+    caplog.set_level(logging.INFO, logger="agent.mqtt.link")
     link = make_link(link_config(tmp_path, b, username="dev1", password="wrong"))
     time.sleep(1.0)  # several retry periods at reconnect_max_s
     link.emit_event("still", "spooling")
@@ -303,7 +303,7 @@ def test_bad_tls_file_is_one_error_line(
 ) -> None:
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate\n")
-    caplog.set_level(logging.INFO, logger="agent.mqtt")
+    caplog.set_level(logging.INFO, logger="agent.mqtt.link")
     link = make_link(link_config(tmp_path, broker, tls={"ca_file": str(bad)}))
     time.sleep(0.8)
     link.emit_event("still", "spooling")

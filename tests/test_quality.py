@@ -18,8 +18,9 @@ from sklearn import metrics as skm
 from agent.config import ModelConfig
 from agent.slots import ModelSlot
 from telemetry.config import QualityConfig
-from telemetry.drift import compute_reference
-from telemetry.quality import (
+from telemetry.quality.drift import compute_reference
+from telemetry.quality.monitor import QualityMonitor
+from telemetry.quality.scores import (
     QualityWindow,
     Sample,
     binary_roc_auc,
@@ -27,7 +28,6 @@ from telemetry.quality import (
     multilabel_quality,
     regression_quality,
 )
-from telemetry.quality_monitor import QualityMonitor
 from tests.fixtures.models import save
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "models"
@@ -314,7 +314,7 @@ def test_quality_payload_matches_its_committed_json_schema(served) -> None:
     import jsonschema
 
     from telemetry import schemas
-    from telemetry.quality import QualityPayload
+    from telemetry.quality.scores import QualityPayload
 
     assert schemas.load("quality") == json.loads(schemas.render(QualityPayload))
     slot, monitor, _ = served
@@ -335,7 +335,7 @@ def test_feedback_command_schema_accepts_what_the_device_accepts() -> None:
     import jsonschema
 
     from telemetry import schemas
-    from telemetry.feedback import FeedbackCommand, parse_command
+    from telemetry.quality.feedback import FeedbackCommand, parse_command
 
     schema = schemas.load("cmd-feedback")
     assert schema == json.loads(schemas.render(FeedbackCommand))
@@ -402,7 +402,7 @@ def test_real_daemon_publishes_valid_quality_payloads(broker, capture_factory, i
 
 def test_feedback_log_schema_is_committed() -> None:
     from telemetry import schemas
-    from telemetry.feedback import FeedbackLog
+    from telemetry.quality.feedback import FeedbackLog
 
     assert schemas.load("feedback") == json.loads(schemas.render(FeedbackLog))
 

@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from tests.fixtures.lifecycle import mlp, mlp_forward, mlp_weights
-from updater.inferctl import main
-from updater.model_info import ModelInfo
+from updater.inferctl.main import main
+from updater.operator.model_info import ModelInfo
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from agent.config import Config, parse_config
-from agent.errors import ConfigError
 from agent.reload import changed_keys, plan_reload, reload_config
+from runtime.errors import ConfigError
 
 
 def config(**overrides: Any) -> Config:

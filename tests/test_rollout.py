@@ -15,14 +15,15 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from telemetry.fleet.rollout import RolloutTally, render
 from telemetry.payloads import Event, HostFacts, Offline, SlotStatus, Status, utc_now
-from telemetry.rollout import ALL, FULL, RolloutTally, bucket, joins, render, share_of
+from telemetry.shares import ALL, FULL, bucket, joins, share_of
 from tests.fixtures.broker import Broker, Capture
 from tests.fixtures.models import classifier
 from tests.fixtures.tuf_repo import TufRepo
-from updater.inferctl import main as inferctl
-from updater.model_meta import Rollout
-from updater.rollout import EXIT_HALTED
+from updater.inferctl.main import main as inferctl
+from updater.meta import Rollout
+from updater.operator.rollout import EXIT_HALTED
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "inferd"
@@ -46,7 +47,7 @@ def ids_by_bucket(slot: str, version: str, below: int, n: int = 1, above: bool =
 def test_bucket_is_stable_across_processes_and_salted_by_slot_and_version():
     here = [bucket(f"pi-{i}", "classifier", "2") for i in range(50)]
     code = (
-        "from telemetry.rollout import bucket; "
+        "from telemetry.shares import bucket; "
         "print([bucket(f'pi-{i}', 'classifier', '2') for i in range(50)])"
     )
     # a different hash seed in the child: the bucket must not depend on Python's hash()

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from telemetry.histogram import RELATIVE_ERROR, Histogram
 from telemetry.metrics import MetricsCollector, MetricsPublisher
 from telemetry.payloads import ClassScore, Metrics, OutputSummary, PredictionBatch, SystemMetrics
-from telemetry.predictions import (
+from telemetry.prediction_log import (
     STACK_MAX_VALUES,
     TOP_K,
     TOP_K_ROWS,

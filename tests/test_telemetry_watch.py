@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from telemetry.watch import Fleet, render_text
+from telemetry.fleet.watch import Fleet, render_text
 from tests.fixtures.broker import Broker, Capture
 from tests.fixtures.daemon import start_daemon
 from tests.test_telemetry_agent import DEVICE, agent_config, infer

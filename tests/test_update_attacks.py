@@ -22,7 +22,7 @@ from tuf.api.serialization.json import JSONSerializer
 from tests.fixtures.daemon import free_port
 from tests.fixtures.models import classifier
 from tests.fixtures.tuf_repo import Device, TufRepo
-from updater.model_meta import meta_to_custom
+from updater.meta import meta_to_custom
 
 
 def _assert_refused(device: Device, needle: str) -> None:

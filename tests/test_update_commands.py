@@ -17,8 +17,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from tests.fixtures.broker import Broker
 from tests.fixtures.daemon import free_port
 from tests.fixtures.models import classifier
-from updater.client import RepositoryClient
-from updater.inferctl import main
+from updater.device.client import RepositoryClient
+from updater.inferctl.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

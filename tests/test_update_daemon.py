@@ -17,7 +17,7 @@ from tests.fixtures.broker import Broker
 from tests.fixtures.daemon import start_daemon
 from tests.fixtures.models import classifier
 from tests.fixtures.tuf_repo import FaultyServer
-from updater.inferctl import main as inferctl
+from updater.inferctl.main import main as inferctl
 
 pytest.importorskip("agent.reporting", reason="the daemon's MQTT link is not wired in yet")
 

@@ -9,9 +9,17 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from updater.errors import StateError
-from updater.state import MAX_RESUMES, RESUME, TERMINAL, TRANSITIONS, Job, State, StateMachine
-from updater.store import Entry, ModelStore
+from runtime.errors import StateError
+from updater.device.state import (
+    MAX_RESUMES,
+    RESUME,
+    TERMINAL,
+    TRANSITIONS,
+    Job,
+    State,
+    StateMachine,
+)
+from updater.device.store import Entry, ModelStore
 
 
 def _reachable(start: State, edges: dict[State, frozenset[State]]) -> set[State]:

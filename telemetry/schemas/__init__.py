@@ -18,8 +18,8 @@ import msgspec
 
 PAYLOAD_MODULES: tuple[str, ...] = (
     "telemetry.payloads",
-    "telemetry.quality",
-    "telemetry.feedback",
+    "telemetry.quality.scores",
+    "telemetry.quality.feedback",
 )
 SCHEMA_DIR = Path(__file__).resolve().parent
 _ALWAYS = ("schema_version", "ts")

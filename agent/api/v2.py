@@ -1,0 +1,266 @@
+"""KServe Open Inference Protocol v2: JSON tensors in and out, shared by HTTP and MQTT.
+
+Decoding checks everything a caller can get wrong (JSON, tensor names, datatypes, shapes, data
+length) and raises :class:`InputError` with a message that says which tensor and what is wrong.
+
+The binary tensor extension (as in KServe/Triton) is supported both ways: the JSON header is
+followed by raw little-endian tensor bytes, its length given in ``Inference-Header-Content-Length``;
+an input carries ``parameters.binary_data_size`` instead of ``data``, an output asks for
+``parameters.binary_data: true`` (or the request for ``parameters.binary_data_output: true``).
+Parsing thousands of JSON floats costs more than the model run for mid-size inputs; raw bytes
+cost a copy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from agent.slots import ModelSlot
+from runtime.backends.base import Backend
+from runtime.errors import InputError
+from runtime.tensors import NUMPY_DTYPES, V2_DATATYPES
+
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
+
+
+class _Tensor(msgspec.Struct, forbid_unknown_fields=False):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any] | None = None
+    parameters: dict[str, Any] = {}
+
+
+class _OutputRequest(msgspec.Struct, forbid_unknown_fields=False):
+    name: str
+    parameters: dict[str, Any] = {}
+
+
+class _InferRequest(msgspec.Struct, forbid_unknown_fields=False):
+    inputs: list[_Tensor]
+    id: str | None = None
+    parameters: dict[str, Any] = {}
+    outputs: list[_OutputRequest] | None = None
+
+
+class InferRequest(msgspec.Struct, frozen=True):
+    """A decoded request: numpy feeds, requested outputs (None: all) and the caller's id."""
+
+    feeds: dict[str, np.ndarray]
+    output_names: list[str] | None
+    request_id: str | None
+    parameters: dict[str, Any]
+    classification: dict[str, int]
+    """Requested output name -> top-k, from the classification extension."""
+    binary_outputs: frozenset[str] | bool = False
+    """Outputs to send as raw bytes (True: all of them)."""
+
+
+_decoder = msgspec.json.Decoder(_InferRequest)
+_encoder = msgspec.json.Encoder()
+
+
+def _json_error(err: msgspec.DecodeError) -> InputError:
+    msg = str(err)
+    if msg.startswith("Expected") or "`$" in msg:
+        return InputError(f"invalid request: {msg}")
+    return InputError(f"malformed JSON: {msg}")
+
+
+def _tensor(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
+    """The tensor's array and the offset just past its binary data (if it had any)."""
+    dtype = NUMPY_DTYPES.get(t.datatype)
+    if dtype is None or dtype == "str":
+        raise InputError(f"input {t.name!r}: unsupported datatype {t.datatype!r}")
+    if any(d < 0 for d in t.shape):
+        raise InputError(f"input {t.name!r}: shape {t.shape} has a negative dimension")
+    count = math.prod(t.shape)
+    size = t.parameters.get("binary_data_size")
+    if size is not None:
+        np_dtype = np.dtype(dtype).newbyteorder("<")
+        if not isinstance(size, int) or size != count * np_dtype.itemsize:
+            raise InputError(
+                f"input {t.name!r}: binary_data_size {size} does not match shape {t.shape} of"
+                f" {t.datatype} ({count * np_dtype.itemsize} bytes)"
+            )
+        if offset + size > len(binary):
+            raise InputError(
+                f"input {t.name!r}: binary data ends after {len(binary) - offset} bytes"
+            )
+        arr = np.frombuffer(binary[offset : offset + size], dtype=np_dtype).astype(dtype)
+        return arr.reshape(t.shape), offset + size
+    if t.data is None:
+        raise InputError(f"input {t.name!r}: needs data or parameters.binary_data_size")
+    try:
+        # Nested (row-major) data is allowed by the spec; numpy takes both forms.
+        arr = np.asarray(t.data, dtype=np.dtype(dtype))
+    except (ValueError, TypeError, OverflowError) as err:
+        raise InputError(f"input {t.name!r}: data is not {t.datatype}: {err}") from err
+    if arr.size != count:
+        raise InputError(
+            f"input {t.name!r}: {arr.size} values do not fill shape {t.shape} ({count} values)"
+        )
+    return arr.reshape(t.shape), offset
+
+
+def decode_infer_request(
+    body: bytes, backend: Backend, header_length: int | None = None
+) -> InferRequest:
+    """Parse and check a v2 infer request for ``backend``; raises InputError.
+
+    ``header_length`` is the ``Inference-Header-Content-Length`` of a binary request: the JSON
+    is that many bytes and raw tensor data follows.
+    """
+    view = memoryview(body)
+    if header_length is not None:
+        if not 0 < header_length <= len(body):
+            raise InputError(
+                f"Inference-Header-Content-Length {header_length} is outside the body"
+                f" of {len(body)} bytes"
+            )
+        head, binary = view[:header_length], view[header_length:]
+    else:
+        head, binary = view, memoryview(b"")
+    try:
+        req = _decoder.decode(head)
+    except msgspec.DecodeError as err:
+        raise _json_error(err) from err
+    feeds: dict[str, np.ndarray] = {}
+    offset = 0
+    for t in req.inputs:
+        if t.name in feeds:
+            raise InputError(f"input {t.name!r} is given twice")
+        feeds[t.name], offset = _tensor(t, binary, offset)
+    if offset != len(binary):
+        raise InputError(f"{len(binary) - offset} bytes of binary data belong to no input")
+    backend.check_feeds(feeds)
+    names = None
+    classification: dict[str, int] = {}
+    binary_all = req.parameters.get("binary_data_output") is True
+    binary_outputs: set[str] = set()
+    if req.outputs:
+        known = {o.name for o in backend.outputs}
+        names = []
+        for o in req.outputs:
+            if o.name not in known:
+                raise InputError(
+                    f"unknown output {o.name!r}; the model gives {', '.join(sorted(known))}"
+                )
+            names.append(o.name)
+            if o.parameters.get("binary_data", binary_all) is True:
+                binary_outputs.add(o.name)
+            k = o.parameters.get("classification")
+            if k is not None:
+                if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                    raise InputError(f"output {o.name!r}: classification must be an integer >= 1")
+                classification[o.name] = k
+    return InferRequest(
+        feeds,
+        names,
+        req.id,
+        req.parameters,
+        classification,
+        frozenset(binary_outputs) if req.outputs else binary_all,
+    )
+
+
+def _classify(arr: np.ndarray, k: int, labels: Sequence[str]) -> list[str]:
+    """Triton's classification extension: ``"score:index[:label]"`` for the top k of each row."""
+    rows = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(1, -1)
+    out = []
+    for row in rows:
+        top = np.argsort(row)[::-1][:k]
+        for i in top:
+            label = f":{labels[i]}" if i < len(labels) else ""
+            out.append(f"{float(row[i]):g}:{int(i)}{label}")
+    return out
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    outputs: Mapping[str, np.ndarray],
+    classification: Mapping[str, int] | None = None,
+    labels: Sequence[str] = (),
+    binary_outputs: frozenset[str] | bool = False,
+) -> tuple[bytes, int | None]:
+    """The v2 infer response: (body, JSON header length when binary data follows, else None)."""
+    tensors = []
+    raw: list[bytes] = []
+    for name, arr in outputs.items():
+        k = classification.get(name) if classification else None
+        if k is not None:
+            data = _classify(arr, k, labels)
+            rows = arr.shape[0] if arr.ndim > 1 else 1
+            shape = [rows, min(k, arr.size // rows)]
+            tensors.append({"name": name, "datatype": "BYTES", "shape": shape, "data": data})
+            continue
+        tensor: dict[str, Any] = {
+            "name": name,
+            "datatype": V2_DATATYPES.get(arr.dtype.name, "BYTES"),
+            "shape": list(arr.shape),
+        }
+        if binary_outputs is True or (binary_outputs and name in binary_outputs):
+            chunk = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(chunk)}
+            raw.append(chunk)
+        else:
+            tensor["data"] = arr.ravel().tolist()
+        tensors.append(tensor)
+    head = _encoder.encode(
+        {
+            "model_name": model_name,
+            "model_version": model_version,
+            "id": request_id,
+            "outputs": tensors,
+        }
+    )
+    if not raw:
+        return head, None
+    return head + b"".join(raw), len(head)
+
+
+def infer(
+    slot: ModelSlot, body: bytes, header_length: int | None = None
+) -> tuple[bytes, int | None]:
+    """Decode a v2 request for ``slot``, run it, encode the response (HTTP and MQTT share this)."""
+    req = decode_infer_request(body, slot.current.backend, header_length)
+    outputs, model, rid = slot.predict(req.feeds, req.output_names, req.request_id)
+    return encode_infer_response(
+        slot.name,
+        model.version,
+        rid,
+        outputs,
+        req.classification,
+        slot.config.labels,
+        req.binary_outputs,
+    )
+
+
+def model_metadata(name: str, version: str, runtime: str, backend: Backend) -> dict[str, Any]:
+    """The v2 model metadata document."""
+    sig = backend.signature()
+    return {
+        "name": name,
+        "versions": [version],
+        "platform": PLATFORMS.get(runtime, runtime),
+        "inputs": sig["inputs"],
+        "outputs": sig["outputs"],
+        "parameters": {"providers": list(backend.providers)},
+    }
+
+
+def error_body(message: str) -> bytes:
+    """``{"error": message}`` as JSON bytes."""
+    return _encoder.encode({"error": message})
+
+
+def encode(obj: Any) -> bytes:
+    """JSON-encode a plain object."""
+    return _encoder.encode(obj)

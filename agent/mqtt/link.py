@@ -1,0 +1,614 @@
+"""The agent's one MQTT link: connection, spool forwarding, subscriptions, commands, events, status.
+
+API for the rest of the agent (every call is thread-safe and never blocks on the network):
+
+``link.emit_event(kind, message, *, level="info", model=None, version=None, **details)``
+    Queue an :class:`~telemetry.payloads.Event` on ``{prefix}/{device}/events``. Events go
+    through the spool and are never dropped. Pass the bound method as a narrow callable
+    (``EmitEvent``) to code outside the agent, e.g. the updater.
+``link.publish_status()``
+    Re-publish the retained ``status`` (call it when something in it changes, e.g. a slot's
+    ``update_state``). Only the newest unsent status is kept.
+``link.on_command(name, handler)``
+    Run ``handler(cmd: Command) -> dict | None`` for ``{prefix}/{device}/cmd/{name}`` and for
+    ``{prefix}/groups/{group}/{name}`` of every group the device is in (``cmd.group`` tells
+    which; ``cmd.retained`` is true for a retained poke replayed on subscribe). ``cmd.args`` is
+    the JSON object of the message (``{}`` for an empty message). Raise an ``InferdError`` to
+    refuse. When the sender gave an MQTT 5 response topic the link replies with a
+    :class:`~telemetry.payloads.CommandReply` (``result`` is the handler's return value);
+    a refused or unknown command is also an ``events`` entry of kind ``command-failed``.
+``link.subscribe(filter, handler)``
+    Run ``handler(msg: Inbound)`` for every message matching ``filter``; restored after
+    every reconnect.
+``link.publish(leaf, payload, *, records=0)`` / ``link.send_now(topic, payload, ...)``
+    Queue bytes on ``{prefix}/{device}/{leaf}`` through the spool / send at once, unspooled
+    (responses, which only matter while someone waits, and QoS 0 metrics).
+
+Handlers run one at a time on the ``inferd-mqtt-dispatch`` thread: return quickly and hand long
+work (an update check, an inference) to a thread of your own.
+
+Delivery: every outbound message except ``send_now`` is put in the spool first and sent from there
+in order with QoS 1; a row is deleted only when the broker acknowledges it, so an outage, a
+broker restart or an agent restart loses nothing (a message in flight at a disconnect may arrive
+twice: at-least-once). On every (re)connect the link re-sends the birth ``status`` first, then
+the backlog, and restores its subscriptions. Refused credentials or unusable TLS files are
+logged once as one error line and retried slowly; the agent keeps serving and spooling.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.config import Config
+from runtime.errors import InferdError, MqttError
+from telemetry.broker import BrokerOptions, make_client
+from telemetry.payloads import CommandReply, Event, Level, Offline, Status, utc_now
+from telemetry.spool import Spool
+
+log = logging.getLogger(__name__)
+
+SPOOL_FILE = "telemetry-spool.sqlite"
+WINDOW = 32
+"""QoS 1 messages sent and not yet acknowledged, at most (and at most the broker's Receive Max)."""
+_REFUSED_AUTH = {"Bad user name or password", "Not authorized", "Bad authentication method"}
+
+EmitEvent = Callable[..., None]
+"""``emit_event(kind, message, *, level="info", model=None, version=None, **details)``."""
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A message received on a subscription."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command sent to this device, directly or to one of its groups."""
+
+    name: str
+    args: dict[str, Any]
+    topic: str
+    group: str | None = None
+    retained: bool = False
+
+
+Handler = Callable[[Inbound], None]
+CommandHandler = Callable[[Command], "dict[str, Any] | None"]
+
+
+def backoff_delay(attempt: int, low: float, high: float) -> float:
+    """Exponential backoff with jitter: uniform between ``low`` and ``low * 2**attempt`` (capped).
+
+    The jitter keeps a fleet from reconnecting in lockstep after a broker restart.
+    """
+    return random.uniform(low, min(high, low * 2 ** min(attempt, 32)))
+
+
+def broker_options(config: Config) -> BrokerOptions:
+    """The paho connection options for the agent's ``mqtt`` config section."""
+    m = config.mqtt
+    return BrokerOptions(
+        host=m.host,
+        port=m.port,
+        protocol=m.protocol,
+        client_id=m.client_id or f"inferd-{config.device_id}",
+        username=m.username,
+        password=m.secret(),
+        tls=m.tls is not None,
+        ca_file=m.tls.ca_file if m.tls else None,
+        cert_file=m.tls.cert_file if m.tls else None,
+        key_file=m.tls.key_file if m.tls else None,
+        tls_insecure=bool(m.tls and m.tls.insecure),
+        keepalive_s=m.keepalive_s,
+    )
+
+
+@dataclass
+class _Forwarding:
+    """State of the forwarder thread, reset on every new connection."""
+
+    generation: int = -1
+    cursor: int = 0
+    inflight: dict[int, int] = field(default_factory=dict)
+    """paho mid -> stream row id."""
+    latest_inflight: dict[int, tuple[str, int]] = field(default_factory=dict)
+    """paho mid -> (topic, seq) of a latest-value message."""
+    latest_seen: int = -1
+
+
+class MqttLink:
+    """One MQTT connection for the whole agent; ``start``/``stop`` like every component."""
+
+    def __init__(self, config: Config, status: Callable[[], Status]) -> None:
+        self.config = config
+        self.device = config.device_id
+        self.prefix = config.mqtt.topic_prefix
+        self.root = f"{self.prefix}/{self.device}"
+        self.status_topic = f"{self.root}/status"
+        self._status = status
+        self.spool = Spool(
+            Path(config.state_dir) / SPOOL_FILE, config.telemetry.spool_max_bytes, self._wake
+        )
+        self._client: mqtt.Client | None = None
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._pub_lock = threading.Lock()
+        self._acks: deque[tuple[int, int, ReasonCode]] = deque()
+        self._generation = 0
+        self._window = WINDOW
+        self._connected = False
+        self._refused: str | None = None
+        self._problem: str | None = None
+        self._subs: dict[str, list[Handler]] = {}
+        self._commands: dict[str, CommandHandler] = {}
+        self._inbox: queue.Queue[tuple[Handler, Inbound] | None] = queue.Queue(maxsize=1000)
+        self._threads: list[threading.Thread] = []
+        self._rejected_topics: set[str] = set()
+        self.connects = 0
+        """Successful connections so far (tests and the status of the link)."""
+        self.subscribe(f"{self.root}/cmd/#", self._on_command_message)
+        for group in config.groups:
+            self.subscribe(f"{self.prefix}/groups/{group}/#", self._on_command_message)
+
+    # --- public API ---------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def topic(self, leaf: str) -> str:
+        """The full topic of ``leaf`` below this device's root."""
+        return f"{self.root}/{leaf}"
+
+    def publish(self, leaf: str, payload: bytes, *, records: int = 0) -> bool:
+        """Queue ``payload`` on ``{root}/{leaf}`` (QoS 1); False if the spool dropped it."""
+        return self.spool.put(self.topic(leaf), payload, records=records)
+
+    def emit_event(
+        self,
+        kind: str,
+        message: str,
+        *,
+        level: Level = "info",
+        model: str | None = None,
+        version: str | None = None,
+        **details: Any,
+    ) -> None:
+        """Queue an event; see the module docstring."""
+        event = Event(
+            device=self.device,
+            kind=kind,
+            level=level,
+            message=message,
+            model=model,
+            version=version,
+            details=details,
+        )
+        self.spool.put(self.topic("events"), msgspec.json.encode(event))
+
+    def publish_status(self) -> None:
+        """Queue the current retained status, replacing an unsent older one."""
+        try:
+            payload = msgspec.json.encode(self._status())
+        except Exception:
+            log.exception("mqtt: cannot build the status payload")
+            return
+        self.spool.put_latest(self.status_topic, payload)
+
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        """Call ``handler`` for messages matching ``topic_filter`` (kept across reconnects)."""
+        with self._pub_lock:
+            first = topic_filter not in self._subs
+            self._subs.setdefault(topic_filter, []).append(handler)
+            client = self._client if self._connected else None
+        if first and client is not None:
+            client.subscribe(topic_filter, qos=1)
+
+    def on_command(self, name: str, handler: CommandHandler) -> None:
+        """Register the handler of command ``name``; see the module docstring."""
+        if name in self._commands:
+            raise ValueError(f"command {name!r} already has a handler")
+        self._commands[name] = handler
+
+    def send_now(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        correlation_data: bytes | None = None,
+        user_properties: Mapping[str, str] | None = None,
+        qos: int = 1,
+    ) -> bool:
+        """Send now, not through the spool (a response matters only while someone waits).
+
+        False when there is no connection: the message is not kept.
+        """
+        with self._pub_lock:
+            client = self._client if self._connected else None
+        if client is None:
+            return False
+        props = None
+        if client.protocol == mqtt.MQTTv5 and (correlation_data or user_properties):
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if correlation_data:
+                props.CorrelationData = correlation_data
+            for key, value in (user_properties or {}).items():
+                props.UserProperty = (key, value)
+        info = client.publish(topic, payload, qos=qos, properties=props)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the spool is empty (everything acknowledged); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.spool.pending == 0, timeout)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start connecting in the background; returns at once."""
+        self._stop.clear()
+        for name, target in (
+            ("inferd-mqtt", self._run_network),
+            ("inferd-mqtt-forward", self._run_forwarder),
+            ("inferd-mqtt-dispatch", self._run_dispatch),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Publish ``offline``, flush what the broker takes within ``timeout``, disconnect."""
+        if self._connected:
+            deadline = time.monotonic() + timeout
+            self.flush(timeout)
+            offline = Offline(device=self.device, ts=utc_now(), reason="shutdown")
+            self.spool.put_latest(self.status_topic, msgspec.json.encode(offline))
+            if not self.flush(max(0.5, deadline - time.monotonic())):
+                log.warning("mqtt: %d messages stay spooled for the next start", self.spool.pending)
+        self._stop.set()
+        self._wake()
+        self._inbox.put(None)
+        client = self._client
+        if client is not None:
+            client.disconnect()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads.clear()
+        self.spool.close()
+
+    # --- connection ---------------------------------------------------------------------------
+
+    def _report(self, problem: str) -> None:
+        """Log a connection problem once; repeats of the same problem go to debug."""
+        if problem != self._problem:
+            log.error("mqtt: %s", problem)
+            self._problem = problem
+        else:
+            log.debug("mqtt: %s", problem)
+
+    def _run_network(self) -> None:
+        opts = broker_options(self.config)
+        low, high = self.config.mqtt.reconnect_min_s, self.config.mqtt.reconnect_max_s
+        attempt = 0
+        while not self._stop.is_set():
+            self._refused = None
+            slow = False
+            connects_before = self.connects
+            try:
+                client = self._client or self._make_client(opts)
+                if client.protocol == mqtt.MQTTv5:
+                    client.connect(opts.host, opts.port, opts.keepalive_s, clean_start=True)
+                else:
+                    client.connect(opts.host, opts.port, opts.keepalive_s)
+            except MqttError as err:  # unusable TLS files: only the operator can fix them
+                self._report(str(err))
+                slow = True
+            except (OSError, ssl.SSLError, ValueError) as err:
+                self._report(f"cannot connect to {opts.where}: {_reason(err)}")
+            else:
+                while not self._stop.is_set():
+                    if client.loop(timeout=0.5) != mqtt.MQTT_ERR_SUCCESS:
+                        break
+                was_up = self.connects > connects_before
+                self._connected = False
+                if self._refused is not None:
+                    self._report(f"{opts.where} refused the connection: {self._refused}")
+                    slow = True
+                elif was_up and not self._stop.is_set():
+                    log.warning(
+                        "mqtt: connection to %s lost; spooling until it is back", opts.where
+                    )
+                    attempt = 0
+            if self._stop.is_set():
+                break
+            delay = random.uniform(max(low, high / 2), high) if slow else None
+            if delay is None:
+                delay = backoff_delay(attempt, low, high)
+                attempt += 1
+            self._stop.wait(delay)
+        self._connected = False
+
+    def _make_client(self, opts: BrokerOptions) -> mqtt.Client:
+        client = make_client(opts)
+        client.connect_timeout = min(10.0, float(opts.keepalive_s))
+        # The forwarder's window is the only limit: paho's own inflight count is not reset by
+        # drop_out_messages(), and a stale count would stall sending after a reconnect.
+        client.max_inflight_messages_set(0)
+        client.max_queued_messages_set(0)
+        offline = msgspec.json.encode(Offline(device=self.device))
+        client.will_set(self.status_topic, offline, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        # paho writes to the socket from whichever thread calls publish() unless an event loop
+        # says it does the writing. Ours does (client.loop() wakes on paho's socketpair and
+        # writes), so the forwarder and dispatch threads only queue packets: one writer keeps
+        # packets whole and in publish order.
+        client.on_socket_register_write = _network_thread_writes
+        self._client = client
+        return client
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            self._refused = str(reason)
+            if str(reason) in _REFUSED_AUTH:
+                self._refused += " (check mqtt.username / password)"
+            return
+        receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
+        self.publish_status()  # the birth goes before the backlog: forwarder sends latest first
+        with self._pub_lock:
+            # The spool is the only store: paho must not replay its own copies after a reconnect.
+            client.drop_out_messages()
+            self._window = min(WINDOW, receive_max) if receive_max else WINDOW
+            self._generation += 1
+            self._connected = True
+            # Queued before the forwarder (which needs this lock) can send the birth status:
+            # once the broker shows the device online, it already hears its commands.
+            for topic_filter in self._subs:
+                client.subscribe(topic_filter, qos=1)
+        self.connects += 1
+        if self._problem is not None:
+            log.info("mqtt: connected to %s:%d", self.config.mqtt.host, self.config.mqtt.port)
+            self._problem = None
+        else:
+            log.debug("mqtt: connected")
+        self._wake()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        self._connected = False
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any
+    ) -> None:
+        with self._cond:
+            self._acks.append((self._generation, mid, reason))
+            self._cond.notify_all()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # --- forwarding: spool -> broker ----------------------------------------------------------
+
+    def _has_work(self, fw: _Forwarding) -> bool:
+        if self._acks:
+            return True
+        if not self._connected:
+            return False
+        return (
+            fw.generation != self._generation
+            or fw.latest_seen != self.spool.latest_seq
+            or (self.spool.last_id > fw.cursor and len(fw.inflight) < self._window)
+        )
+
+    def _run_forwarder(self) -> None:
+        fw = _Forwarding()
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._stop.is_set() or self._has_work(fw), 5.0):
+                    continue
+                if self._stop.is_set():
+                    return
+                acks = list(self._acks)
+                self._acks.clear()
+            try:
+                self._settle(fw, acks)
+                self._send(fw)
+            except InferdError as err:  # the spool failed: say so, keep trying
+                log.error("mqtt: %s", err)
+                self._stop.wait(1.0)
+
+    def _settle(self, fw: _Forwarding, acks: list[tuple[int, int, ReasonCode]]) -> None:
+        done: list[int] = []
+        for generation, mid, reason in acks:
+            if generation != fw.generation:
+                continue
+            row = fw.inflight.pop(mid, None)
+            latest = fw.latest_inflight.pop(mid, None)
+            if reason.is_failure:
+                # The broker will never take it (e.g. an ACL): drop it rather than block the queue.
+                topic = latest[0] if latest else "?"
+                if topic not in self._rejected_topics:
+                    self._rejected_topics.add(topic)
+                    log.error("mqtt: broker refused a message on %s: %s", topic, reason)
+            if row is not None:
+                done.append(row)
+            if latest is not None:
+                self.spool.ack_latest(*latest)
+                fw.latest_seen = -1
+        if done:
+            self.spool.ack(done)
+        if acks:
+            with self._cond:
+                self._cond.notify_all()  # flush() waiters
+
+    def _send(self, fw: _Forwarding) -> None:
+        with self._pub_lock:
+            client = self._client
+            if not self._connected or client is None:
+                return
+            if fw.generation != self._generation:
+                fw.generation = self._generation
+                fw.cursor = 0
+                fw.inflight.clear()
+                fw.latest_inflight.clear()
+                fw.latest_seen = -1
+            if fw.latest_seen != self.spool.latest_seq:
+                fw.latest_seen = self.spool.latest_seq
+                pending = {t for t, _ in fw.latest_inflight.values()}
+                for msg in self.spool.latest():
+                    if msg.topic in pending:
+                        continue  # an older one is in flight: its ack makes _settle look again
+                    info = client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+                    fw.latest_inflight[info.mid] = (msg.topic, msg.key)
+            room = self._window - len(fw.inflight)
+            if room <= 0 or self.spool.last_id <= fw.cursor:
+                return
+            for msg in self.spool.read(fw.cursor, room):
+                try:
+                    info = client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+                except ValueError as err:  # e.g. over the MQTT size limit: it can never be sent
+                    log.error("mqtt: dropping an unsendable message on %s: %s", msg.topic, err)
+                    self.spool.ack([msg.key])
+                else:
+                    fw.inflight[info.mid] = msg.key
+                fw.cursor = msg.key
+
+    # --- inbound ------------------------------------------------------------------------------
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        inbound = Inbound(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            retain=bool(msg.retain),
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation_data=getattr(props, "CorrelationData", None),
+            user_properties=tuple(getattr(props, "UserProperty", ()) or ()),
+        )
+        with self._pub_lock:
+            matched = [
+                h
+                for f, handlers in self._subs.items()
+                if mqtt.topic_matches_sub(f, msg.topic)
+                for h in handlers
+            ]
+        for handler in matched:
+            try:
+                self._inbox.put_nowait((handler, inbound))
+            except queue.Full:
+                log.warning("mqtt: inbound queue full, dropped a message on %s", msg.topic)
+
+    def _run_dispatch(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            handler, inbound = item
+            try:
+                handler(inbound)
+            except Exception:
+                log.exception("mqtt: handler for %s failed", inbound.topic)
+
+    def _on_command_message(self, msg: Inbound) -> None:
+        rest = msg.topic[len(self.prefix) + 1 :].split("/")
+        # {device}/cmd/{name...} or groups/{group}/{name...}
+        group = rest[1] if rest[0] == "groups" else None
+        name = "/".join(rest[2:])
+        result: dict[str, Any] | None = None
+        error: str | None = None
+        try:
+            args = msgspec.json.decode(msg.payload) if msg.payload.strip() else {}
+            if not isinstance(args, dict):
+                raise InferdError("the command body must be a JSON object")
+            handler = self._commands.get(name)
+            if handler is None:
+                raise InferdError(f"unknown command {name!r}")
+            result = handler(Command(name, args, msg.topic, group, msg.retain))
+        except msgspec.DecodeError as err:
+            error = f"invalid JSON: {err}"
+        except (InferdError, msgspec.ValidationError, ValueError) as err:
+            error = str(err)
+        except Exception as err:
+            log.exception("mqtt: command %s failed", name)
+            error = f"internal error: {type(err).__name__}"
+        if error is not None:
+            self.emit_event("command-failed", f"{name}: {error}", level="warning", topic=msg.topic)
+        if msg.response_topic:
+            reply = CommandReply(
+                device=self.device, command=name, ok=error is None, error=error, result=result
+            )
+            self.send_now(
+                msg.response_topic,
+                msgspec.json.encode(reply),
+                correlation_data=msg.correlation_data,
+            )
+
+
+def _network_thread_writes(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """paho's register-write hook: nothing to register, the network thread's loop() writes."""
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({err.verify_message})"
+    if isinstance(err, ssl.SSLError):
+        return f"TLS handshake failed ({err.reason or err})"
+    if isinstance(err, socket.gaierror):
+        return f"unknown host ({err.strerror})"
+    if isinstance(err, TimeoutError):
+        return "timed out"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__
+
+
+__all__ = [
+    "Command",
+    "CommandHandler",
+    "EmitEvent",
+    "Handler",
+    "Inbound",
+    "MqttLink",
+    "backoff_delay",
+    "broker_options",
+]

@@ -1,0 +1,49 @@
+"""How a backend runs a model: runtime, execution providers, threads, warm-up, concurrency.
+
+A model slot's config (``models[]`` in the YAML) is a :class:`RuntimeOptions` with the slot's
+own keys added, so operators' files keep their flat shape while the backends, the operator's
+tools and ``inferd tune`` share one type.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Scalar = str | int | float | bool
+PROVIDERS = ("tensorrt", "cuda", "cpu")
+"""ONNX Runtime execution providers inferd knows, in the order a GPU device prefers them."""
+
+
+class RuntimeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Runtime settings of one model; the defaults serve on a CPU."""
+
+    runtime: Literal["onnxruntime", "tflite"] = "onnxruntime"
+    providers: tuple[Literal["tensorrt", "cuda", "cpu"], ...] = ("cpu",)
+    threads: int = 1
+    inter_op_threads: int = 1
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    optimized_model_cache: bool = False
+    device_id: int = 0
+    tensorrt_fp16: bool = False
+    tensorrt_int8: bool = False
+    provider_options: dict[str, dict[str, Scalar]] = {}
+    warmup_runs: int = 1
+    max_concurrency: int = 4
+    name: str = "model"
+    """Which model these options are for, in log lines (a slot's name)."""
+
+    def __post_init__(self) -> None:
+        if not self.providers:
+            raise ValueError("providers must name at least one of tensorrt, cuda, cpu")
+        if len(set(self.providers)) != len(self.providers):
+            raise ValueError("providers must not repeat")
+        for bad in set(self.provider_options) - set(PROVIDERS):
+            raise ValueError(f"provider_options key {bad!r} is not one of {', '.join(PROVIDERS)}")
+        if self.threads < 0 or self.inter_op_threads < 0:
+            raise ValueError("threads must be >= 0 (0 lets the runtime choose)")
+        if self.warmup_runs < 0:
+            raise ValueError("warmup_runs must be >= 0")
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")

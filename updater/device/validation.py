@@ -1,0 +1,181 @@
+"""The validation gate: a candidate must prove itself on this device before it serves.
+
+The candidate is already loaded (and warmed up) in a fresh backend beside the serving one. It
+must take the inputs and give the outputs the slot's clients use, match the signature the
+operator signed, reproduce the golden outputs within tolerance, and keep its p99 latency
+within the signed budget.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from runtime.errors import ValidationError
+from runtime.tensors import NUMPY_DTYPES, Signature, TensorMeta
+from updater.meta import ModelMeta
+
+Feeds = Mapping[str, np.ndarray]
+
+
+class Candidate(Protocol):
+    """A loaded model that is not serving yet (the agent wraps its LoadedModel in one)."""
+
+    version: str
+
+    def signature(self) -> Mapping[str, Sequence[Mapping[str, Any]]]:
+        """Inputs and outputs in the v2 metadata form."""
+        ...
+
+    def run(self, feeds: Feeds) -> Mapping[str, np.ndarray]:
+        """Run once; raises on failure."""
+        ...
+
+    def close(self) -> None:
+        """Release it without ever serving it."""
+        ...
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the gate measured (published in the validation event)."""
+
+    golden_checked: int
+    runs: int
+    p50_ms: float
+    p99_ms: float
+    budget_ms: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "golden_checked": self.golden_checked,
+            "runs": self.runs,
+            "p50_ms": round(self.p50_ms, 3),
+            "p99_ms": round(self.p99_ms, 3),
+            "budget_ms": self.budget_ms,
+        }
+
+
+def _dims_fit(a: Sequence[int], b: Sequence[int]) -> bool:
+    return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b, strict=True))
+
+
+def _fits(need: Sequence[TensorMeta], have: Sequence[TensorMeta], what: str) -> None:
+    by_name = {t.name: t for t in have}
+    for t in need:
+        other = by_name.get(t.name)
+        if other is None:
+            raise ValidationError(f"{what} {t.name!r} is missing from the candidate")
+        if other.datatype != t.datatype:
+            raise ValidationError(
+                f"{what} {t.name!r} is {other.datatype} in the candidate, {t.datatype} in the slot"
+            )
+        if not _dims_fit(t.shape, other.shape):
+            raise ValidationError(
+                f"{what} {t.name!r} has shape {list(other.shape)} in the candidate, "
+                f"{list(t.shape)} in the slot"
+            )
+
+
+def check_signature(candidate: Signature, declared: Signature, serving: Signature | None) -> None:
+    """The candidate is what was signed, and fits the slot's clients (same inputs, outputs)."""
+    if candidate != declared:
+        raise ValidationError(
+            "the candidate's signature differs from the one signed into its target "
+            f"({_short(candidate)} vs {_short(declared)})"
+        )
+    if serving is None:
+        return
+    in_names = {t.name for t in candidate.inputs}
+    extra = in_names - {t.name for t in serving.inputs}
+    if extra:
+        raise ValidationError(f"the candidate needs input(s) the slot lacks: {sorted(extra)}")
+    _fits(serving.inputs, candidate.inputs, "input")
+    _fits(serving.outputs, candidate.outputs, "output")
+
+
+def _short(sig: Signature) -> str:
+    def one(t: TensorMeta) -> str:
+        return f"{t.name}:{t.datatype}{list(t.shape)}"
+
+    return f"in {', '.join(map(one, sig.inputs))}; out {', '.join(map(one, sig.outputs))}"
+
+
+def zero_feeds(sig: Signature) -> dict[str, np.ndarray]:
+    """Zeros for every input, dynamic dimensions set to 1 (when no golden inputs are shipped)."""
+    feeds = {}
+    for t in sig.inputs:
+        dtype = NUMPY_DTYPES.get(t.datatype)
+        if dtype is None or dtype == "str":
+            raise ValidationError(f"input {t.name!r} ({t.datatype}) needs golden inputs")
+        feeds[t.name] = np.zeros([1 if d < 0 else d for d in t.shape], dtype=dtype)
+    return feeds
+
+
+def load_golden(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(inputs, expected outputs) from a published golden.npz."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as err:
+        raise ValidationError(f"golden file unreadable: {err}") from err
+    feeds = {k[3:]: v for k, v in arrays.items() if k.startswith("in.")}
+    expected = {k[4:]: v for k, v in arrays.items() if k.startswith("out.")}
+    return feeds, expected
+
+
+def validate(
+    candidate: Candidate,
+    meta: ModelMeta,
+    serving: Signature | None,
+    golden: bytes | None,
+    runs: int = 20,
+) -> Report:
+    """Run the gate; ValidationError naming the first check that failed."""
+    try:
+        sig = Signature.from_json(candidate.signature())
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValidationError(f"candidate signature unreadable: {err}") from err
+    check_signature(sig, meta.signature, serving)
+    checked = 0
+    if golden is not None:
+        feeds, expected = load_golden(golden)
+        outputs = _run(candidate, feeds, "golden inputs")
+        rtol, atol = meta.tolerance
+        for name, want in expected.items():
+            got = outputs.get(name)
+            if got is None:
+                raise ValidationError(f"golden output {name!r} was not produced")
+            got = np.asarray(got)
+            if got.shape != want.shape or not np.allclose(got, want, rtol=rtol, atol=atol):
+                worst = float(np.max(np.abs(got - want))) if got.shape == want.shape else None
+                raise ValidationError(
+                    f"golden output {name!r} differs beyond rtol={rtol}, atol={atol}"
+                    + (f" (max abs diff {worst:.3g})" if worst is not None else " (shape)")
+                )
+            checked += 1
+    else:
+        feeds = zero_feeds(sig)
+    _run(candidate, feeds, "warm-up")
+    lat = np.empty(max(1, runs), dtype=np.float64)
+    for i in range(len(lat)):
+        start = time.perf_counter_ns()
+        _run(candidate, feeds, "timed run")
+        lat[i] = (time.perf_counter_ns() - start) / 1e6
+    p50, p99 = (float(x) for x in np.percentile(lat, [50, 99]))
+    budget = None if meta.latency_budget_us is None else meta.latency_budget_us / 1000
+    if budget is not None and p99 > budget:
+        raise ValidationError(f"p99 latency {p99:.2f} ms is over the budget of {budget:g} ms")
+    return Report(checked, len(lat), p50, p99, budget)
+
+
+def _run(candidate: Candidate, feeds: Feeds, what: str) -> Mapping[str, np.ndarray]:
+    try:
+        return candidate.run(feeds)
+    except Exception as err:
+        raise ValidationError(f"{what} failed: {err}") from err
