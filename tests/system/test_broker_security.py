@@ -34,7 +34,7 @@ from tests.fixtures.broker import Broker, free_port
 from tests.fixtures.daemon import DaemonProc
 from tests.fixtures.pki import Issued, Pki
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 USERS = ("pi-kitchen-01", "jetson-yard-02", "operator", "telegraf", "app-frontdoor")

@@ -20,7 +20,7 @@ from tests.fixtures.models import classifier
 from updater.device.client import RepositoryClient
 from updater.inferctl.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_repo_init_model_add_list_refresh_rotate(tmp_path, capsys):

@@ -216,7 +216,7 @@ def test_unreachable_broker_is_one_line(capsys, tmp_path) -> None:
 
 def test_collect_from_a_real_daemon_closes_the_loop(broker, publisher, inferd_daemon, tmp_path):
     """inferd run logs tensors, labels go over cmd/feedback, collect writes a trainable npz."""
-    demo = Path(__file__).resolve().parents[1] / "examples" / "models"
+    demo = Path(__file__).resolve().parents[3] / "examples" / "models"
     prefix = f"t-{uuid.uuid4().hex[:8]}"
     collector = Collector(prefix=prefix)
     ready, stop = threading.Event(), threading.Event()

@@ -14,7 +14,7 @@ import pytest
 
 from tests.fixtures.daemon import DaemonProc
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "examples" / "models" / "demo.onnx"
 GOLDEN = ROOT / "examples" / "models" / "demo.golden.npz"
 

@@ -30,7 +30,7 @@ from telemetry.quality.scores import (
 )
 from tests.fixtures.models import save
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "models"
+DEMO = Path(__file__).resolve().parents[3] / "examples" / "models"
 SETTINGS = settings(max_examples=60, deadline=None)
 # scikit-learn warns when a random draw has one class only; those draws are still compared
 pytestmark = pytest.mark.filterwarnings("ignore:A single label was found:UserWarning")

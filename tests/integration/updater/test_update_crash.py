@@ -21,7 +21,7 @@ from onnx import TensorProto
 
 from tests.fixtures.models import classifier, elementwise, failing
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _driver(opts: dict[str, Any]) -> subprocess.Popen[str]:

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
     not (HAVE_LITERT or HAVE_TFLITE_RUNTIME), reason="no TFLite runtime (the tflite extra)"
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def cfg(path: Path, **kw: object) -> ModelConfig:

@@ -13,7 +13,7 @@ import pytest
 from telemetry import schemas
 from tests.fixtures.broker import Broker, Capture
 from tests.fixtures.daemon import start_daemon
-from tests.test_telemetry_agent import DEVICE, agent_config, infer, request
+from tests.system.test_telemetry_agent import DEVICE, agent_config, infer, request
 
 TOPIC_SCHEMAS = {
     "status": "status",

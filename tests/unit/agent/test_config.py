@@ -13,7 +13,7 @@ import yaml
 from agent.config import Config, load_config, parse_config
 from runtime.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "config.example.yaml"
 
 

@@ -153,7 +153,7 @@ def test_data_without_labels_is_refused(capsys, tmp_path, labelled) -> None:
 def test_tflite_twin_scores_like_the_onnx_model(capsys) -> None:
     """Batched scoring then single-sample latency: the interpreter is resized both ways."""
     pytest.importorskip("ai_edge_litert")
-    demo = Path(__file__).resolve().parents[1] / "examples" / "models"
+    demo = Path(__file__).resolve().parents[3] / "examples" / "models"
     data = str(demo / "demo.eval.npz")
     code, out, _ = run(capsys, str(demo / "demo.tflite"), "--data", data, "--json")
     assert code == 0, out

@@ -25,7 +25,7 @@ from updater.inferctl.main import main as inferctl
 from updater.meta import Rollout
 from updater.operator.rollout import EXIT_HALTED
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "inferd"
 
 

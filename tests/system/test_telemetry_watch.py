@@ -11,9 +11,9 @@ from pathlib import Path
 from telemetry.fleet.watch import Fleet, render_text
 from tests.fixtures.broker import Broker, Capture
 from tests.fixtures.daemon import start_daemon
-from tests.test_telemetry_agent import DEVICE, agent_config, infer
+from tests.system.test_telemetry_agent import DEVICE, agent_config, infer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def watch(b: Broker, *args: str) -> str:

@@ -23,7 +23,7 @@ import pytest
 
 from agent.config import EX_CONFIG, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "inferd.service"
 INSTALL = ROOT / "systemd" / "install.sh"
 EXEC_START = "/opt/inferd/bin/inferd"

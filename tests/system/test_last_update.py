@@ -26,7 +26,7 @@ from tests.fixtures.broker import Broker, Capture
 from tests.fixtures.daemon import start_daemon
 from tests.fixtures.models import classifier
 from tests.fixtures.tuf_repo import Device, TufRepo
-from tests.test_rollout import _inferctl, _publisher, _send, _status, ids_by_bucket
+from tests.system.test_rollout import _inferctl, _publisher, _send, _status, ids_by_bucket
 from updater.device.state import StateMachine
 from updater.meta import Rollout
 from updater.operator.rollout import EXIT_HALTED
