@@ -25,8 +25,8 @@ esac
 bash scripts/setup.sh  # for uv
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/inferd-check-$mode.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
-# the tracked files as they are in the work tree (uncommitted edits included)
-git ls-files -z | xargs -0 tar cf - | tar xf - -C "$tmp"
+# the committed tree (HEAD): what a clone would test
+git archive HEAD | tar xf - -C "$tmp"
 extras="dev,tflite,quantize,operator"
 "$py" -m venv "$tmp/.venv"
 if [ "$mode" = oldest ]; then
