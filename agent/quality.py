@@ -20,11 +20,11 @@ import msgspec
 from agent.config import Config
 from agent.slots import ModelSlot
 from runtime.errors import InputError, ModelNotFoundError, NotReadyError
+from telemetry.payloads import QualityPayload
 from telemetry.prometheus import Family, render
 from telemetry.quality.drift import ReferenceStats, load_reference
 from telemetry.quality.feedback import FeedbackError, FeedbackLog, parse_command, parse_feedback
 from telemetry.quality.monitor import EmitEvent, QualityMonitor
-from telemetry.quality.scores import QualityPayload
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon

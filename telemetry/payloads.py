@@ -258,12 +258,106 @@ class CommandReply(Payload, kw_only=True):
     result: dict[str, Any] | None = None
 
 
-SCHEMA_TYPES: dict[str, Any] = {
-    "status": StatusPayload,
-    "metrics": Metrics,
-    "predictions": PredictionBatch,
-    "events": Event,
-    "cmd-set-sampling": SetSampling,
-    "command-reply": CommandReply,
-}
-"""Schema file stem -> payload type, read by ``telemetry.schemas``."""
+# -- quality ----------------------------------------------------------------------------------
+
+Task = Literal["classification", "multilabel", "regression"]
+
+
+class ClassQuality(msgspec.Struct, frozen=True, kw_only=True):
+    """One class (or one label of a multi-label model) in the window."""
+
+    label: str
+    support: int
+    tp: int
+    fp: int
+    fn: int
+    precision: float
+    recall: float
+    f1: float
+    roc_auc: float | None = None
+
+
+class ClassificationQuality(msgspec.Struct, frozen=True, kw_only=True):
+    """Single-label or multi-label classification metrics over a window.
+
+    ``accuracy`` is subset accuracy for multi-label. ``per_class`` holds the ``max_classes``
+    classes with the largest support; the macro averages cover every class seen. ``confusion``
+    (rows: true, columns: predicted, in ``labels`` order) is given for single-label windows
+    with at most ``max_classes`` classes.
+    """
+
+    accuracy: float
+    precision_macro: float
+    recall_macro: float
+    f1_macro: float
+    roc_auc: float | None
+    per_class: list[ClassQuality]
+    labels: list[str] | None = None
+    confusion: list[list[int]] | None = None
+
+
+class RegressionQuality(msgspec.Struct, frozen=True, kw_only=True):
+    mae: float
+    rmse: float
+    bias: float
+    """Mean of prediction minus truth: the sign says whether the model over- or under-shoots."""
+
+
+class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
+    """Drift of one feature (or channel) of one tensor against its reference statistics."""
+
+    tensor: str
+    index: int
+    psi: float
+    mean_shift: float
+    """(window mean - reference mean) / reference std."""
+    std_ratio: float
+    """window std / reference std."""
+
+
+class DriftQuality(msgspec.Struct, frozen=True, kw_only=True):
+    samples: int
+    psi_max: float
+    threshold: float
+    drifted: bool
+    features: list[FeatureDrift]
+    """The most drifted features, worst first."""
+
+
+class FeedbackCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """How fed-back labels fared in the join with predictions, per model since start.
+
+    ``unmatched`` = ``late`` (the prediction had left the join window) + ``unknown`` (no
+    prediction with that id arrived in time) + ``duplicate`` + ``invalid`` (did not fit the
+    prediction, e.g. a class label for a regression output).
+    """
+
+    matched: int = 0
+    unmatched: int = 0
+    late: int = 0
+    unknown: int = 0
+    duplicate: int = 0
+    invalid: int = 0
+    expired_predictions: int = 0
+    """Predictions that got no label within the join window (normal when few are labelled)."""
+    evicted_predictions: int = 0
+    """Predictions pushed out by the pending bound before their window ended."""
+    pending_predictions: int = 0
+    pending_labels: int = 0
+
+
+class QualityPayload(Payload, kw_only=True):
+    """Published on ``quality`` for each model version with labels or drift to report."""
+
+    device: str
+    model: str
+    version: str
+    task: Task | None
+    samples: int
+    """Labelled samples in the window (0 when only drift is known)."""
+    window_count: int
+    window_s: float
+    classification: ClassificationQuality | None = None
+    regression: RegressionQuality | None = None
+    drift: DriftQuality | None = None
+    feedback: FeedbackCounts | None = None

@@ -21,7 +21,7 @@ import msgspec
 import numpy as np
 
 from runtime.errors import TelemetryError
-from telemetry.quality.scores import DriftQuality, FeatureDrift
+from telemetry.payloads import DriftQuality, FeatureDrift
 
 REFERENCE_SCHEMA_VERSION = 1
 PSI_FLOOR = 1e-4

@@ -98,10 +98,6 @@ class FeedbackLog(Payload, kw_only=True):
     items: list[FeedbackItem]
 
 
-SCHEMA_TYPES: dict[str, Any] = {"cmd-feedback": FeedbackCommand, "feedback": FeedbackLog}
-"""Schema file stem -> type, read by ``telemetry.schemas``."""
-
-
 def parse_command(args: Any) -> FeedbackCommand:
     """Validate a decoded ``cmd/feedback`` body."""
     try:

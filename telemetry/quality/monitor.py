@@ -28,6 +28,14 @@ import numpy as np
 
 from runtime.errors import InferdError
 from telemetry.config import QualityConfig
+from telemetry.payloads import (
+    ClassificationQuality,
+    DriftQuality,
+    FeedbackCounts,
+    QualityPayload,
+    RegressionQuality,
+    Task,
+)
 from telemetry.prediction import Prediction
 from telemetry.quality.drift import DriftError, DriftTracker, ReferenceStats
 from telemetry.quality.feedback import (
@@ -38,18 +46,8 @@ from telemetry.quality.feedback import (
     parse_feedback,
     to_label,
 )
-from telemetry.quality.scores import (
-    ClassificationQuality,
-    DriftQuality,
-    FeedbackCounts,
-    QualityPayload,
-    QualityWindow,
-    RegressionQuality,
-    Sample,
-    Task,
-    interpret,
-    output_rows,
-)
+from telemetry.quality.scores import interpret, output_rows
+from telemetry.quality.window import QualityWindow, Sample
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Model quality from fed-back labels: metrics, rolling windows and the ``quality`` payload.
+"""Model quality from fed-back labels: the metrics, computed with numpy.
 
 The metric functions reproduce scikit-learn's definitions (``accuracy_score``,
 ``precision_recall_fscore_support`` with ``zero_division=0``, ``roc_auc_score``,
@@ -12,125 +12,18 @@ macro average is taken over the classes where it is defined.
 from __future__ import annotations
 
 import math
-import time
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
 
-import msgspec
 import numpy as np
 
-from telemetry.payloads import Payload
-
-Task = Literal["classification", "multilabel", "regression"]
-
+from telemetry.payloads import (
+    ClassificationQuality,
+    ClassQuality,
+    RegressionQuality,
+    Task,
+)
 
 # -- payload types --------------------------------------------------------------------------
-
-
-class ClassQuality(msgspec.Struct, frozen=True, kw_only=True):
-    """One class (or one label of a multi-label model) in the window."""
-
-    label: str
-    support: int
-    tp: int
-    fp: int
-    fn: int
-    precision: float
-    recall: float
-    f1: float
-    roc_auc: float | None = None
-
-
-class ClassificationQuality(msgspec.Struct, frozen=True, kw_only=True):
-    """Single-label or multi-label classification metrics over a window.
-
-    ``accuracy`` is subset accuracy for multi-label. ``per_class`` holds the ``max_classes``
-    classes with the largest support; the macro averages cover every class seen. ``confusion``
-    (rows: true, columns: predicted, in ``labels`` order) is given for single-label windows
-    with at most ``max_classes`` classes.
-    """
-
-    accuracy: float
-    precision_macro: float
-    recall_macro: float
-    f1_macro: float
-    roc_auc: float | None
-    per_class: list[ClassQuality]
-    labels: list[str] | None = None
-    confusion: list[list[int]] | None = None
-
-
-class RegressionQuality(msgspec.Struct, frozen=True, kw_only=True):
-    mae: float
-    rmse: float
-    bias: float
-    """Mean of prediction minus truth: the sign says whether the model over- or under-shoots."""
-
-
-class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
-    """Drift of one feature (or channel) of one tensor against its reference statistics."""
-
-    tensor: str
-    index: int
-    psi: float
-    mean_shift: float
-    """(window mean - reference mean) / reference std."""
-    std_ratio: float
-    """window std / reference std."""
-
-
-class DriftQuality(msgspec.Struct, frozen=True, kw_only=True):
-    samples: int
-    psi_max: float
-    threshold: float
-    drifted: bool
-    features: list[FeatureDrift]
-    """The most drifted features, worst first."""
-
-
-class FeedbackCounts(msgspec.Struct, frozen=True, kw_only=True):
-    """How fed-back labels fared in the join with predictions, per model since start.
-
-    ``unmatched`` = ``late`` (the prediction had left the join window) + ``unknown`` (no
-    prediction with that id arrived in time) + ``duplicate`` + ``invalid`` (did not fit the
-    prediction, e.g. a class label for a regression output).
-    """
-
-    matched: int = 0
-    unmatched: int = 0
-    late: int = 0
-    unknown: int = 0
-    duplicate: int = 0
-    invalid: int = 0
-    expired_predictions: int = 0
-    """Predictions that got no label within the join window (normal when few are labelled)."""
-    evicted_predictions: int = 0
-    """Predictions pushed out by the pending bound before their window ended."""
-    pending_predictions: int = 0
-    pending_labels: int = 0
-
-
-class QualityPayload(Payload, kw_only=True):
-    """Published on ``quality`` for each model version with labels or drift to report."""
-
-    device: str
-    model: str
-    version: str
-    task: Task | None
-    samples: int
-    """Labelled samples in the window (0 when only drift is known)."""
-    window_count: int
-    window_s: float
-    classification: ClassificationQuality | None = None
-    regression: RegressionQuality | None = None
-    drift: DriftQuality | None = None
-    feedback: FeedbackCounts | None = None
-
-
-SCHEMA_TYPES: dict[str, Any] = {"quality": QualityPayload}
-"""Schema file stem -> payload type, read by ``telemetry.schemas``."""
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -396,88 +289,3 @@ def quality_of(
 
 
 # -- rolling windows -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One labelled prediction row.
-
-    ``truth``/``predicted`` are a class index (classification), a 0/1 vector (multilabel) or a
-    float (regression); ``scores`` are the model's per-class scores where it gave any.
-    """
-
-    ts: float
-    truth: int | float | np.ndarray
-    predicted: int | float | np.ndarray
-    scores: np.ndarray | None = None
-
-
-class QualityWindow:
-    """The last ``max_count`` samples no older than ``max_age_s`` for one model version and task."""
-
-    def __init__(
-        self,
-        task: Task,
-        max_count: int,
-        max_age_s: float,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.task: Task = task
-        self.max_age_s = max_age_s
-        self.clock = clock
-        self._samples: deque[Sample] = deque(maxlen=max_count)
-
-    def add(self, sample: Sample) -> None:
-        self._samples.append(sample)
-
-    def _prune(self) -> None:
-        horizon = self.clock() - self.max_age_s
-        while self._samples and self._samples[0].ts < horizon:
-            self._samples.popleft()
-
-    def __len__(self) -> int:
-        self._prune()
-        return len(self._samples)
-
-    def compute(
-        self, label_names: Sequence[str] = (), max_classes: int = 20
-    ) -> ClassificationQuality | RegressionQuality | None:
-        """Metrics over the current window; None when it is empty."""
-        self._prune()
-        samples = list(self._samples)
-        if not samples:
-            return None
-        if self.task == "regression":
-            return regression_quality(
-                np.array([s.truth for s in samples]), np.array([s.predicted for s in samples])
-            )
-        scores = _stack_scores(samples)
-        if self.task == "multilabel":
-            return multilabel_quality(
-                np.stack([np.asarray(s.truth) for s in samples]),
-                np.stack([np.asarray(s.predicted) for s in samples]),
-                scores,
-                label_names=label_names,
-                max_classes=max_classes,
-            )
-        return classification_quality(
-            np.array([s.truth for s in samples]),
-            np.array([s.predicted for s in samples]),
-            scores,
-            label_names=label_names,
-            max_classes=max_classes,
-        )
-
-
-def _stack_scores(samples: Sequence[Sample]) -> np.ndarray | None:
-    """Scores of all samples as one matrix, or None unless every sample has same-width scores."""
-    first = samples[0].scores
-    if first is None:
-        return None
-    width = first.shape[-1]
-    rows = []
-    for s in samples:
-        if s.scores is None or s.scores.shape[-1] != width:
-            return None
-        rows.append(s.scores)
-    return np.stack(rows)

@@ -23,14 +23,8 @@ import numpy as np
 
 from runtime.errors import OperatorError
 from runtime.tensors import NUMPY_DTYPES
-from telemetry.quality.scores import (
-    ClassificationQuality,
-    RegressionQuality,
-    Task,
-    output_rows,
-    quality_of,
-    task_of,
-)
+from telemetry.payloads import ClassificationQuality, RegressionQuality, Task
+from telemetry.quality.scores import output_rows, quality_of, task_of
 from updater.operator.model_info import ModelInfo, runtime_for
 
 LOWER_IS_BETTER = ("mae", "rmse", "latency_")

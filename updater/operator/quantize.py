@@ -30,13 +30,8 @@ import msgspec
 import numpy as np
 
 from runtime.errors import OperatorError
-from telemetry.quality.scores import (
-    ClassificationQuality,
-    RegressionQuality,
-    interpret,
-    quality_of,
-    task_of,
-)
+from telemetry.payloads import ClassificationQuality, RegressionQuality
+from telemetry.quality.scores import interpret, quality_of, task_of
 from updater.operator.evaluate import (
     Dataset,
     LatencyReport,

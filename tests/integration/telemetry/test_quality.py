@@ -21,13 +21,12 @@ from telemetry.config import QualityConfig
 from telemetry.quality.drift import compute_reference
 from telemetry.quality.monitor import QualityMonitor
 from telemetry.quality.scores import (
-    QualityWindow,
-    Sample,
     binary_roc_auc,
     classification_quality,
     multilabel_quality,
     regression_quality,
 )
+from telemetry.quality.window import QualityWindow, Sample
 from tests.fixtures.models import save
 
 DEMO = Path(__file__).resolve().parents[3] / "examples" / "models"
@@ -314,7 +313,7 @@ def test_quality_payload_matches_its_committed_json_schema(served) -> None:
     import jsonschema
 
     from telemetry import schemas
-    from telemetry.quality.scores import QualityPayload
+    from telemetry.payloads import QualityPayload
 
     assert schemas.load("quality") == json.loads(schemas.render(QualityPayload))
     slot, monitor, _ = served
