@@ -48,4 +48,6 @@ fi
 echo "== $mode, $("$tmp/.venv/bin/python" --version): " \
     "$(grep -i -E '^(onnxruntime|numpy|msgspec|paho-mqtt|tuf|httptools)==' "$tmp/freeze.txt" | tr '\n' ' ')"
 # setup.sh would reinstall from the lock; this venv is the point of the check
-cd "$tmp" && INFERD_SKIP_SETUP=1 bash scripts/test.sh "$@"
+only_tests=""
+[ "$mode" = oldest ] && only_tests=1
+cd "$tmp" && INFERD_SKIP_SETUP=1 INFERD_TESTS_ONLY=$only_tests bash scripts/test.sh "$@"

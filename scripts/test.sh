@@ -5,10 +5,14 @@ cd "$(dirname "$0")/.."
 # make check-latest / check-oldest bring their own unlocked .venv
 [ -n "${INFERD_SKIP_SETUP:-}" ] || bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-echo "== ruff check" && ruff check .
-echo "== ruff format --check" && ruff format --check .
-echo "== mypy" && mypy
-echo "== import contracts" && lint-imports --no-cache
+# make check-oldest runs the tests only: numpy 1.24's type stubs differ from the locked ones,
+# which says nothing about whether inferd works with it
+if [ -z "${INFERD_TESTS_ONLY:-}" ]; then
+  echo "== ruff check" && ruff check .
+  echo "== ruff format --check" && ruff format --check .
+  echo "== mypy" && mypy
+  echo "== import contracts" && lint-imports --no-cache
+fi
 echo "== pytest"
 set +e
 pytest -q -p no:cacheprovider "$@"
