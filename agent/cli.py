@@ -12,7 +12,7 @@ import numpy as np
 
 from agent import __version__, logsetup, tune
 from agent.config import EX_CONFIG, ModelConfig, load_config
-from runtime.errors import ConfigError, InferdError, InputError
+from runtime.errors import ConfigError, InputError, run_command
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    try:
-        code: int = args.func(args)
-    except ConfigError as err:
-        print(f"inferd: config error: {err}", file=sys.stderr)
-        return EX_CONFIG
-    except InferdError as err:
-        print(f"inferd: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return code
+    return run_command("inferd", lambda: int(args.func(args)), {ConfigError: EX_CONFIG})
 
 
 if __name__ == "__main__":

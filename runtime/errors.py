@@ -6,6 +6,9 @@ raises and catches the same classes.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Mapping
+
 
 class InferdError(Exception):
     """Base of every error inferd raises on purpose; its message is one line a user can act on."""
@@ -21,6 +24,9 @@ class ConfigError(InferdError):
 class BackendError(InferdError):
     """A runtime backend failed to run a model."""
 
+    latency_ns: int | None = None
+    """How long the failed run took, when a run failed (set by ``Backend.run_timed``)."""
+
 
 class BackendUnavailableError(BackendError):
     """The runtime a model asks for is not installed; the message names the pip extra."""
@@ -28,6 +34,10 @@ class BackendUnavailableError(BackendError):
 
 class ModelLoadError(BackendError):
     """A model file could not be loaded (missing, corrupt, unsupported operator)."""
+
+
+class BundleError(InferdError):
+    """A model bundle's golden or reference file is unreadable or does not fit the model."""
 
 
 class InputError(InferdError):
@@ -94,3 +104,20 @@ class StateError(UpdateError):
 
 class CancelledError(UpdateError):
     """A step was cancelled: the updater is stopping (the job resumes at the next start)."""
+
+
+def run_command(prog: str, command: Callable[[], int], exit_codes: Mapping[type, int]) -> int:
+    """Run a console command: an inferd error becomes one line on stderr and an exit code.
+
+    ``exit_codes`` maps error classes to codes (the first match in order wins); any other
+    InferdError exits 1, Ctrl-C 130. Tracebacks are for bugs, not for a user's mistakes.
+    """
+    try:
+        return command()
+    except InferdError as err:
+        code = next((c for cls, c in exit_codes.items() if isinstance(err, cls)), 1)
+        what = "config error: " if isinstance(err, ConfigError) else ""
+        sys.stderr.write(f"{prog}: {what}{err}\n")
+        return code
+    except KeyboardInterrupt:
+        return 130

@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from runtime.errors import InferdError
+from runtime.errors import run_command
 from updater.inferctl import lifecycle, repo, rollout, watch
 
 # Modules that provide inferctl commands, each with ``register(subparsers) -> None``.
@@ -37,14 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    try:
-        code: int = args.func(args)
-    except InferdError as err:
-        print(f"inferctl: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return code
+    return run_command("inferctl", lambda: int(args.func(args)), {})
 
 
 if __name__ == "__main__":
