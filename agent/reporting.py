@@ -127,6 +127,7 @@ class Telemetry:
         for slot in slots.values():
             slot.listeners.append(self.collector.listener)
             slot.listeners.append(self.predictions.listener)
+            slot.emit_event = self.link.emit_event
         self.link.on_command("set-sampling", self._set_sampling)
 
     def status(self) -> Status:

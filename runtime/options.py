@@ -30,6 +30,11 @@ class RuntimeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     tensorrt_int8: bool = False
     provider_options: dict[str, dict[str, Scalar]] = {}
     warmup_runs: int = 1
+    warmup_inputs: str | None = None
+    """An npz of inputs to warm up on (arrays named like the inputs) when the model ships no
+    golden inputs."""
+    warmup_shapes: dict[str, tuple[int, ...]] = {}
+    """Per input, the shape of the zeros to warm up on (inputs not named: dynamic dims 1)."""
     max_concurrency: int = 4
     name: str = "model"
     """Which model these options are for, in log lines (a slot's name)."""
@@ -45,5 +50,10 @@ class RuntimeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
             raise ValueError("threads must be >= 0 (0 lets the runtime choose)")
         if self.warmup_runs < 0:
             raise ValueError("warmup_runs must be >= 0")
+        for name, shape in self.warmup_shapes.items():
+            if any(d < 0 for d in shape):
+                raise ValueError(f"warmup_shapes[{name!r}] must not have negative dimensions")
+        if self.warmup_inputs is not None and self.warmup_shapes:
+            raise ValueError("give warmup_inputs or warmup_shapes, not both")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")

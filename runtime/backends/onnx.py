@@ -130,13 +130,13 @@ class OnnxBackend(Backend):
         self.outputs = tuple(_spec(o) for o in self.session.get_outputs())
         reverse = {v: k for k, v in ORT_PROVIDERS.items()}
         self.providers = tuple(reverse.get(p, p) for p in self.session.get_providers())
-        self._output_names = [o.name for o in self.outputs]
+        self._all_outputs = [o.name for o in self.outputs]
 
     def _run(
         self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None
     ) -> dict[str, np.ndarray]:
-        names = list(output_names) if output_names else self._output_names
-        results = self.session.run(names, dict(feeds))
+        names = list(output_names) if output_names else self._all_outputs
+        results = self.session.run(names, feeds if type(feeds) is dict else dict(feeds))
         return dict(zip(names, results, strict=True))
 
     def close(self) -> None:
@@ -148,4 +148,6 @@ def _spec(node: Any) -> TensorSpec:
     if dtype is None:
         raise ModelLoadError(f"tensor {node.name!r} has unsupported type {node.type}")
     shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in node.shape)
-    return TensorSpec(node.name, dtype, shape)
+    # symbolic dimensions ("batch", "N") tie dynamic sizes together for the warm-up search
+    names = tuple(d if isinstance(d, str) and d else None for d in node.shape)
+    return TensorSpec(node.name, dtype, shape, dim_names=names)

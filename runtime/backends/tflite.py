@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backends.base import Backend, TensorSpec, one_line
-from runtime.errors import BackendUnavailableError, InputError, ModelLoadError
+from runtime.errors import BackendUnavailableError, ModelLoadError
 from runtime.tensors import V2_DATATYPES
 
 try:
@@ -124,15 +124,9 @@ class TfliteBackend(Backend):
     def _run(
         self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None
     ) -> dict[str, np.ndarray]:
-        if feeds.keys() != self._input_index.keys():
-            # an unfed input would silently keep the previous request's data
-            missing = sorted(self._input_index.keys() - feeds.keys())
-            unknown = sorted(feeds.keys() - self._input_index.keys())
-            raise InputError(f"missing input(s) {missing}, unknown input(s) {unknown}")
+        # the base class checked that every input is fed (an unfed one would silently keep
+        # the previous request's data) and that the output names exist
         names = list(output_names) if output_names else list(self._output_index)
-        unknown_out = [n for n in names if n not in self._output_index]
-        if unknown_out:
-            raise InputError(f"unknown output(s) {unknown_out}")
         indices = [self._output_index[name] for name in names]
         idle = self._idle
         worker = self._borrow()
