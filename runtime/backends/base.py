@@ -301,7 +301,7 @@ class Backend(ABC):
             try:
                 self.check_feeds(feeds)
                 for _ in range(runs):
-                    self._run(feeds, None)
+                    self._warm_run(feeds)
             except Exception as err:  # noqa: BLE001 - any failure only means "not warmed up"
                 self._warmup_failed(f"{source}: {one_line(err)}")
             else:
@@ -311,7 +311,7 @@ class Backend(ABC):
         for feeds in search_shapes(self.inputs):
             try:
                 for _ in range(runs):
-                    self._run(feeds, None)
+                    self._warm_run(feeds)
             except Exception as err:  # noqa: BLE001 - try the next shape
                 first_error = first_error or one_line(err)
                 continue
@@ -320,6 +320,11 @@ class Backend(ABC):
         self._warmup_failed(
             f"zero inputs: {first_error} (and with every dynamic size up to {WARMUP_DIM_CAP})"
         )
+
+    def _warm_run(self, feeds: Feeds) -> None:
+        """One warm-up run; a runtime that logs each failed run says nothing here (the search
+        expects failures and reports them once)."""
+        self._run(feeds, None)
 
     def _warmup_failed(self, why: str) -> None:
         self.warmup_error = f"warm-up failed: {why}"

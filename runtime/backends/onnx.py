@@ -139,6 +139,11 @@ class OnnxBackend(Backend):
         results = self.session.run(names, feeds if type(feeds) is dict else dict(feeds))
         return dict(zip(names, results, strict=True))
 
+    def _warm_run(self, feeds: Mapping[str, np.ndarray]) -> None:
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # fatal only: the warm-up search expects failed runs
+        self.session.run(self._all_outputs, dict(feeds), quiet)
+
     def close(self) -> None:
         self.__dict__.pop("session", None)
 

@@ -1,0 +1,232 @@
+"""Warm-up that fits the model: golden inputs, configured inputs or shapes, else a search over
+dynamic dimensions; a model whose warm-up fails still loads and serves (issue 14.1).
+
+The models are built here with onnx.helper and run by the real onnxruntime.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.config import ModelConfig
+from agent.slots import ModelSlot
+from runtime import bundle
+from runtime.backends import open_backend
+from runtime.backends.base import TensorSpec, search_shapes
+from runtime.errors import InputError
+
+
+def _save(path: Path, nodes: list[Any], inputs: list[Any], outputs: list[Any], inits=()) -> Path:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def vad_like(path: Path) -> Path:
+    """Shaped like a popular stateful voice-activity model: audio [batch, samples] padded by
+    reflection (64 each side, so fewer than 65 samples fail), state [2, batch, 128] in and out,
+    and a 0-d int64 sample rate."""
+    return _save(
+        path,
+        [
+            helper.make_node("Pad", ["input", "pads"], ["padded"], mode="reflect"),
+            helper.make_node("ReduceMean", ["padded"], ["m"], axes=[1], keepdims=1),
+            helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
+            helper.make_node("Div", ["srf", "rate"], ["scale"]),
+            helper.make_node("Mul", ["m", "scale"], ["output"]),
+            helper.make_node("Add", ["state", "m"], ["stateN"]),
+        ],
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "samples"]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 128]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 128]),
+        ],
+        [
+            numpy_helper.from_array(np.array([0, 64, 0, 64], np.int64), "pads"),
+            numpy_helper.from_array(np.array(16000.0, np.float32), "rate"),
+        ],
+    )
+
+
+def reshape_15(path: Path) -> Path:
+    """``x`` [n] reshaped to [3, 5]: only n = 15 runs, which no power of two is."""
+    return _save(
+        path,
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])],
+        [numpy_helper.from_array(np.array([3, 5], np.int64), "shape")],
+    )
+
+
+def vad_feeds(samples: int = 512, sr: int = 16000) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return {
+        "input": rng.normal(size=(1, samples)).astype(np.float32),
+        "state": np.zeros((2, 1, 128), np.float32),
+        "sr": np.array(sr, dtype=np.int64),
+    }
+
+
+def cfg(path: Path, **kw: object) -> ModelConfig:
+    return ModelConfig(name="m", path=str(path), **kw)  # type: ignore[arg-type]
+
+
+def bare(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_zero_warm_up_with_dims_at_1_is_what_fails_the_vad_shape(tmp_path: Path) -> None:
+    """The premise: the old warm-up (zeros, dynamic dims 1) is no valid input for this model."""
+    path = vad_like(tmp_path / "vad.onnx")
+    ones = {"input": np.zeros((1, 1), np.float32), "state": np.zeros((2, 1, 128), np.float32)}
+    with pytest.raises(Exception, match="Pad reflect requires axis length >= 2"):
+        bare(path, {**ones, "sr": np.array(0, np.int64)})
+
+
+def test_search_finds_a_size_that_runs_keeping_named_batch_dims_together(tmp_path: Path) -> None:
+    path = vad_like(tmp_path / "vad.onnx")
+    backend = open_backend(path, cfg(path))
+    assert backend.warmup_error is None and backend.warmup_source == "search"
+    assert backend.warmup_feeds is not None
+    shapes = {k: v.shape for k, v in backend.warmup_feeds.items()}
+    # 128 is the first power of two over the 64 samples of padding; the state's batch axis
+    # (the same symbolic name as the audio's first axis) stays 1 with it
+    assert shapes == {"input": (1, 128), "state": (2, 1, 128), "sr": ()}
+    feeds = vad_feeds()
+    out = backend.run(feeds)
+    want = bare(path, feeds)
+    np.testing.assert_allclose(out["output"], want[0], rtol=1e-6)
+    np.testing.assert_allclose(out["stateN"], want[1], rtol=1e-6)
+
+
+def test_search_candidates_start_with_the_old_zero_feeds_and_stay_bounded() -> None:
+    image = TensorSpec("img", "float32", (None, 3, None, None), dim_names=("N", None, "H", "W"))
+    candidates = list(search_shapes([image]))
+    assert candidates[0]["img"].shape == (1, 3, 1, 1)
+    assert candidates[1]["img"].shape == (1, 3, 2, 2)
+    assert (2, 3, 2, 2) in [c["img"].shape for c in candidates], "then every dim at the size"
+    assert all(c["img"].size <= 1 << 22 for c in candidates)
+    fixed = TensorSpec("x", "int64", (2, 3))
+    assert [c["x"].shape for c in search_shapes([fixed])] == [(2, 3)], "nothing to search"
+
+
+def test_failed_warm_up_is_a_warning_and_the_model_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = reshape_15(tmp_path / "r15.onnx")
+    with caplog.at_level(logging.WARNING):
+        backend = open_backend(path, cfg(path))
+    assert backend.warmup_error is not None and backend.warmup_feeds is None
+    assert "requested shape:{3,5}" in backend.warmup_error
+    assert "\n" not in backend.warmup_error
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "warm-up failed" in warnings[0] and "serves" in warnings[0]
+    x = np.arange(15, dtype=np.float32)
+    np.testing.assert_array_equal(backend.run({"x": x})["y"], x.reshape(3, 5))
+    assert (backend.stats.runs, backend.stats.errors) == (1, 0), "warm-up is not counted"
+
+
+def test_model_slot_loads_warns_with_an_event_and_serves(tmp_path: Path) -> None:
+    path = reshape_15(tmp_path / "r15.onnx")
+    slot = ModelSlot(cfg(path))
+    events: list[tuple[str, str, dict[str, Any]]] = []
+    slot.emit_event = lambda kind, message, **kw: events.append((kind, message, kw))
+    slot.swap(slot.load(path, "3"))
+    assert slot.ready
+    assert [(k, kw["level"], kw["model"], kw["version"]) for k, _, kw in events] == [
+        ("warmup-failed", "warning", "m", "3")
+    ]
+    assert "warm-up failed" in events[0][1]
+    x = np.arange(15, dtype=np.float32)
+    out, _model, _rid = slot.predict({"x": x})
+    np.testing.assert_array_equal(out["y"], x.reshape(3, 5))
+    slot.close()
+
+
+@pytest.mark.parametrize("form", ["plain", "published"])
+def test_golden_inputs_of_the_bundle_come_first(tmp_path: Path, form: str) -> None:
+    feeds = vad_feeds(samples=300)
+    if form == "plain":  # beside a configured model, arrays named like the inputs
+        path = vad_like(tmp_path / "vad.onnx")
+        np.savez(tmp_path / "vad.golden.npz", **feeds)  # type: ignore[arg-type]
+    else:  # a staged update's folder, the published in./out. form
+        path = vad_like(tmp_path / "model.onnx")
+        (tmp_path / bundle.GOLDEN_FILE).write_bytes(bundle.golden_bytes(bundle.Golden(feeds)))
+    backend = open_backend(path, cfg(path))
+    assert backend.warmup_source == "golden inputs" and backend.warmup_error is None
+    assert backend.warmup_feeds is not None
+    assert backend.warmup_feeds["input"].shape == (1, 300)
+
+
+def test_configured_warmup_inputs_and_shapes(tmp_path: Path) -> None:
+    path = vad_like(tmp_path / "vad.onnx")
+    npz = tmp_path / "warm.npz"
+    np.savez(npz, **vad_feeds(samples=256))  # type: ignore[arg-type]
+    backend = open_backend(path, cfg(path, warmup_inputs=str(npz)))
+    assert backend.warmup_source == "warmup_inputs" and backend.warmup_error is None
+    assert backend.warmup_feeds is not None and backend.warmup_feeds["input"].shape == (1, 256)
+
+    backend = open_backend(path, cfg(path, warmup_shapes={"input": (1, 512)}))
+    assert backend.warmup_source == "warmup_shapes" and backend.warmup_error is None
+    assert backend.warmup_feeds is not None
+    assert {k: v.shape for k, v in backend.warmup_feeds.items()} == {
+        "input": (1, 512),
+        "state": (2, 1, 128),
+        "sr": (),
+    }
+
+
+def test_configured_warm_up_that_does_not_fit_warns_and_serves(tmp_path: Path) -> None:
+    path = vad_like(tmp_path / "vad.onnx")
+    for options, why in (
+        ({"warmup_shapes": {"audio": (1, 512)}}, "warmup_shapes names audio"),
+        ({"warmup_shapes": {"input": (1, 8)}}, "Pad reflect"),
+        ({"warmup_inputs": str(tmp_path / "missing.npz")}, "warmup_inputs: "),
+    ):
+        backend = open_backend(path, cfg(path, **options))
+        assert backend.warmup_error is not None and why in backend.warmup_error, options
+        assert backend.run(vad_feeds())["stateN"].shape == (2, 1, 128)
+
+
+def test_warmup_options_are_checked_in_config() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        ModelConfig(name="m", path="m.onnx", warmup_shapes={"x": (1, -1)})
+    with pytest.raises(ValueError, match="not both"):
+        ModelConfig(name="m", path="m.onnx", warmup_inputs="w.npz", warmup_shapes={"x": (1,)})
+
+
+def test_requests_get_one_clear_input_error_before_the_run(tmp_path: Path) -> None:
+    """One check per request, in the backend: the messages a client sees, and nothing counted."""
+    path = vad_like(tmp_path / "vad.onnx")
+    backend = open_backend(path, cfg(path))
+    feeds = vad_feeds()
+    with pytest.raises(InputError, match=r"input 'sr' has datatype INT32, the model expects INT64"):
+        backend.run({**feeds, "sr": np.array(16000, np.int32)})
+    with pytest.raises(InputError, match=r"'state' has shape \[2, 1, 64\], the model expects"):
+        backend.run({**feeds, "state": np.zeros((2, 1, 64), np.float32)})
+    with pytest.raises(InputError, match="missing input 'sr'"):
+        backend.run({k: v for k, v in feeds.items() if k != "sr"})
+    with pytest.raises(InputError, match="unknown input 'extra'"):
+        backend.run({**feeds, "extra": feeds["sr"]})
+    with pytest.raises(InputError, match="unknown output 'p'; the model gives output, stateN"):
+        backend.run(feeds, ["p"])
+    assert backend.stats.runs == 0
+    out, latency_ns = backend.run_timed(feeds, ["stateN"])
+    assert list(out) == ["stateN"] and latency_ns > 0
+    assert (backend.stats.runs, backend.stats.total_ns) == (1, latency_ns)
