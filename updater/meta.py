@@ -8,18 +8,34 @@ the agent's backends report, so the two compare directly.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
 from runtime.tensors import Signature
-from telemetry.shares import FULL, joins
+from telemetry.shares import ALL, FULL, joins
 
 CUSTOM_KEY = "inferd"
 KIND_MODEL = "model"
 KIND_GOLDEN = "golden"
 KIND_STATS = "reference_stats"
+
+LABEL_RULE = "1-64 letters, digits, '_', '.', '+', '-', starting with a letter or digit"
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+
+
+def label_error(what: str, value: object) -> str | None:
+    """Why ``value`` cannot be a model name, version or group; None when it can.
+
+    The one rule for both sides: ``inferctl`` refuses to publish such a label and the device
+    refuses signed metadata carrying one, because the device builds folder names from them
+    (``models/<name>/<seq>-<version>``). ``fullmatch``: ``$`` would let a trailing newline in.
+    """
+    if isinstance(value, str) and _LABEL.fullmatch(value):
+        return None
+    return f"{what} {value!r} must be {LABEL_RULE}"
 
 
 class Rollout(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,6 +89,37 @@ class ModelMeta(msgspec.Struct, frozen=True, kw_only=True):
         """Whether this device is in the version's rollout (see :mod:`telemetry.shares`)."""
         shares = None if self.rollout is None else self.rollout.shares
         return joins(shares, device_id, groups, self.name, self.version)
+
+
+def _file_name_error(what: str, path: str, prefix: str) -> str | None:
+    head, _, base = path.rpartition("/")
+    if head != prefix or base in ("", ".", "..") or "\0" in base:
+        return f"{what} {path!r} must be a file directly under {prefix}/"
+    return None
+
+
+def meta_error(meta: ModelMeta, path: str, published: int) -> str | None:
+    """Why a signed model target breaks the rules ``inferctl`` publishes by; None when it is fine.
+
+    ``path`` is the model's target path and ``published`` the version of the targets metadata
+    that lists it: a version's ``seq`` is the targets version that published it, so it lies in
+    ``1..published`` (0 is the config's own model on a device). Every target a version names
+    lives under ``<name>/<version>/``, as ``inferctl model add`` writes it.
+    """
+    for what, value in (("model name", meta.name), ("version", meta.version)):
+        if (err := label_error(what, value)) is not None:
+            return err
+    shared = () if meta.rollout is None else tuple(g for g in meta.rollout.shares if g != ALL)
+    for group in (*meta.groups, *shared):
+        if (err := label_error("group", group)) is not None:
+            return err
+    if not 1 <= meta.seq <= published:
+        return f"seq {meta.seq} is outside 1..{published} (the targets version listing it)"
+    prefix = f"{meta.name}/{meta.version}"
+    for what, target in (("model", path), ("golden", meta.golden), ("stats", meta.reference_stats)):
+        if target is not None and (err := _file_name_error(f"{what} target", target, prefix)):
+            return err
+    return None
 
 
 def meta_to_custom(meta: ModelMeta) -> dict[str, Any]:

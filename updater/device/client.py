@@ -5,6 +5,12 @@ on first use; later roots arrive through TUF root rotation and are cached there.
 artifacts are downloaded into the state dir (never /tmp, which is RAM on many devices), bounded
 by the target's signed length, ``max_download_bytes``, a deadline and a cancel event. Every
 foreign exception leaves this module as an :class:`UpdateError` subclass.
+
+Each slot's job runs on its own thread and they share one client: the metadata cache is
+refreshed under a lock (ngclient rewrites it in place), downloads run side by side with their
+own fetcher (deadline and cancel are per call) into file names that differ per target. Model
+metadata that breaks the rules ``inferctl`` publishes by (:func:`updater.meta.meta_error`) makes
+the whole check fail: only a stolen online key or hand-made metadata produces it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +41,7 @@ from runtime.errors import (
     UpdateError,
     VerificationError,
 )
-from updater.meta import ModelMeta, meta_from_custom
+from updater.meta import ModelMeta, meta_error, meta_from_custom
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +161,11 @@ class RepositoryClient:
         self.download_dir = work / "downloads"
         self.tmp_dir = work / "tmp"
         self.max_download_bytes = max_download_bytes
-        self._fetcher = _Fetcher(self.tmp_dir, socket_timeout)
+        self.socket_timeout = socket_timeout
+        self._metadata_lock = threading.Lock()
 
-    def _updater(self) -> Updater:
+    def _updater(self, fetcher: _Fetcher) -> Updater:
+        """A fresh ngclient Updater over the cache (call with the metadata lock held)."""
         try:
             for d in (self.metadata_dir, self.download_dir, self.tmp_dir):
                 d.mkdir(parents=True, exist_ok=True)
@@ -179,18 +187,15 @@ class RepositoryClient:
                 self.metadata_url,
                 str(self.download_dir),
                 self.targets_url,
-                fetcher=self._fetcher,
+                fetcher=fetcher,
                 config=UpdaterConfig(app_user_agent="inferd"),
                 bootstrap=bootstrap,
             )
 
-    @contextmanager
-    def _limits(self, deadline: float | None, cancel: threading.Event | None) -> Iterator[None]:
-        self._fetcher.deadline, self._fetcher.cancel = deadline, cancel
-        try:
-            yield
-        finally:
-            self._fetcher.deadline, self._fetcher.cancel = None, None
+    def _fetcher(self, deadline: float | None, cancel: threading.Event | None) -> _Fetcher:
+        fetcher = _Fetcher(self.tmp_dir, self.socket_timeout)
+        fetcher.deadline, fetcher.cancel = deadline, cancel
+        return fetcher
 
     def check(
         self,
@@ -200,9 +205,13 @@ class RepositoryClient:
         deadline: float | None = None,
         cancel: threading.Event | None = None,
     ) -> list[Offer]:
-        """Refresh the metadata and list the model targets for ``slots`` and ``groups``."""
-        with self._limits(deadline, cancel), _wrapped("update check"):
-            updater = self._updater()
+        """Refresh the metadata and list the model targets for ``slots`` and ``groups``.
+
+        VerificationError when any model target's metadata breaks the publishing rules.
+        """
+        fetcher = self._fetcher(deadline, cancel)
+        with self._metadata_lock, _wrapped("update check"):
+            updater = self._updater(fetcher)
             updater.refresh()
             # after a successful refresh the cached targets.json is the verified one; it only
             # tells which paths exist, each is then looked up through the Updater itself
@@ -210,6 +219,11 @@ class RepositoryClient:
             offers = []
             for path, listed in listing.signed.targets.items():
                 meta = meta_from_custom(listed.custom)
+                if meta is not None and (err := meta_error(meta, path, listing.signed.version)):
+                    raise VerificationError(
+                        f"{path}: {err}; signed metadata inferctl never writes, nothing from "
+                        "this repository is installed until it is fixed"
+                    )
                 if meta is None or meta.name not in slots or not meta.for_device(tuple(groups)):
                     continue
                 target = updater.get_targetinfo(path)
@@ -240,8 +254,10 @@ class RepositoryClient:
                 f"{path} is {info.length} bytes, over updates.max_download_bytes "
                 f"({self.max_download_bytes})"
             )
-        with self._limits(deadline, cancel), _wrapped(f"download {path}"):
-            updater = self._updater()
+        fetcher = self._fetcher(deadline, cancel)
+        with _wrapped(f"download {path}"):
+            with self._metadata_lock:
+                updater = self._updater(fetcher)
             cached = updater.find_cached_target(info)
             if cached is not None:
                 return Path(cached)
@@ -258,9 +274,16 @@ class RepositoryClient:
         """Where :meth:`download` puts ``path`` (the file may not exist)."""
         return self.download_dir / quote(path, "")
 
-    def clear_downloads(self) -> None:
-        """Delete downloaded targets and temp files (when a job ends)."""
+    def discard(self, paths: Collection[str]) -> None:
+        """Delete the downloaded files of these targets (when the job that needed them ends)."""
+        for path in paths:
+            self.cached(path).unlink(missing_ok=True)
+
+    def clear_downloads(self, keep: Collection[str] = ()) -> None:
+        """Delete downloads not in ``keep`` and every temp file; only while no job runs."""
+        kept = {self.cached(p).name for p in keep}
         for d in (self.download_dir, self.tmp_dir):
             if d.is_dir():
                 for f in d.iterdir():
-                    f.unlink(missing_ok=True)
+                    if d == self.tmp_dir or f.name not in kept:
+                        f.unlink(missing_ok=True)

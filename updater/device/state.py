@@ -1,14 +1,17 @@
-"""The device's persisted update state machine: tables as data, state saved before each step.
+"""One slot's persisted update job: the machine's tables as data, state saved before each step.
 
 ::
 
     idle -> checking -> downloading -> verifying -> staging -> validating -> activating
          -> trial -> committed                       (failed and rolled_back are the other exits)
 
-The record is written with fsync + atomic rename *before* the work of the state it names, so
-after a crash or power loss :data:`RESUME` says where to pick up. A loop breaker fails a job
-that keeps coming back to the same state (a candidate that crashes the process while it is
-validated) or that makes more transitions than any honest job needs.
+Each model slot has its own record (``update/jobs/<slot>.json``), so one slot's trial never
+holds up another slot's update. The record is written with fsync + atomic rename *before* the
+work of the state it names, so after a crash or power loss :data:`RESUME` says what to do on
+the way back up. A loop breaker fails a job that keeps coming back to the same state (a
+candidate that crashes the process while it is validated) or that makes more transitions than
+any honest job needs. Devices from before per-slot jobs kept one ``update/state.json`` for the
+whole device; :func:`migrate_legacy` splits it once, so a job interrupted by the upgrade resumes.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from typing import Any
 
 import msgspec
 
-from runtime.durable import write_atomic
+from runtime.durable import fsync_dir, write_atomic
 from runtime.errors import StateError, StorageError
 from telemetry.payloads import LastUpdate, UpdateOutcome
+from updater.meta import label_error
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +67,43 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 """Which state may follow which; anything else is a bug and raises StateError."""
 
-RESUME: dict[State, State] = {
-    S.IDLE: S.IDLE,
-    S.CHECKING: S.CHECKING,
-    S.DOWNLOADING: S.DOWNLOADING,  # partial downloads live in temp files and are discarded
-    S.VERIFYING: S.VERIFYING,  # re-verify the file; a missing one fails verification
-    S.STAGING: S.STAGING,  # copying again over a partial copy is harmless
-    S.VALIDATING: S.VALIDATING,  # a fresh load, the old one died with the process
-    S.ACTIVATING: S.ACTIVATING,  # idempotent: point the store at the candidate, serve it
-    S.TRIAL: S.TRIAL,  # the restart is counted; too many inside the window is a crash loop
-    S.COMMITTED: S.COMMITTED,  # finish pruning old versions
-    S.FAILED: S.FAILED,  # finish cleaning up
-    S.ROLLED_BACK: S.ROLLED_BACK,  # idempotent: make sure the previous version is active
+
+class OnRestart(str, enum.Enum):
+    """What a job does when the process comes back up with its record in a given state."""
+
+    NOTHING = "nothing"
+    """No job."""
+    REPEAT = "repeat"
+    """The state's work is idempotent (partial downloads are temp files, staging builds in a
+    hidden folder and renames, activation re-points the store and swaps if needed): run it
+    again. The loop breaker counts these: a job that keeps dying in one state fails
+    (``failed`` before activation, ``rolled_back`` after)."""
+    COUNT_CRASH = "count_crash"
+    """The candidate serves and the process died: the restart counts as a crash;
+    ``crash_loop_restarts`` of them inside the trial window roll back before the slot loads
+    the failing version again. A clean stop (SIGTERM) is not counted."""
+    RESTORE_PREVIOUS = "restore_previous"
+    """Point the store back at the previous version *before* the slot loads, so the daemon
+    boots the version rolled back to, then finish the rollback (idempotent)."""
+    FINISH = "finish"
+    """The job has ended; finish its cleanup (pruning, deleting files: idempotent)."""
+
+
+RESUME: dict[State, OnRestart] = {
+    S.IDLE: OnRestart.NOTHING,
+    S.CHECKING: OnRestart.REPEAT,
+    S.DOWNLOADING: OnRestart.REPEAT,
+    S.VERIFYING: OnRestart.REPEAT,  # a missing or partial file fails verification
+    S.STAGING: OnRestart.REPEAT,
+    S.VALIDATING: OnRestart.REPEAT,  # a fresh load, the old one died with the process
+    S.ACTIVATING: OnRestart.REPEAT,
+    S.TRIAL: OnRestart.COUNT_CRASH,
+    S.COMMITTED: OnRestart.FINISH,
+    S.FAILED: OnRestart.FINISH,
+    S.ROLLED_BACK: OnRestart.RESTORE_PREVIOUS,
 }
-"""Where a job continues after the process died while its record named each state."""
+"""What a job does after the process died while its record named each state (the Mender
+client's per-state restart handling, as data): the updater dispatches on it at boot."""
 
 TERMINAL = frozenset({S.COMMITTED, S.FAILED, S.ROLLED_BACK})
 _OUTCOMES: dict[State, UpdateOutcome] = {
@@ -85,7 +112,7 @@ _OUTCOMES: dict[State, UpdateOutcome] = {
     S.ROLLED_BACK: "rolled_back",
 }
 MAX_RESUMES = 3
-"""Resuming the same state of the same job more often than this fails the job."""
+"""Repeating the same state of the same job after a restart more often than this fails it."""
 MAX_TRANSITIONS = 64
 
 
@@ -102,7 +129,9 @@ class Job(msgspec.Struct, kw_only=True):
     """The model file in the store once staged."""
 
 
-class Trial(msgspec.Struct, kw_only=True):
+class TrialRecord(msgspec.Struct, kw_only=True):
+    """The persisted part of a trial: when it started and what it is judged against."""
+
     started_at: float
     baseline_mean_ns: float = 0.0
     """Mean latency of the version before, for the latency ratio threshold."""
@@ -112,7 +141,7 @@ class Trial(msgspec.Struct, kw_only=True):
 
 
 class Record(msgspec.Struct, kw_only=True):
-    """What is persisted: the state, its job and what the loop breaker needs."""
+    """What is persisted for one slot: its job's state, the job and what the loop breaker needs."""
 
     state: State = S.IDLE
     job: Job | None = None
@@ -120,11 +149,73 @@ class Record(msgspec.Struct, kw_only=True):
     reason: str = ""
     resumes: int = 0
     transitions: int = 0
-    trial: Trial | None = None
+    trial: TrialRecord | None = None
+    failed: list[int] = []
+    """The seqs of this slot's versions that failed validation or trial: not retried."""
+    last: LastUpdate | None = None
+    """How the slot's last job ended (shown in the retained status)."""
+
+
+class LegacyRecord(msgspec.Struct, kw_only=True):
+    """The device-wide ``update/state.json`` from before per-slot jobs (read once, to migrate)."""
+
+    state: State = S.IDLE
+    job: Job | None = None
+    entered_at: float = 0.0
+    reason: str = ""
+    resumes: int = 0
+    transitions: int = 0
+    trial: TrialRecord | None = None
     failed: dict[str, list[int]] = {}
-    """Per slot, the seqs of versions that failed validation or trial: not retried."""
     last: dict[str, LastUpdate] = {}
-    """Per slot, how its last job ended (shown in the retained status)."""
+
+
+def split_legacy(old: LegacyRecord) -> dict[str, Record]:
+    """One record per slot the device-wide record mentions; its job goes to the job's slot."""
+    names = {*old.failed, *old.last, *([old.job.slot] if old.job is not None else [])}
+    records = {n: Record(failed=list(old.failed.get(n, [])), last=old.last.get(n)) for n in names}
+    if old.job is not None:
+        rec = records[old.job.slot]
+        rec.state, rec.job, rec.trial = old.state, old.job, old.trial
+        rec.entered_at, rec.reason = old.entered_at, old.reason
+        rec.resumes, rec.transitions = old.resumes, old.transitions
+    # a job-less non-idle state (checking) belongs to no slot: the next check repeats it
+    return records
+
+
+def migrate_legacy(legacy: Path, jobs_dir: Path) -> list[str]:
+    """Split a device-wide ``state.json`` into per-slot records in ``jobs_dir``, once.
+
+    The old file is renamed to ``state.json.migrated`` only after every slot's record is
+    durable; a crash in between repeats the split, which writes the same records (nothing runs
+    before it). Returns the slots written.
+    """
+    try:
+        data = legacy.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise StorageError(f"{legacy}: cannot read update state: {err.strerror}") from err
+    try:
+        records = split_legacy(msgspec.json.decode(data, type=LegacyRecord))
+    except msgspec.DecodeError as err:
+        log.error("%s: unreadable update state (%s); starting every slot from idle", legacy, err)
+        legacy.replace(legacy.with_suffix(".corrupt"))
+        return []
+    written = []
+    try:
+        for name, rec in sorted(records.items()):
+            if label_error("slot", name) is not None:  # our own file, but it names a path
+                log.error("%s: skipping slot %r: not a slot name", legacy, name)
+                continue
+            write_atomic(jobs_dir / f"{name}.json", msgspec.json.encode(rec))
+            written.append(name)
+        legacy.replace(legacy.with_name(legacy.name + ".migrated"))
+        fsync_dir(legacy.parent)
+    except OSError as err:
+        raise StorageError(f"{legacy}: cannot migrate update state: {err.strerror}") from err
+    log.info("update state split into per-slot jobs: %s", ", ".join(written) or "none")
+    return written
 
 
 Listener = Callable[[State, State, Record], None]
@@ -196,31 +287,29 @@ class StateMachine:
             reason=reason,
             ts=datetime.fromtimestamp(self.clock(), timezone.utc),
         )
-        self.record.last[job.slot] = last
+        self.record.last = last
         return last
 
-    def resume(self) -> State:
-        """After a restart: the state to continue in (saved), with the loop breaker applied.
+    def resume(self) -> OnRestart:
+        """After a restart: what to do about the job (see :data:`RESUME`), loop breaker applied.
 
-        Returns the state whose work must run next; a job that keeps dying in the same state
-        is moved to ``failed`` (before activation) or ``rolled_back`` (after).
+        Each restart in a repeated state is counted (saved); past :data:`MAX_RESUMES` the job
+        moves to ``failed`` (before activation) or ``rolled_back`` (after) and the action of
+        that state is returned instead.
         """
         rec = self.record
-        target = RESUME[rec.state]
-        if target != rec.state:
-            self.transition(target, "resumed after restart")
-            return target
-        if rec.state == S.IDLE:
-            return S.IDLE
+        action = RESUME[rec.state]
+        if action is OnRestart.NOTHING:
+            return action
         rec.resumes += 1
         self.save()
-        if rec.resumes > MAX_RESUMES and rec.state not in TERMINAL and rec.state != S.TRIAL:
+        if action is OnRestart.REPEAT and rec.resumes > MAX_RESUMES:
             exit_to = S.FAILED if S.FAILED in TRANSITIONS[rec.state] else S.ROLLED_BACK
             self.transition(
                 exit_to, f"loop breaker: restarted {rec.resumes} times in {rec.state.value}"
             )
-            return exit_to
-        return rec.state
+            return RESUME[exit_to]
+        return action
 
     def looping(self) -> bool:
         """Whether the current job made more transitions than any honest one needs."""

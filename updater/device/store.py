@@ -8,6 +8,11 @@ before it (for rollback), and pruning down to ``keep`` versions.
 
 The daemon loads ``active`` at start when there is one (else the config's model). The config's
 own model file can be an entry too (seq 0): it is rolled back to but never deleted.
+
+Folder and file names come from signed metadata. The device checks them with the rules
+``inferctl`` publishes by (:func:`updater.meta.meta_error`), and the store checks again that
+every folder it creates, fills or deletes is a direct child of ``models/<slot>/`` once resolved
+(``..`` and symlinks included): a version string must never name a path outside the store.
 """
 
 from __future__ import annotations
@@ -51,6 +56,30 @@ class ModelStore:
         self.root = Path(state_dir) / "models"
         self.keep = max(1, keep)
 
+    def _slot_dir(self, slot: str) -> Path:
+        slot_dir = self.root / slot
+        if slot_dir.resolve().parent != self.root.resolve():
+            raise StorageError(f"slot name {slot!r} does not name a folder in {self.root}")
+        return slot_dir
+
+    def _version_dir(self, slot: str, name: str) -> Path:
+        """``models/<slot>/<name>``, refused unless it resolves to a direct child of the slot's
+        folder (a hostile version string such as ``x/../../../escaped`` would not)."""
+        slot_dir = self._slot_dir(slot)
+        d = slot_dir / name
+        if "/" in name or name in ("", ".", "..") or d.resolve().parent != slot_dir.resolve():
+            raise StorageError(f"{slot}: {name!r} is not a folder inside {slot_dir}")
+        return d
+
+    def owns(self, slot: str, version_dir: Path) -> bool:
+        """Whether ``version_dir`` is one of the store's version folders of ``slot``."""
+        try:
+            slot_dir = self._slot_dir(slot).resolve()
+        except StorageError:
+            return False
+        resolved = version_dir.resolve()
+        return resolved.parent == slot_dir and not version_dir.is_symlink()
+
     def _file(self, slot: str) -> Path:
         return self.root / slot / "slot.json"
 
@@ -90,8 +119,11 @@ class ModelStore:
         The copy is built in a hidden folder and renamed into place, so a crash leaves either
         no version dir or a complete one. Returns the version dir.
         """
-        final = self.root / slot / f"{seq:06d}-{version}"
-        partial = final.with_name(f".{final.name}.partial")
+        final = self._version_dir(slot, f"{seq:06d}-{version}")
+        partial = self._version_dir(slot, f".{final.name}.partial")
+        for name in files:
+            if "/" in name or name in ("", ".", ".."):
+                raise StorageError(f"cannot stage {slot} {version}: {name!r} is not a file name")
         try:
             for d in (partial, final):
                 if d.exists():
@@ -152,7 +184,7 @@ class ModelStore:
         if not slot_dir.is_dir():
             return
         for d in slot_dir.iterdir():
-            if d.is_dir() and d not in referenced:
+            if d.is_dir() and d not in referenced and self.owns(slot, d):
                 shutil.rmtree(d, ignore_errors=True)
                 log.info("%s: removed old version dir %s", slot, d.name)
 
@@ -162,9 +194,12 @@ class ModelStore:
         live = [rec.active, *rec.history]
         if any(e is not None and Path(e.path).parent == version_dir for e in live):
             return
+        if not self.owns(slot, version_dir):
+            log.error("%s: not deleting %s: outside the store", slot, version_dir)
+            return
         shutil.rmtree(version_dir, ignore_errors=True)
 
     def _remove(self, slot: str, entry: Entry) -> None:
         path = Path(entry.path)
-        if path.parent.parent == self.root / slot:  # never the config's own model file
+        if self.owns(slot, path.parent):  # never the config's own model file
             shutil.rmtree(path.parent, ignore_errors=True)

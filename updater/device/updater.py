@@ -1,4 +1,4 @@
-"""The device side of updates: runs the persisted state machine for this device's slots.
+"""The device side of updates: one persisted update job per model slot, each on its own thread.
 
 A check is triggered by a poke (MQTT, which can only ever trigger a check), by the poll
 interval or by ``cmd/check-update``. A found version is downloaded and verified through TUF,
@@ -7,6 +7,11 @@ trial window: a breach of the error rate or latency thresholds, or a crash loop,
 the previous version kept on disk. Every transition is an event; the slot's ``update_state``
 mirrors the job for the retained status, and its ``last_update`` says how the last job ended
 (persisted with the state, so a fleet view sees failures after the fact and after a restart).
+
+Each slot's job (:class:`SlotJob`) has its own state file and its own thread, so a slot in a
+60 s trial never holds up another slot's check, download, validation or swap, and a crash
+resumes every slot where it was. What the jobs share is thread-safe: the TUF client (metadata
+refreshed under a lock) and the model store (one folder and record per slot).
 
 The updater never imports the agent: it drives a slot through :class:`SlotPort`.
 """
@@ -27,9 +32,19 @@ from runtime.tensors import Signature
 from telemetry.payloads import LastUpdate, UpdateOutcome
 from updater.device.client import Offer, RepositoryClient
 from updater.device.config import UpdatesConfig
-from updater.device.state import TERMINAL, TRANSITIONS, Job, Record, State, StateMachine, Trial
+from updater.device.state import (
+    TERMINAL,
+    TRANSITIONS,
+    Job,
+    OnRestart,
+    Record,
+    State,
+    StateMachine,
+    TrialRecord,
+    migrate_legacy,
+)
 from updater.device.store import Entry, ModelStore
-from updater.device.validation import Candidate, validate
+from updater.device.validation import CandidateModel, validate
 from updater.meta import ModelMeta, meta_from_custom
 
 log = logging.getLogger(__name__)
@@ -70,11 +85,11 @@ class SlotPort(Protocol):
         """The model serving now, None when the slot has none."""
         ...
 
-    def load(self, path: Path, version: str) -> Candidate:
+    def load(self, path: Path, version: str) -> CandidateModel:
         """Load ``path`` in a fresh backend, warmed up, without serving it."""
         ...
 
-    def activate(self, candidate: Candidate) -> None:
+    def activate(self, candidate: CandidateModel) -> None:
         """Serve ``candidate`` from now on (atomic; in-flight requests finish on the old one)."""
         ...
 
@@ -122,41 +137,32 @@ def _entry(job: Job) -> Entry:
     )
 
 
-class DeviceUpdater:
-    """Runs update jobs for the device's slots on one named thread."""
+def _job_paths(job: Job) -> list[str]:
+    return [job.path, *job.extras] if job.path else list(job.extras)
 
-    def __init__(
-        self,
-        *,
-        client: RepositoryClient,
-        state_dir: str | Path,
-        slots: Mapping[str, SlotPort],
-        groups: Sequence[str] = (),
-        device_id: str = "",
-        settings: UpdatesConfig | None = None,
-        emit: Emit | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.client = client
-        self.slots = dict(slots)
-        self.groups = tuple(groups)
-        self.device_id = device_id
-        """Decides, with the groups, which staged rollouts this device joins."""
-        self.settings = settings or UpdatesConfig()
-        self.emit = emit
-        self.clock = clock
-        self.store = ModelStore(state_dir, self.settings.keep_versions)
-        self.machine = StateMachine(
-            Path(state_dir) / "update" / "state.json", clock, self._on_transition
-        )
-        self._stop = threading.Event()
+
+class SlotJob:
+    """One slot's persisted update job, the steps that advance it and the thread that runs them.
+
+    Built by :class:`DeviceUpdater`, which owns what the jobs share (TUF client, store,
+    settings, events, the stop event).
+    """
+
+    def __init__(self, owner: DeviceUpdater, name: str, slot: SlotPort, state_file: Path) -> None:
+        self.owner = owner
+        self.name = name
+        self.slot = slot
+        self.client = owner.client
+        self.store = owner.store
+        self.settings = owner.settings
+        self.clock = owner.clock
+        self.machine = StateMachine(state_file, owner.clock, self._on_transition)
+        self._stop = owner._stop
         self._wake = threading.Event()
         self._check = threading.Event()
-        self._rollbacks: set[str] = set()
-        self._lock = threading.Lock()
-        self._candidate: Candidate | None = None
+        self._rollback = threading.Event()
+        self._candidate: CandidateModel | None = None
         self._trial_base: RunCounts | None = None
-        self._booted = False
         self._thread: threading.Thread | None = None
         self._abandoned: list[threading.Thread] = []
         self._steps: dict[State, Callable[[Record], None]] = {
@@ -171,115 +177,106 @@ class DeviceUpdater:
             S.FAILED: self._failed,
             S.ROLLED_BACK: self._rolled_back,
         }
-
-    # -- the daemon's side ------------------------------------------------------------------
-
-    def boot_plan(self) -> dict[str, Entry]:
-        """Call before the slots load: resume the job and say which version each slot loads.
-
-        An unclean restart during a trial counts as a crash; ``crash_loop_restarts`` of them
-        inside the trial window roll back before the failing version is loaded again.
-        """
-        if not self._booted:
-            self._booted = True
-            self._resume()
-            for name, last in self.machine.record.last.items():
-                if name in self.slots:
-                    self.slots[name].set_last_update(last)
-        return {name: e for name in self.slots if (e := self.store.active(name)) is not None}
-
-    def _resume(self) -> None:
-        rec = self.machine.record
-        state = self.machine.resume()
-        if state == S.TRIAL and rec.trial is not None:
-            if rec.trial.clean_stop:
-                rec.trial.clean_stop = False
-                self.machine.save()
-            else:
-                now = self.clock()
-                window = self.settings.trial_window_s
-                rec.trial.restarts = [t for t in rec.trial.restarts if now - t <= window] + [now]
-                self.machine.save()
-                self._event(
-                    "restart",
-                    f"restarted during the trial ({len(rec.trial.restarts)} in the window)",
-                    level="warning",
-                )
-                if len(rec.trial.restarts) >= self.settings.crash_loop_restarts:
-                    self._mark_failed(rec)
-                    self.machine.transition(
-                        S.ROLLED_BACK, f"crash loop: {len(rec.trial.restarts)} restarts in trial"
-                    )
-        if self.machine.state == S.ROLLED_BACK and rec.job is not None and rec.job.staged:
-            # point the store back before the daemon loads the failed version again
-            self.store.rollback(rec.job.slot, failed=_entry(rec.job))
-
-    def start(self) -> None:
-        """Start the update thread (resuming an interrupted job first)."""
-        self.boot_plan()
-        if self.settings.check_on_start:
-            self._check.set()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="inferd-updater", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop at the next safe point; an interrupted job resumes at the next start."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.error("update thread did not stop within %.0fs", timeout)
-            self._thread = None
-        for t in self._abandoned:
-            t.join(0.5)
-
-    def request_check(self, reason: str = "poke") -> None:
-        """Check for updates soon (pokes, ``cmd/check-update``); never more than one check."""
-        log.info("update check requested: %s", reason)
-        self._check.set()
-        self._wake.set()
-
-    def request_rollback(self, slot: str) -> None:
-        """Roll ``slot`` back to its previous version (``cmd/rollback``)."""
-        if slot not in self.slots:
-            raise UpdateError(f"no model slot named {slot!r}")
-        with self._lock:
-            self._rollbacks.add(slot)
-        self._wake.set()
+        self._on_restart: dict[OnRestart, Callable[[Record], None]] = {
+            OnRestart.COUNT_CRASH: self._count_crash,
+            OnRestart.RESTORE_PREVIOUS: self._restore_previous,
+        }
 
     @property
     def state(self) -> State:
         return self.machine.state
 
-    # -- the loop ---------------------------------------------------------------------------
+    # -- boot, requests, thread ---------------------------------------------------------------
 
-    def _poll_delay(self) -> float:
-        # +-10 % jitter: a fleet that booted together (after a power cut) must not keep
-        # polling the repository in lockstep
-        return self.settings.poll_interval_s * random.uniform(0.9, 1.1)
+    def resume(self) -> None:
+        """After a (re)start, before the slot loads: apply the job's :data:`RESUME` action."""
+        rec = self.machine.record
+        action = self.machine.resume()
+        handler = self._on_restart.get(action)
+        if handler is not None:
+            handler(rec)
+        if rec.last is not None:
+            self.slot.set_last_update(rec.last)
+        if rec.job is not None and rec.state != S.IDLE:
+            self.slot.set_update_state(rec.state.value)
+
+    def _count_crash(self, rec: Record) -> None:
+        trial = rec.trial
+        if trial is None:
+            return
+        if trial.clean_stop:  # stopped by SIGTERM in the trial: not a crash
+            trial.clean_stop = False
+            self.machine.save()
+            return
+        now = self.clock()
+        window = self.settings.trial_window_s
+        trial.restarts = [t for t in trial.restarts if now - t <= window] + [now]
+        self.machine.save()
+        self._event(
+            "restart",
+            f"{self.name}: restarted during the trial ({len(trial.restarts)} in the window)",
+            level="warning",
+            model=self.name,
+            version=rec.job.version if rec.job else None,
+        )
+        if len(trial.restarts) >= self.settings.crash_loop_restarts:
+            self._mark_failed(rec)
+            self.machine.transition(
+                S.ROLLED_BACK, f"crash loop: {len(trial.restarts)} restarts in trial"
+            )
+            self._restore_previous(rec)
+
+    def _restore_previous(self, rec: Record) -> None:
+        # point the store back before the daemon loads the failed version again
+        if rec.job is not None and rec.job.staged:
+            self.store.rollback(self.name, failed=_entry(rec.job))
+
+    def request_check(self) -> None:
+        self._check.set()
+        self._wake.set()
+
+    def request_rollback(self) -> None:
+        self._rollback.set()
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._loop, name=f"inferd-update-{self.name}", daemon=True
+        )
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def join(self, deadline: float) -> None:
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive():
+                log.error("%s: update thread did not stop in time", self.name)
+            self._thread = None
+        for t in self._abandoned:
+            t.join(0.5)
 
     def _loop(self) -> None:
-        next_poll = time.monotonic() + self._poll_delay()
+        next_poll = time.monotonic() + self.owner.poll_delay()
         while not self._stop.is_set():
             try:
                 self.run_pending()
             except Exception:
-                log.exception("update loop error")
+                log.exception("%s: update loop error", self.name)
                 self._stop.wait(1.0)
             if self._stop.is_set():
                 break
             now = time.monotonic()
             if now >= next_poll:
-                next_poll = now + self._poll_delay()
+                next_poll = now + self.owner.poll_delay()
                 self._check.set()
                 continue
             if self._wake.wait(next_poll - now):
                 self._wake.clear()
 
     def run_pending(self) -> None:
-        """Advance the machine until it is idle with nothing requested (or stopping)."""
+        """Advance the job until it is idle with nothing requested (or stopping)."""
         while not self._stop.is_set():
             rec = self.machine.record
             if rec.state == S.IDLE:
@@ -302,10 +299,10 @@ class DeviceUpdater:
                 self.machine.transition(S.CHECKING, "re-check: a newer version may supersede")
 
     def _start_something(self) -> bool:
-        with self._lock:
-            slot = self._rollbacks.pop() if self._rollbacks else None
-        if slot is not None:
-            return self._manual_rollback(slot)
+        if self._rollback.is_set():
+            self._rollback.clear()
+            self._manual_rollback()
+            return True
         if self._check.is_set():
             self._check.clear()
             self.machine.transition(S.CHECKING, "check")
@@ -314,7 +311,7 @@ class DeviceUpdater:
 
     def _step_failed(self, state: State, err: UpdateError) -> None:
         rec = self.machine.record
-        log.warning("update %s failed: %s", state.value, err)
+        log.warning("%s: update %s failed: %s", self.name, state.value, err)
         if isinstance(err, ValidationError):
             self._mark_failed(rec)
         if S.FAILED in TRANSITIONS[state]:
@@ -323,7 +320,9 @@ class DeviceUpdater:
             self._mark_failed(rec)
             self.machine.transition(S.ROLLED_BACK, str(err))
         else:  # the exits themselves failed: report, and do not loop on it
-            self._event("update-error", f"{state.value}: {err}", level="error")
+            self._event(
+                "update-error", f"{self.name} {state.value}: {err}", level="error", model=self.name
+            )
             self.machine.transition(S.IDLE, f"{state.value} did not complete: {err}")
 
     # -- steps (each runs after its state was saved) ------------------------------------------
@@ -333,7 +332,7 @@ class DeviceUpdater:
 
     def _checking(self, rec: Record) -> None:
         offers = self.client.check(
-            list(self.slots), self.groups, deadline=self._deadline(), cancel=self._stop
+            [self.name], self.owner.groups, deadline=self._deadline(), cancel=self._stop
         )
         job = self._pick(offers, rec)
         current = rec.job
@@ -349,10 +348,10 @@ class DeviceUpdater:
                 )
                 self._discard(current)
                 self._end_job(current, "withdrawn", "no longer offered to this device")
-                self.slots[current.slot].set_update_state(S.IDLE.value)  # nothing in progress
+                self.slot.set_update_state(S.IDLE.value)  # nothing in progress
             self.machine.transition(S.IDLE, "up to date")
             return
-        if current is not None and (current.slot, current.seq) == (job.slot, job.seq):
+        if current is not None and current.seq == job.seq:
             self.machine.transition(S.DOWNLOADING, "continuing", job=current)
             return
         if current is not None:
@@ -370,42 +369,41 @@ class DeviceUpdater:
         )
 
     def _pick(self, offers: Sequence[Offer], rec: Record) -> Job | None:
-        """The newest version of the first slot that needs one, among those this device is in.
+        """The newest version for this slot, among those this device is in.
 
         A staged version the device has not joined is not downloaded; the version it runs
         stays a candidate, so a halted rollout never takes a device back down.
         """
-        for name, slot in self.slots.items():
-            active = self.store.active(name)
-            mine = [
-                o
-                for o in offers
-                if o.meta.name == name
-                and (o.meta.joins(self.device_id, self.groups) or _runs(active, o))
-            ]
-            skipped = sum(o.meta.name == name for o in offers) - len(mine)
-            if skipped:
-                log.debug("%s: %d staged version(s) not rolled out to this device", name, skipped)
-            if not mine:
-                continue
-            best = max(mine, key=lambda o: o.meta.seq)
-            serving = slot.serving()
-            if best.meta.seq in rec.failed.get(name, []):
-                log.info("%s: %s failed before; waiting for a newer one", name, best.meta.version)
-                continue
-            if active is not None and active.seq == best.meta.seq:
-                continue
-            if active is None and serving is not None and serving.sha256 == best.sha256:
-                continue  # the config's model is the published one
-            return Job(
-                slot=name,
-                version=best.meta.version,
-                seq=best.meta.seq,
-                path=best.path,
-                target=best.target,
-                extras=best.extras,
-            )
-        return None
+        name, owner = self.name, self.owner
+        active = self.store.active(name)
+        mine = [
+            o
+            for o in offers
+            if o.meta.name == name
+            and (o.meta.joins(owner.device_id, owner.groups) or _runs(active, o))
+        ]
+        skipped = sum(o.meta.name == name for o in offers) - len(mine)
+        if skipped:
+            log.debug("%s: %d staged version(s) not rolled out to this device", name, skipped)
+        if not mine:
+            return None
+        best = max(mine, key=lambda o: o.meta.seq)
+        serving = self.slot.serving()
+        if best.meta.seq in rec.failed:
+            log.info("%s: %s failed before; waiting for a newer one", name, best.meta.version)
+            return None
+        if active is not None and active.seq == best.meta.seq:
+            return None
+        if active is None and serving is not None and serving.sha256 == best.sha256:
+            return None  # the config's model is the published one
+        return Job(
+            slot=name,
+            version=best.meta.version,
+            seq=best.meta.seq,
+            path=best.path,
+            target=best.target,
+            extras=best.extras,
+        )
 
     def _downloading(self, rec: Record) -> None:
         job = self._job(rec)
@@ -436,7 +434,7 @@ class DeviceUpdater:
 
     def _validating(self, rec: Record) -> None:
         job = self._job(rec)
-        slot = self.slots[job.slot]
+        slot = self.slot
         meta = _job_meta(job)
         if meta.runtime != slot.runtime:
             raise ValidationError(
@@ -447,7 +445,7 @@ class DeviceUpdater:
         serving = slot.serving()
         serving_sig = Signature.from_json(serving.signature) if serving is not None else None
 
-        def gate() -> tuple[Candidate, dict[str, Any]]:
+        def gate() -> tuple[CandidateModel, dict[str, Any]]:
             try:
                 candidate = slot.load(staged, job.version)
             except UpdateError:
@@ -476,7 +474,7 @@ class DeviceUpdater:
 
     def _activating(self, rec: Record) -> None:
         job = self._job(rec)
-        slot = self.slots[job.slot]
+        slot = self.slot
         serving = slot.serving()
         entry = _entry(job)
         if self.store.record(job.slot).active is None and serving is not None:
@@ -498,14 +496,14 @@ class DeviceUpdater:
         after = slot.serving()
         self._trial_base = after.stats if after is not None else None
         mean = baseline.total_ns / baseline.runs if baseline.runs else 0.0
-        trial = Trial(started_at=self.clock(), baseline_mean_ns=mean)
+        trial = TrialRecord(started_at=self.clock(), baseline_mean_ns=mean)
         self.machine.transition(S.TRIAL, f"{job.slot} now serves {job.version}", trial=trial)
 
     def _trial(self, rec: Record) -> None:
         job = self._job(rec)
-        slot = self.slots[job.slot]
+        slot = self.slot
         cfg = self.settings
-        trial = rec.trial or Trial(started_at=self.clock())
+        trial = rec.trial or TrialRecord(started_at=self.clock())
         end = trial.started_at + cfg.trial_window_s
         meta = _job_meta(job)
         budget_ns = meta.latency_budget_us * 1000 if meta.latency_budget_us else None
@@ -521,14 +519,15 @@ class DeviceUpdater:
                 base = serving.stats
             counts = serving.stats - base
             breach = self._breach(counts, trial.baseline_mean_ns, budget_ns)
-            with self._lock:
-                if job.slot in self._rollbacks:
-                    self._rollbacks.discard(job.slot)
-                    breach = "operator rollback"
+            if self._rollback.is_set():
+                self._rollback.clear()
+                breach = "operator rollback"
             now = self.clock()
             if breach is not None or now >= end or self._stop.is_set():
                 break
-            self._stop.wait(min(cfg.trial_check_interval_s, max(0.0, end - now)))
+            # the wake event: an operator rollback ends the wait at once
+            self._wake.wait(min(cfg.trial_check_interval_s, max(0.0, end - now)))
+            self._wake.clear()
         self._trial_base = None
         if breach is None and self._stop.is_set():
             trial.clean_stop = True
@@ -573,20 +572,18 @@ class DeviceUpdater:
     def _committed(self, rec: Record) -> None:
         job = self._job(rec)
         self.store.prune(job.slot)
-        self.client.clear_downloads()
-        if len(self.slots) > 1:
-            self._check.set()  # another slot may be waiting for its update
+        self.client.discard(_job_paths(job))
         self.machine.transition(S.IDLE, f"{job.slot} {job.version} committed")
 
     def _failed(self, rec: Record) -> None:
         if rec.job is not None:
             self._discard(rec.job)
-        self.client.clear_downloads()
+            self.client.discard(_job_paths(rec.job))
         self.machine.transition(S.IDLE, "cleaned up after the failure")
 
     def _rolled_back(self, rec: Record) -> None:
         job = self._job(rec)
-        slot = self.slots[job.slot]
+        slot = self.slot
         prev = self.store.rollback(job.slot, failed=_entry(job))
         if prev is None:
             raise UpdateError(f"{job.slot}: no previous version on disk to roll back to")
@@ -596,7 +593,7 @@ class DeviceUpdater:
                 S.ROLLED_BACK, lambda: slot.load(Path(prev.path), prev.version)
             )
             slot.activate(candidate)
-        self.client.clear_downloads()
+        self.client.discard(_job_paths(job))
         self._event(
             "rollback",
             f"{job.slot} rolled back from {job.version} to {prev.version}: {rec.reason}",
@@ -607,11 +604,17 @@ class DeviceUpdater:
         )
         self.machine.transition(S.IDLE, f"{job.slot} serves {prev.version} again")
 
-    def _manual_rollback(self, name: str) -> bool:
+    def _manual_rollback(self) -> None:
+        name = self.name
         active = self.store.active(name)
         if active is None or self.store.previous(name) is None:
-            self._event("rollback-refused", f"{name}: no previous version on disk", level="warning")
-            return True
+            self._event(
+                "rollback-refused",
+                f"{name}: no previous version on disk",
+                level="warning",
+                model=name,
+            )
+            return
         job = Job(
             slot=name,
             version=active.version,
@@ -623,27 +626,25 @@ class DeviceUpdater:
         rec = self.machine.record
         self.machine.transition(S.ROLLED_BACK, "operator rollback", job=job)
         self._mark_failed(rec)
-        return True
 
     # -- plumbing -----------------------------------------------------------------------------
 
     def _job(self, rec: Record) -> Job:
         if rec.job is None:
-            raise UpdateError(f"no job recorded in state {rec.state.value}")
+            raise UpdateError(f"{self.name}: no job recorded in state {rec.state.value}")
         return rec.job
 
     def _mark_failed(self, rec: Record) -> None:
         if rec.job is None or rec.job.seq == 0:
             return
-        seqs = rec.failed.setdefault(rec.job.slot, [])
-        if rec.job.seq not in seqs:
-            seqs.append(rec.job.seq)
-            del seqs[:-20]
+        if rec.job.seq not in rec.failed:
+            rec.failed.append(rec.job.seq)
+            del rec.failed[:-20]
         self.machine.save()
 
     def _end_job(self, job: Job, outcome: UpdateOutcome, reason: str) -> None:
         """A job dropped before a terminal state (those are recorded by the state machine)."""
-        self.slots[job.slot].set_last_update(self.machine.end_job(job, outcome, reason))
+        self.slot.set_last_update(self.machine.end_job(job, outcome, reason))
 
     def _discard(self, job: Job) -> None:
         if self._candidate is not None:
@@ -662,7 +663,9 @@ class DeviceUpdater:
             except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
                 box["error"] = err
 
-        t = threading.Thread(target=run, name=f"inferd-update-{state.value}", daemon=True)
+        t = threading.Thread(
+            target=run, name=f"inferd-update-{self.name}-{state.value}", daemon=True
+        )
         t.start()
         deadline = time.monotonic() + self.settings.state_timeout_s
         while t.is_alive() and time.monotonic() < deadline and not self._stop.is_set():
@@ -680,31 +683,147 @@ class DeviceUpdater:
         return value
 
     def _event(self, kind: str, message: str, **fields: Any) -> None:
-        if self.emit is None:
-            return
-        try:
-            self.emit(kind, message, **fields)
-        except Exception:
-            log.exception("cannot emit update event %s", kind)
+        self.owner.event(kind, message, **fields)
 
     def _on_transition(self, before: State, to: State, rec: Record) -> None:
         job = rec.job
         if job is not None and to != S.IDLE:
-            self.slots[job.slot].set_update_state(to.value)
-            if to in TERMINAL:
-                self.slots[job.slot].set_last_update(rec.last[job.slot])
+            self.slot.set_update_state(to.value)
+            if to in TERMINAL and rec.last is not None:
+                self.slot.set_last_update(rec.last)
         level = "info"
         if to in (S.FAILED, S.ROLLED_BACK):
             level = "warning" if before == S.CHECKING else "error"
-        log.info("update: %s -> %s %s", before.value, to.value, rec.reason)
+        log.info("update %s: %s -> %s %s", self.name, before.value, to.value, rec.reason)
         self._event(
             "update",
             f"{before.value} -> {to.value}: {rec.reason}",
             level=level,
-            model=job.slot if job else None,
+            model=job.slot if job else self.name,
             version=job.version if job else None,
             state=to.value,
             previous_state=before.value,
             seq=job.seq if job else None,
             terminal=to in TERMINAL,
         )
+
+
+class DeviceUpdater:
+    """The device's update jobs, one per slot (:class:`SlotJob`), and what they share."""
+
+    def __init__(
+        self,
+        *,
+        client: RepositoryClient,
+        state_dir: str | Path,
+        slots: Mapping[str, SlotPort],
+        groups: Sequence[str] = (),
+        device_id: str = "",
+        settings: UpdatesConfig | None = None,
+        emit: Emit | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.slots = dict(slots)
+        self.groups = tuple(groups)
+        self.device_id = device_id
+        """Decides, with the groups, which staged rollouts this device joins."""
+        self.settings = settings or UpdatesConfig()
+        self.emit = emit
+        self.clock = clock
+        self.store = ModelStore(state_dir, self.settings.keep_versions)
+        work = Path(state_dir) / "update"
+        jobs_dir = work / "jobs"
+        # a device upgraded from one device-wide job keeps its job and its slots' history
+        migrate_legacy(work / "state.json", jobs_dir)
+        self._stop = threading.Event()
+        self._booted = False
+        self.jobs = {
+            name: SlotJob(self, name, slot, jobs_dir / f"{name}.json")
+            for name, slot in self.slots.items()
+        }
+
+    # -- the daemon's side ------------------------------------------------------------------
+
+    def boot_plan(self) -> dict[str, Entry]:
+        """Call before the slots load: resume every slot's job and say which version each loads.
+
+        An unclean restart during a trial counts as a crash; ``crash_loop_restarts`` of them
+        inside the trial window roll back before the failing version is loaded again.
+        """
+        if not self._booted:
+            self._booted = True
+            for job in self.jobs.values():
+                job.resume()
+            # what a killed download left behind, except what resumed jobs still need
+            needed = [
+                path
+                for job in self.jobs.values()
+                if (rec := job.machine.record).job is not None and rec.state not in TERMINAL
+                for path in _job_paths(rec.job)
+            ]
+            self.client.clear_downloads(keep=needed)
+        return {name: e for name in self.slots if (e := self.store.active(name)) is not None}
+
+    def start(self) -> None:
+        """Start one thread per slot (resuming interrupted jobs first)."""
+        self.boot_plan()
+        self._stop.clear()
+        for job in self.jobs.values():
+            if self.settings.check_on_start:
+                job.request_check()
+            job.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every job at its next safe point; interrupted jobs resume at the next start."""
+        self._stop.set()
+        for job in self.jobs.values():
+            job.wake()
+        deadline = time.monotonic() + timeout
+        for job in self.jobs.values():
+            job.join(deadline)
+
+    def request_check(self, reason: str = "poke") -> None:
+        """Every slot checks for updates soon (pokes, ``cmd/check-update``), each on its own."""
+        log.info("update check requested: %s", reason)
+        for job in self.jobs.values():
+            job.request_check()
+
+    def request_rollback(self, slot: str) -> None:
+        """Roll ``slot`` back to its previous version (``cmd/rollback``)."""
+        if slot not in self.jobs:
+            raise UpdateError(f"no model slot named {slot!r}")
+        self.jobs[slot].request_rollback()
+
+    def run_pending(self) -> None:
+        """Advance every slot's job on the calling thread, one slot after the other (tests,
+        tools); the daemon runs each on its own thread instead (:meth:`start`)."""
+        for job in self.jobs.values():
+            job.run_pending()
+
+    def states(self) -> dict[str, State]:
+        """Each slot's update state."""
+        return {name: job.state for name, job in self.jobs.items()}
+
+    @property
+    def state(self) -> State:
+        """The one slot's state; with several, the first that is not idle (else idle)."""
+        busy = [s for s in self.states().values() if s != S.IDLE]
+        return busy[0] if busy else S.IDLE
+
+    # -- shared by the jobs ---------------------------------------------------------------------
+
+    def poll_delay(self) -> float:
+        # +-10 % jitter: a fleet that booted together (after a power cut) must not keep
+        # polling the repository in lockstep
+        return self.settings.poll_interval_s * random.uniform(0.9, 1.1)
+
+    def event(self, kind: str, message: str, **fields: Any) -> None:
+        """Emit an update event (never raises: a broken link must not break a job)."""
+        emit = self.emit  # read each time: the agent attaches its link after construction
+        if emit is None:
+            return
+        try:
+            emit(kind, message, **fields)
+        except Exception:
+            log.exception("cannot emit update event %s", kind)

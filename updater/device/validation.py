@@ -23,7 +23,7 @@ from updater.meta import ModelMeta
 Feeds = Mapping[str, np.ndarray]
 
 
-class Candidate(Protocol):
+class CandidateModel(Protocol):
     """A loaded model that is not serving yet (the agent wraps its LoadedModel in one)."""
 
     version: str
@@ -130,7 +130,7 @@ def load_golden(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, np.ndarra
 
 
 def validate(
-    candidate: Candidate,
+    candidate: CandidateModel,
     meta: ModelMeta,
     serving: Signature | None,
     golden: bytes | None,
@@ -174,7 +174,7 @@ def validate(
     return Report(checked, len(lat), p50, p99, budget)
 
 
-def _run(candidate: Candidate, feeds: Feeds, what: str) -> Mapping[str, np.ndarray]:
+def _run(candidate: CandidateModel, feeds: Feeds, what: str) -> Mapping[str, np.ndarray]:
     try:
         return candidate.run(feeds)
     except Exception as err:
