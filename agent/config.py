@@ -8,9 +8,14 @@ Every error names the field path (``$.models[0].threads``) and the reason, and i
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import logging
+import math
 import os
 import re
 import socket
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +27,8 @@ from runtime.errors import ConfigError
 from runtime.options import RuntimeOptions
 from telemetry.config import QualityConfig, TelemetryConfig
 from updater.device.config import UpdatesConfig
+
+log = logging.getLogger(__name__)
 
 EX_CONFIG = 78
 
@@ -91,6 +98,14 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     keepalive_s: int = 30
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
+    reply_topic_prefixes: tuple[str, ...] = ("{root}/infer/", "replies/")
+    """Topics an MQTT reply (inference or command) may go to; ``{root}`` is
+    ``{topic_prefix}/{device_id}``. A topic the device subscribes to is refused whatever
+    these say."""
+    max_payload_bytes: int | None = None
+    """An inference request larger than this gets 413 (None: ``api.max_body_bytes``)."""
+    inbox_max_bytes: int = 32 * 1024 * 1024
+    """Received messages waiting for their handler, in bytes; beyond it new ones are dropped."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -101,6 +116,18 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
             raise ValueError("give password or password_file, not both")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise ValueError("need 0 < reconnect_min_s <= reconnect_max_s")
+        if not 1 <= self.keepalive_s <= 65535:
+            raise ValueError("keepalive_s must be 1-65535")
+        for prefix in self.reply_topic_prefixes:
+            if not prefix or _TOPIC_BAD.search(prefix) or prefix.startswith("$"):
+                raise ValueError(
+                    f"reply_topic_prefixes: {prefix!r} must be non-empty, free of '#', '+' "
+                    "and not start with '$'"
+                )
+        if self.max_payload_bytes is not None and self.max_payload_bytes < 1024:
+            raise ValueError("max_payload_bytes must be >= 1024")
+        if self.inbox_max_bytes < 64 * 1024:
+            raise ValueError("inbox_max_bytes must be >= 65536")
 
     def __repr__(self) -> str:  # never show the password
         return f"MqttConfig(host={self.host!r}, port={self.port}, username={self.username!r})"
@@ -186,13 +213,86 @@ def parse_config(
     if not isinstance(data, dict):
         raise ConfigError("$: the config must be a mapping of sections")
     _apply_env(data, os.environ if environ is None else environ)
+    _refuse_text_numbers(data, _config_type_info(), "$")
     try:
+        # Not strict: a number where text goes (``version: 2``, ``protocol: 5``) is fine; text
+        # where a number or a boolean goes was refused just above.
         cfg = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as err:
         raise ConfigError(str(err)) from err
+    _check_numbers(cfg, "$")
     if base_dir is not None:
         cfg = _resolve_paths(cfg, base_dir)
     return cfg
+
+
+_SCALAR_NAMES: dict[type, str] = {
+    msgspec.inspect.IntType: "int",
+    msgspec.inspect.FloatType: "float",
+    msgspec.inspect.BoolType: "bool",
+}
+
+
+@functools.cache
+def _config_type_info() -> msgspec.inspect.Type:
+    return msgspec.inspect.type_info(Config)
+
+
+def _takes_text(t: msgspec.inspect.Type) -> bool:
+    if isinstance(t, msgspec.inspect.UnionType):
+        return any(_takes_text(m) for m in t.types)
+    if isinstance(t, msgspec.inspect.LiteralType):
+        return any(isinstance(v, str) for v in t.values)
+    return not isinstance(t, tuple(_SCALAR_NAMES))
+
+
+def _refuse_text_numbers(data: Any, t: msgspec.inspect.Type, path: str) -> None:
+    """Refuse text where the config wants a number or a boolean (``port: "1883"``, ``"nan"``):
+    non-strict conversion would accept it, and a quoted number is usually a mistake elsewhere."""
+    if isinstance(data, str):
+        if not _takes_text(t):
+            members = t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)
+            wanted = " | ".join(
+                _SCALAR_NAMES.get(
+                    type(m), "null" if isinstance(m, msgspec.inspect.NoneType) else "?"
+                )
+                for m in members
+            )
+            raise ConfigError(f"Expected `{wanted}`, got `str` - at `{path}`")
+        return
+    if isinstance(t, msgspec.inspect.UnionType):
+        for member in t.types:
+            if isinstance(member, msgspec.inspect.StructType) and isinstance(data, dict):
+                _refuse_text_numbers(data, member, path)
+        return
+    if isinstance(t, msgspec.inspect.StructType) and isinstance(data, dict):
+        for f in t.fields:
+            if f.encode_name in data:
+                _refuse_text_numbers(data[f.encode_name], f.type, f"{path}.{f.encode_name}")
+    elif isinstance(t, msgspec.inspect.VarTupleType | msgspec.inspect.ListType) and isinstance(
+        data, list
+    ):
+        for i, item in enumerate(data):
+            _refuse_text_numbers(item, t.item_type, f"{path}[{i}]")
+
+
+def _check_numbers(obj: msgspec.Struct, path: str) -> None:
+    """Every number in the config is finite and not negative: YAML's ``.nan`` and ``.inf``
+    compare false against every bound, so a ``< 0`` check alone would let them through."""
+    for f in msgspec.structs.fields(obj):
+        value = getattr(obj, f.name)
+        where = f"{path}.{f.encode_name}"
+        if isinstance(value, msgspec.Struct):
+            _check_numbers(value, where)
+        elif isinstance(value, tuple):
+            for i, item in enumerate(value):
+                if isinstance(item, msgspec.Struct):
+                    _check_numbers(item, f"{where}[{i}]")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"Expected a finite number, got {value} - at `{where}`")
+            if value < 0:
+                raise ConfigError(f"Expected a number >= 0, got {value} - at `{where}`")
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
@@ -264,8 +364,61 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     """
     p = Path(path)
     data = _read_yaml(p)
+    files = [p]
     dropins = p.with_name(f"{p.name}.d")
     if dropins.is_dir():
         for extra in sorted(dropins.glob("*.yaml")):
             data = merge_config(data, _read_yaml(extra))
-    return parse_config(data, base_dir=p.resolve().parent, environ=environ)
+            files.append(extra)
+    cfg = parse_config(data, base_dir=p.resolve().parent, environ=environ)
+    for warning in config_warnings(cfg, files):
+        log.warning("%s", warning)
+    return cfg
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH))
+    except OSError:
+        return False
+
+
+def _mentions_password(path: Path) -> bool:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    mqtt = data.get("mqtt") if isinstance(data, dict) else None
+    return isinstance(mqtt, dict) and mqtt.get("password") is not None
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def config_warnings(cfg: Config, files: list[Path]) -> list[str]:
+    """What in a valid config an operator should fix: secrets readable by other users, and an
+    API (which has no authentication of its own) listening beyond loopback."""
+    out = []
+    for f in files:
+        if _readable_by_others(f) and _mentions_password(f):
+            out.append(
+                f"{f} holds the MQTT password and is readable by group or others: "
+                f"chmod 600 {f}, or move the password to mqtt.password_file"
+            )
+    pw = cfg.mqtt.password_file
+    if pw is not None and _readable_by_others(Path(pw)):
+        out.append(f"mqtt.password_file {pw} is readable by group or others: chmod 600 {pw}")
+    address = listen_address(cfg.api.listen)
+    if isinstance(address, tuple) and not is_loopback(address[0]):
+        out.append(
+            f"api.listen {cfg.api.listen} is not a loopback address: every host that reaches "
+            "it can run models and send feedback"
+        )
+    return out

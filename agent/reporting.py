@@ -26,7 +26,7 @@ from agent.config import Config
 from agent.mqtt.infer import MqttInference
 from agent.mqtt.link import Command, MqttLink
 from agent.slots import ModelSlot
-from runtime.errors import NotReadyError
+from runtime.errors import ModelNotFoundError, NotReadyError
 from telemetry.metrics import MetricsCollector, MetricsPublisher
 from telemetry.payloads import HostFacts, SlotStatus, Status, utc_now
 from telemetry.prediction_log import PredictionLogger
@@ -123,7 +123,14 @@ class Telemetry:
             self._publish_metrics,
             other_drops=lambda: self.predictions.dropped,
         )
-        self.inference = MqttInference(self.link, slots, workers=min(4, config.api.workers))
+        max_payload = config.mqtt.max_payload_bytes or config.api.max_body_bytes
+        self.inference = MqttInference(
+            self.link,
+            slots,
+            workers=min(4, config.api.workers),
+            max_payload_bytes=max_payload,
+            queue_bytes=max(config.mqtt.inbox_max_bytes, max_payload),
+        )
         for slot in slots.values():
             slot.listeners.append(self.collector.listener)
             slot.listeners.append(self.predictions.listener)
@@ -152,6 +159,12 @@ class Telemetry:
             log.debug("metrics not sent: no broker connection (metrics_qos 0)")
 
     def _set_sampling(self, cmd: Command) -> dict[str, Any]:
+        model = cmd.args.get("model")
+        if model is not None and model not in self.slots:
+            # a rate stored for a name no slot has would grow the table on every command
+            raise ModelNotFoundError(
+                f"model {model!r} not found; serving {', '.join(self.slots) or 'nothing'}"
+            )
         result = self.predictions.set_sampling_command(cmd.args)
         self.link.emit_event("sampling-changed", f"prediction sampling: {result}", **result)
         return result

@@ -164,11 +164,18 @@ class UpdateComponent:
         return {"state": self.updater.state.value}
 
     def _on_rollback(self, cmd: Any) -> dict[str, Any]:
-        args = getattr(cmd, "args", {}) or {}
-        names = [args["model"]] if isinstance(args.get("model"), str) else list(self.adapters)
-        for name in names:
-            self.updater.request_rollback(name)
-        return {"rolling_back": names}
+        # A rollback marks versions failed: it needs an explicit model (a reply or any other
+        # stray JSON object must not roll every slot back) and is never replayed from a
+        # retained message on every reconnect.
+        if getattr(cmd, "retained", False):
+            raise InferdError("rollback refused: a retained message is never a rollback")
+        model = (getattr(cmd, "args", {}) or {}).get("model")
+        if not isinstance(model, str) or model not in self.adapters:
+            raise InferdError(
+                f"rollback needs the model to roll back: one of {', '.join(self.adapters)}"
+            )
+        self.updater.request_rollback(model)
+        return {"rolling_back": [model]}
 
     def start(self) -> None:
         if self.enabled:

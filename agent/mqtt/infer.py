@@ -5,8 +5,15 @@ The request body is an Open Inference Protocol v2 infer request (the same JSON a
 the request's MQTT 5 response topic with its correlation data; a client without MQTT 5 gets it
 on ``{request topic}/reply`` and matches it by the v2 ``id``. Every reply carries a ``status``
 user property with the HTTP status the local API would give; an error reply's body is
-``{"error": "..."}``. Bad requests are answered, never ignored. Binary tensors work as over
-HTTP, with the ``Inference-Header-Content-Length`` user property.
+``{"error": "..."}``. Bad requests are answered, never ignored: a payload over the size limit
+(``mqtt.max_payload_bytes``, by default ``api.max_body_bytes``) gets 413 without being kept, any
+decoding error the same 4xx as over HTTP, an unexpected failure 500 without its text. Binary
+tensors work as over HTTP, with the ``Inference-Header-Content-Length`` user property.
+
+Replies go out through :meth:`~agent.mqtt.link.MqttLink.send_reply`, which refuses response
+topics outside ``mqtt.reply_topic_prefixes`` and any topic the device itself reads.
+Requests waiting for a worker hold at most ``queue`` requests and ``queue_bytes`` bytes; beyond
+either the answer is 503.
 """
 
 from __future__ import annotations
@@ -37,14 +44,25 @@ class MqttInference:
     """Answers infer requests from the link on a small pool of named threads."""
 
     def __init__(
-        self, link: MqttLink, slots: Mapping[str, ModelSlot], workers: int = 2, queue: int = 64
+        self,
+        link: MqttLink,
+        slots: Mapping[str, ModelSlot],
+        workers: int = 2,
+        queue: int = 64,
+        *,
+        max_payload_bytes: int = 16 * 1024 * 1024,
+        queue_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.link = link
         self.slots = slots
         self.workers = workers
+        self.max_payload_bytes = max_payload_bytes
+        self.queue_bytes = queue_bytes
         self._room = threading.BoundedSemaphore(queue)
+        self._bytes = 0
+        self._bytes_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        link.subscribe(link.topic("infer/+"), self._on_request)
+        link.subscribe(link.topic("infer/+"), self._on_request, max_bytes=max_payload_bytes)
 
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="inferd-mqtt-infer")
@@ -55,21 +73,41 @@ class MqttInference:
             pool.shutdown(wait=True)
 
     def _on_request(self, msg: Inbound) -> None:
+        if msg.oversize:
+            body = v2.error_body(
+                f"request of {msg.size} bytes is over the limit of {self.max_payload_bytes}"
+            )
+            self._reply(msg, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, body)
+            return
         pool = self._pool
+        size = len(msg.payload)
         if pool is None or not self._room.acquire(blocking=False):
+            self._reply(msg, HTTPStatus.SERVICE_UNAVAILABLE, v2.error_body("busy, try again"))
+            return
+        with self._bytes_lock:
+            fits = self._bytes + size <= self.queue_bytes
+            if fits:
+                self._bytes += size
+        if not fits:
+            self._room.release()
             self._reply(msg, HTTPStatus.SERVICE_UNAVAILABLE, v2.error_body("busy, try again"))
             return
         try:
             pool.submit(self._serve, msg)
         except RuntimeError:  # shutting down
-            self._room.release()
+            self._done(size)
+
+    def _done(self, size: int) -> None:
+        with self._bytes_lock:
+            self._bytes -= size
+        self._room.release()
 
     def _serve(self, msg: Inbound) -> None:
         try:
             status, body, head_len = self.answer(msg)
             self._reply(msg, status, body, head_len)
         finally:
-            self._room.release()
+            self._done(len(msg.payload))
 
     def answer(self, msg: Inbound) -> tuple[HTTPStatus, bytes, int | None]:
         """(status, body, JSON header length of a binary body) for one request."""
@@ -92,6 +130,10 @@ class MqttInference:
                 HTTPStatus.INTERNAL_SERVER_ERROR,
             )
             return status, v2.error_body(str(err)), None
+        except Exception:
+            # Whatever broke, the requester hears about it (never the exception's text).
+            log.exception("mqtt infer %s: unexpected error", name)
+            return HTTPStatus.INTERNAL_SERVER_ERROR, v2.error_body("internal error"), None
         return HTTPStatus.OK, body, out_len
 
     def _reply(
@@ -101,7 +143,8 @@ class MqttInference:
         if head_len is not None:
             props[HEADER_LENGTH] = str(head_len)
         topic = msg.response_topic or f"{msg.topic}/reply"
-        if not self.link.send_now(
+        sent = self.link.send_reply(
             topic, body, correlation_data=msg.correlation_data, user_properties=props
-        ):
-            log.warning("mqtt infer: no connection, reply to %s lost", topic)
+        )
+        if not sent and not self.link.connected:
+            log.warning("mqtt infer: no connection, reply to %s lost", topic[:200])

@@ -20,12 +20,28 @@ API for the rest of the agent (every call is thread-safe and never blocks on the
 ``link.subscribe(filter, handler)``
     Run ``handler(msg: Inbound)`` for every message matching ``filter``; restored after
     every reconnect.
-``link.publish(leaf, payload, *, records=0)`` / ``link.send_now(topic, payload, ...)``
+``link.publish(leaf, payload, *, records=0, kind=None)`` / ``link.send_now(topic, payload, ...)``
     Queue bytes on ``{prefix}/{device}/{leaf}`` through the spool / send at once, unspooled
-    (responses, which only matter while someone waits, and QoS 0 metrics).
+    (QoS 0 metrics). ``kind`` (:class:`~telemetry.spool.Kind`) says whether the spool may drop
+    the message when full.
+``link.send_reply(topic, payload, ...)``
+    Send a response (to an inference request or a command) at once, unspooled, but only onto a
+    topic :meth:`MqttLink.reply_refusal` accepts: under ``mqtt.reply_topic_prefixes`` and never
+    one the device subscribes to, a group topic, or any device's commands, requests or
+    telemetry. A requester chooses the response topic; without this check any client allowed
+    to send an inference request could make the device publish on its own command topic and
+    command itself (a reply is JSON, and ``{}`` is a valid ``rollback``). A refused reply is
+    counted (``refused_replies``), logged and evented at most once a minute, never published.
 
 Handlers run one at a time on the ``inferd-mqtt-dispatch`` thread: return quickly and hand long
-work (an update check, an inference) to a thread of your own.
+work (an update check, an inference) to a thread of your own. Received messages waiting for
+their handler hold at most ``mqtt.inbox_max_bytes``; an MQTT 5 broker is told that bound as the
+client's Maximum Packet Size, so a larger message never reaches the device at all.
+
+The forwarder thread is supervised: if it dies on an unexpected error it is restarted within a
+second, with an ``mqtt-forwarder-restarted`` event, and :meth:`MqttLink.problem` (part of the
+agent's readiness) names the fault until then. A spool whose pages are corrupt is moved aside
+by the spool itself after repeated read errors (``spool-reset`` event).
 
 Delivery: every outbound message except ``send_now`` is put in the spool first and sent from there
 in order with QoS 1; a row is deleted only when the broker acknowledges it, so an outage, a
@@ -60,7 +76,7 @@ from agent.config import Config
 from runtime.errors import InferdError, MqttError
 from telemetry.broker import BrokerOptions, make_client
 from telemetry.payloads import CommandReply, Event, Level, Offline, Status, utc_now
-from telemetry.spool import Spool
+from telemetry.spool import Kind, Spool
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +84,11 @@ SPOOL_FILE = "telemetry-spool.sqlite"
 WINDOW = 32
 """QoS 1 messages sent and not yet acknowledged, at most (and at most the broker's Receive Max)."""
 _REFUSED_AUTH = {"Bad user name or password", "Not authorized", "Bad authentication method"}
+_WILDCARDS = ("#", "+", "\x00")
+REPORT_EVERY_S = 60.0
+"""Repeated refusals and drops are logged and evented at most this often."""
+SUPERVISE_S = 1.0
+"""How often the network thread checks that the forwarder thread is alive."""
 
 EmitEvent = Callable[..., None]
 """``emit_event(kind, message, *, level="info", model=None, version=None, **details)``."""
@@ -83,6 +104,10 @@ class Inbound:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     user_properties: tuple[tuple[str, str], ...] = ()
+    size: int = 0
+    """Bytes of the payload as received (``payload`` is empty when it was over the limit)."""
+    oversize: bool = False
+    """The payload was larger than the subscription's ``max_bytes`` and was not kept."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +163,8 @@ class _Forwarding:
     latest_inflight: dict[int, tuple[str, int]] = field(default_factory=dict)
     """paho mid -> (topic, seq) of a latest-value message."""
     latest_seen: int = -1
+    spool_generation: int = 0
+    """The spool's generation the cursor belongs to (a reset spool starts ids again)."""
 
 
 class MqttLink:
@@ -150,9 +177,33 @@ class MqttLink:
         self.root = f"{self.prefix}/{self.device}"
         self.status_topic = f"{self.root}/status"
         self._status = status
+        tel = config.telemetry
         self.spool = Spool(
-            Path(config.state_dir) / SPOOL_FILE, config.telemetry.spool_max_bytes, self._wake
+            Path(config.state_dir) / SPOOL_FILE,
+            tel.spool_max_bytes,
+            self._wake,
+            hard_max_bytes=tel.spool_hard_max_bytes,
+            feedback_share=tel.spool_feedback_share,
+            on_drop=self._spool_dropped,
+            on_full=self._spool_full,
+            on_reset=self._spool_reset,
         )
+        self._reply_prefixes = tuple(
+            p.replace("{root}", self.root) for p in config.mqtt.reply_topic_prefixes
+        )
+        self._inbox_max = config.mqtt.inbox_max_bytes
+        self._inbox_bytes = 0
+        self._inbox_lock = threading.Lock()
+        self._limits: dict[str, int] = {}
+        self._reported: dict[str, float] = {}
+        self.refused_replies = 0
+        """Replies not sent because their topic was refused (see :meth:`reply_refusal`)."""
+        self.dropped_inbound = 0
+        """Received messages dropped because the inbox was full."""
+        self.forwarder_restarts = 0
+        """Times the forwarder thread died and was started again."""
+        self._forwarder: threading.Thread | None = None
+        self._forwarder_fault: str | None = None
         self._client: mqtt.Client | None = None
         self._stop = threading.Event()
         self._cond = threading.Condition()
@@ -168,6 +219,7 @@ class MqttLink:
         self._inbox: queue.Queue[tuple[Handler, Inbound] | None] = queue.Queue(maxsize=1000)
         self._threads: list[threading.Thread] = []
         self._rejected_topics: set[str] = set()
+        self._rejected_lock = threading.Lock()
         self.connects = 0
         """Successful connections so far (tests and the status of the link)."""
         self.subscribe(f"{self.root}/cmd/#", self._on_command_message)
@@ -184,9 +236,11 @@ class MqttLink:
         """The full topic of ``leaf`` below this device's root."""
         return f"{self.root}/{leaf}"
 
-    def publish(self, leaf: str, payload: bytes, *, records: int = 0) -> bool:
+    def publish(
+        self, leaf: str, payload: bytes, *, records: int = 0, kind: Kind | None = None
+    ) -> bool:
         """Queue ``payload`` on ``{root}/{leaf}`` (QoS 1); False if the spool dropped it."""
-        return self.spool.put(self.topic(leaf), payload, records=records)
+        return self.spool.put(self.topic(leaf), payload, records=records, kind=kind)
 
     def emit_event(
         self,
@@ -219,11 +273,19 @@ class MqttLink:
             return
         self.spool.put_latest(self.status_topic, payload)
 
-    def subscribe(self, topic_filter: str, handler: Handler) -> None:
-        """Call ``handler`` for messages matching ``topic_filter`` (kept across reconnects)."""
+    def subscribe(
+        self, topic_filter: str, handler: Handler, *, max_bytes: int | None = None
+    ) -> None:
+        """Call ``handler`` for messages matching ``topic_filter`` (kept across reconnects).
+
+        A message larger than ``max_bytes`` reaches the handler without its payload
+        (``oversize``), so that it can be answered without being held.
+        """
         with self._pub_lock:
             first = topic_filter not in self._subs
             self._subs.setdefault(topic_filter, []).append(handler)
+            if max_bytes is not None:
+                self._limits[topic_filter] = max_bytes
             client = self._client if self._connected else None
         if first and client is not None:
             client.subscribe(topic_filter, qos=1)
@@ -261,6 +323,83 @@ class MqttLink:
         info = client.publish(topic, payload, qos=qos, properties=props)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
+    def reply_refusal(self, topic: str) -> str | None:
+        """Why a reply may not be published on ``topic``; None when it may."""
+        if not topic or len(topic.encode("utf-8", "replace")) > 65535:
+            return "empty or too long"
+        if any(c in topic for c in _WILDCARDS) or topic.startswith("$"):
+            return "wildcards, NUL or a $ topic"
+        with self._pub_lock:
+            filters = list(self._subs)
+        p = self.prefix
+        # Never onto what this device reads, nor onto what any device reads or publishes:
+        # commands, group topics, inference requests, and the leaves below a device's root.
+        for f in (*filters, f"{p}/groups/#", f"{p}/+/cmd/#", f"{p}/+/infer/+", f"{p}/+/+"):
+            if mqtt.topic_matches_sub(f, topic):
+                return f"it is a command, request or telemetry topic ({f})"
+        if not topic.startswith(self._reply_prefixes):
+            return "it is not under mqtt.reply_topic_prefixes"
+        return None
+
+    def send_reply(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        correlation_data: bytes | None = None,
+        user_properties: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Send a response now if :meth:`reply_refusal` accepts its topic; False otherwise."""
+        reason = self.reply_refusal(topic)
+        if reason is not None:
+            self.refused_replies += 1
+            shown = topic if len(topic) <= 200 else topic[:200] + "..."
+            if self._due("reply-refused"):
+                log.warning(
+                    "mqtt: refused to reply on %r: %s (%d replies refused so far)",
+                    shown,
+                    reason,
+                    self.refused_replies,
+                )
+                self.emit_event(
+                    "reply-refused",
+                    f"a reply was not sent on {shown!r}: {reason}",
+                    level="warning",
+                    topic=shown,
+                    refused=self.refused_replies,
+                )
+            else:
+                log.debug("mqtt: refused to reply on %r: %s", shown, reason)
+            return False
+        return self.send_now(
+            topic, payload, correlation_data=correlation_data, user_properties=user_properties
+        )
+
+    def problem(self) -> str | None:
+        """None while the link works as it should; else one line saying what is wrong.
+
+        Readiness includes it: telemetry that stopped flowing is something to restart for.
+        A missing broker is not a problem (the agent spools until it is back).
+        """
+        if not self._threads or self._stop.is_set():
+            return None
+        if self._forwarder_fault is not None:
+            return f"mqtt: the telemetry forwarder failed ({self._forwarder_fault}); restarting"
+        forwarder = self._forwarder
+        if forwarder is None or not forwarder.is_alive():
+            return "mqtt: the telemetry forwarder is not running"
+        return None
+
+    def _due(self, what: str) -> bool:
+        """True at most once per REPORT_EVERY_S for ``what`` (log lines, events)."""
+        now = time.monotonic()
+        with self._rejected_lock:
+            last = self._reported.get(what)
+            if last is not None and now - last < REPORT_EVERY_S:
+                return False
+            self._reported[what] = now
+            return True
+
     def flush(self, timeout: float) -> bool:
         """Wait until the spool is empty (everything acknowledged); False on timeout."""
         with self._cond:
@@ -271,14 +410,39 @@ class MqttLink:
     def start(self) -> None:
         """Start connecting in the background; returns at once."""
         self._stop.clear()
+        self._start_forwarder()
         for name, target in (
             ("inferd-mqtt", self._run_network),
-            ("inferd-mqtt-forward", self._run_forwarder),
             ("inferd-mqtt-dispatch", self._run_dispatch),
         ):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def _start_forwarder(self) -> None:
+        thread = threading.Thread(
+            target=self._run_forwarder, name="inferd-mqtt-forward", daemon=True
+        )
+        self._forwarder = thread
+        self._forwarder_fault = None
+        thread.start()
+
+    def _supervise(self) -> None:
+        """Start the forwarder again if it died (network thread, every SUPERVISE_S)."""
+        forwarder = self._forwarder
+        if self._stop.is_set() or forwarder is None or forwarder.is_alive():
+            return
+        forwarder.join()
+        self.forwarder_restarts += 1
+        fault = self._forwarder_fault or "it ended"
+        log.error("mqtt: restarting the telemetry forwarder (%s)", fault)
+        self._start_forwarder()
+        self.emit_event(
+            "mqtt-forwarder-restarted",
+            f"the telemetry forwarder stopped ({fault}) and was restarted",
+            level="error",
+            restarts=self.forwarder_restarts,
+        )
 
     def stop(self, timeout: float = 3.0) -> None:
         """Publish ``offline``, flush what the broker takes within ``timeout``, disconnect."""
@@ -298,6 +462,9 @@ class MqttLink:
         for thread in self._threads:
             thread.join(timeout=10)
         self._threads.clear()
+        forwarder, self._forwarder = self._forwarder, None
+        if forwarder is not None:
+            forwarder.join(timeout=10)
         self.spool.close()
 
     # --- connection ---------------------------------------------------------------------------
@@ -321,7 +488,13 @@ class MqttLink:
             try:
                 client = self._client or self._make_client(opts)
                 if client.protocol == mqtt.MQTTv5:
-                    client.connect(opts.host, opts.port, opts.keepalive_s, clean_start=True)
+                    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                    # The broker drops what is larger instead of sending it: a huge message
+                    # never takes the device's memory (MQTT 3.1.1 has no such bound).
+                    props.MaximumPacketSize = self._inbox_max
+                    client.connect(
+                        opts.host, opts.port, opts.keepalive_s, clean_start=True, properties=props
+                    )
                 else:
                     client.connect(opts.host, opts.port, opts.keepalive_s)
             except MqttError as err:  # unusable TLS files: only the operator can fix them
@@ -330,9 +503,13 @@ class MqttLink:
             except (OSError, ssl.SSLError, ValueError) as err:
                 self._report(f"cannot connect to {opts.where}: {_reason(err)}")
             else:
+                checked = time.monotonic()
                 while not self._stop.is_set():
                     if client.loop(timeout=0.5) != mqtt.MQTT_ERR_SUCCESS:
                         break
+                    if time.monotonic() - checked >= SUPERVISE_S:
+                        checked = time.monotonic()
+                        self._supervise()
                 was_up = self.connects > connects_before
                 self._connected = False
                 if self._refused is not None:
@@ -349,7 +526,11 @@ class MqttLink:
             if delay is None:
                 delay = backoff_delay(attempt, low, high)
                 attempt += 1
-            self._stop.wait(delay)
+            until = time.monotonic() + delay
+            while not self._stop.wait(min(SUPERVISE_S, max(0.0, until - time.monotonic()))):
+                self._supervise()
+                if time.monotonic() >= until:
+                    break
         self._connected = False
 
     def _make_client(self, opts: BrokerOptions) -> mqtt.Client:
@@ -436,11 +617,21 @@ class MqttLink:
             return False
         return (
             fw.generation != self._generation
+            or fw.spool_generation != self.spool.generation
             or fw.latest_seen != self.spool.latest_seq
             or (self.spool.last_id > fw.cursor and len(fw.inflight) < self._window)
         )
 
     def _run_forwarder(self) -> None:
+        try:
+            self._forward()
+        except Exception as err:
+            # The network thread sees the thread gone and starts a new one (a fresh cursor
+            # re-reads the spool from its oldest row: at-least-once, nothing lost).
+            self._forwarder_fault = f"{type(err).__name__}: {err}"[:300]
+            log.exception("mqtt: the telemetry forwarder failed")
+
+    def _forward(self) -> None:
         fw = _Forwarding()
         while True:
             with self._cond:
@@ -454,11 +645,16 @@ class MqttLink:
                 self._settle(fw, acks)
                 self._send(fw)
             except InferdError as err:  # the spool failed: say so, keep trying
-                log.error("mqtt: %s", err)
+                if self._due("forward-error"):
+                    log.error("mqtt: %s", err)
+                else:
+                    log.debug("mqtt: %s", err)
                 self._stop.wait(1.0)
 
     def _settle(self, fw: _Forwarding, acks: list[tuple[int, int, ReasonCode]]) -> None:
         done: list[int] = []
+        if fw.spool_generation != self.spool.generation:
+            return  # the rows in flight were in the spool that was moved aside
         for generation, mid, reason in acks:
             if generation != fw.generation:
                 continue
@@ -486,8 +682,9 @@ class MqttLink:
             client = self._client
             if not self._connected or client is None:
                 return
-            if fw.generation != self._generation:
+            if fw.generation != self._generation or fw.spool_generation != self.spool.generation:
                 fw.generation = self._generation
+                fw.spool_generation = self.spool.generation
                 fw.cursor = 0
                 fw.inflight.clear()
                 fw.latest_inflight.clear()
@@ -517,26 +714,48 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
-        inbound = Inbound(
-            topic=msg.topic,
-            payload=bytes(msg.payload),
-            retain=bool(msg.retain),
-            response_topic=getattr(props, "ResponseTopic", None),
-            correlation_data=getattr(props, "CorrelationData", None),
-            user_properties=tuple(getattr(props, "UserProperty", ()) or ()),
-        )
+        size = len(msg.payload)
         with self._pub_lock:
             matched = [
-                h
+                (h, self._limits.get(f))
                 for f, handlers in self._subs.items()
                 if mqtt.topic_matches_sub(f, msg.topic)
                 for h in handlers
             ]
-        for handler in matched:
-            try:
-                self._inbox.put_nowait((handler, inbound))
-            except queue.Full:
-                log.warning("mqtt: inbound queue full, dropped a message on %s", msg.topic)
+        for handler, limit in matched:
+            oversize = limit is not None and size > limit
+            kept = 0 if oversize else size
+            with self._inbox_lock:
+                room = self._inbox_bytes + kept <= self._inbox_max
+                if room:
+                    self._inbox_bytes += kept
+            if room:
+                inbound = Inbound(
+                    topic=msg.topic,
+                    payload=b"" if oversize else bytes(msg.payload),
+                    retain=bool(msg.retain),
+                    response_topic=getattr(props, "ResponseTopic", None),
+                    correlation_data=getattr(props, "CorrelationData", None),
+                    user_properties=tuple(getattr(props, "UserProperty", ()) or ()),
+                    size=size,
+                    oversize=oversize,
+                )
+                try:
+                    self._inbox.put_nowait((handler, inbound))
+                    continue
+                except queue.Full:
+                    with self._inbox_lock:
+                        self._inbox_bytes -= kept
+            self.dropped_inbound += 1
+            if self._due("inbox-full"):
+                log.warning(
+                    "mqtt: inbound queue full (%d bytes at most), dropped a %d-byte message on %s"
+                    " (%d dropped so far)",
+                    self._inbox_max,
+                    size,
+                    msg.topic[:200],
+                    self.dropped_inbound,
+                )
 
     def _run_dispatch(self) -> None:
         while True:
@@ -548,6 +767,50 @@ class MqttLink:
                 handler(inbound)
             except Exception:
                 log.exception("mqtt: handler for %s failed", inbound.topic)
+            finally:
+                with self._inbox_lock:
+                    self._inbox_bytes -= len(inbound.payload)
+
+    # --- spool reports ------------------------------------------------------------------------
+
+    def _spool_dropped(self, kind: Kind, rows: int, records: int) -> None:
+        if kind != Kind.FEEDBACK or not self._due("feedback-dropped"):
+            return
+        total = self.spool.dropped_feedback
+        log.warning(
+            "spool: dropped %d feedback message(s) to stay within its share (%d dropped so far)",
+            rows,
+            total,
+        )
+        self.emit_event(
+            "feedback-dropped",
+            f"the spool dropped {rows} feedback message(s) to stay within its bound "
+            f"({total} so far); the labels were applied on the device",
+            level="warning",
+            dropped=total,
+        )
+
+    def _spool_full(self, refused: int) -> None:
+        spool = self.spool
+        message = (
+            f"the spool holds {spool.size_bytes} bytes of events and metrics, its hard limit is "
+            f"{spool.hard_max_bytes}: new ones are refused until the broker takes the backlog"
+        )
+        log.error("spool: %s", message)
+        event = Event(
+            device=self.device, kind="spool-full", level="error", message=message,
+            details={"refused": refused, "hard_max_bytes": spool.hard_max_bytes},
+        )  # fmt: skip
+        spool.put(self.topic("events"), msgspec.json.encode(event), force=True)
+
+    def _spool_reset(self, aside: Path, reason: str) -> None:
+        self.emit_event(
+            "spool-reset",
+            f"the spool was unreadable ({reason}); it was moved to {aside.name} and "
+            "telemetry continues with an empty one",
+            level="error",
+            aside=aside.name,
+        )
 
     def _on_command_message(self, msg: Inbound) -> None:
         rest = msg.topic[len(self.prefix) + 1 :].split("/")
@@ -577,7 +840,7 @@ class MqttLink:
             reply = CommandReply(
                 device=self.device, command=name, ok=error is None, error=error, result=result
             )
-            self.send_now(
+            self.send_reply(
                 msg.response_topic,
                 msgspec.json.encode(reply),
                 correlation_data=msg.correlation_data,

@@ -12,12 +12,19 @@ overtake the prediction on its way to the monitor) wait the same way. Every labe
 counted: matched, late (its prediction already left the window), unknown (no prediction with
 that id showed up in time), duplicate or invalid.
 
+The window is bounded in bytes as well as by count and age (``quality.join_max_bytes``): callers
+choose the size of ids and outputs, so ten thousand entries can be megabytes or gigabytes.
+Held predictions, early labels and the ids remembered to tell late labels from unknown ones all
+count; the oldest go first (remembered ids, then predictions, counted as evicted, then labels,
+counted as unknown).
+
 Labels received over HTTP are also published on ``feedback`` (:class:`FeedbackLog`) for
 ``inferctl collect``.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -182,22 +189,35 @@ class JoinCounts:
     evicted_predictions: int = 0
 
 
+ENTRY_OVERHEAD = 200
+"""Bytes counted per held entry on top of its key and value (dict slot, tuple, float, refs)."""
+
+
+def key_bytes(key: Hashable) -> int:
+    """Bytes an id takes in the window (its text, or what Python says for other keys)."""
+    if isinstance(key, str | bytes):
+        return len(key) + 49
+    return sys.getsizeof(key)
+
+
 def _pop_older(
-    entries: OrderedDict[Hashable, tuple[float, Any]], horizon: float
-) -> Iterator[Hashable]:
-    """Remove the entries stamped before ``horizon`` (oldest first) and yield their keys."""
+    entries: OrderedDict[Hashable, tuple[float, Any, int]], horizon: float
+) -> Iterator[tuple[Hashable, int]]:
+    """Remove the entries stamped before ``horizon`` (oldest first); yield (key, bytes)."""
     while entries:
-        key, (t, _) = next(iter(entries.items()))
+        key, (t, _, size) = next(iter(entries.items()))
         if t >= horizon:
             return
         entries.popitem(last=False)
-        yield key
+        yield key, size
 
 
 class JoinWindow(Generic[P, L]):
-    """Pairs predictions and labels by request id within ``max_age_s`` and ``max_pending``.
+    """Pairs predictions and labels by request id within ``max_age_s``, ``max_pending`` entries
+    of each kind and ``max_bytes`` in all.
 
-    Not thread-safe: the owner serialises calls. ``clock`` is monotonic seconds.
+    ``sizeof`` gives the bytes of a held prediction or label (without its key). Not
+    thread-safe: the owner serialises calls. ``clock`` is monotonic seconds.
     """
 
     def __init__(
@@ -205,16 +225,22 @@ class JoinWindow(Generic[P, L]):
         max_age_s: float,
         max_pending: int,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        max_bytes: int | None = None,
+        sizeof: Callable[[Any], int] = sys.getsizeof,
     ) -> None:
         self.max_age_s = max_age_s
         self.max_pending = max_pending
+        self.max_bytes = max_bytes
+        self.sizeof = sizeof
         self.clock = clock
         self.counts = JoinCounts()
-        self._predictions: OrderedDict[Hashable, tuple[float, P]] = OrderedDict()
-        self._labels: OrderedDict[Hashable, tuple[float, L]] = OrderedDict()
+        self._predictions: OrderedDict[Hashable, tuple[float, P, int]] = OrderedDict()
+        self._labels: OrderedDict[Hashable, tuple[float, L, int]] = OrderedDict()
         # ids whose prediction was matched or left the window, to tell late and duplicate labels
         # from ones whose prediction has not arrived yet
-        self._gone: OrderedDict[Hashable, bool] = OrderedDict()
+        self._gone: OrderedDict[Hashable, tuple[bool, int]] = OrderedDict()
+        self._bytes = 0
 
     @property
     def pending_predictions(self) -> int:
@@ -224,35 +250,76 @@ class JoinWindow(Generic[P, L]):
     def pending_labels(self) -> int:
         return len(self._labels)
 
+    @property
+    def size_bytes(self) -> int:
+        """Bytes held: predictions, early labels and remembered ids, by the window's count."""
+        return self._bytes
+
     def _forget(self, key: Hashable, matched: bool) -> None:
-        self._gone[key] = matched
-        self._gone.move_to_end(key)
+        old = self._gone.pop(key, None)
+        if old is not None:
+            self._bytes -= old[1]
+        size = key_bytes(key) + ENTRY_OVERHEAD // 2
+        self._gone[key] = (matched, size)
+        self._bytes += size
         while len(self._gone) > self.max_pending:
-            self._gone.popitem(last=False)
+            self._bytes -= self._gone.popitem(last=False)[1][1]
+
+    def _fit(self) -> None:
+        """Drop the oldest entries until the window is within ``max_bytes``."""
+        if self.max_bytes is None:
+            return
+        while self._bytes > self.max_bytes and self._gone:
+            self._bytes -= self._gone.popitem(last=False)[1][1]
+        while self._bytes > self.max_bytes and self._predictions:
+            # not remembered as gone: that would take bytes again (a late label counts unknown)
+            _, (_, _, size) = self._predictions.popitem(last=False)
+            self._bytes -= size
+            self.counts.evicted_predictions += 1
+        while self._bytes > self.max_bytes and self._labels:
+            _, (_, _, size) = self._labels.popitem(last=False)
+            self._bytes -= size
+            self.counts.unknown += 1
 
     def expire(self) -> None:
         """Drop predictions and early labels older than the window."""
         horizon = self.clock() - self.max_age_s
-        for key in _pop_older(self._predictions, horizon):
+        for key, size in _pop_older(self._predictions, horizon):
+            self._bytes -= size
             self.counts.expired_predictions += 1
             self._forget(key, matched=False)
-        for _ in _pop_older(self._labels, horizon):
+        for _, size in _pop_older(self._labels, horizon):
+            self._bytes -= size
             self.counts.unknown += 1
+        self._fit()
+
+    def _hold(
+        self, entries: OrderedDict[Hashable, tuple[float, Any, int]], key: Hashable, value: Any
+    ) -> None:
+        old = entries.pop(key, None)  # a reused id: the newer request is the one labelled
+        if old is not None:
+            self._bytes -= old[2]
+        size = key_bytes(key) + self.sizeof(value) + ENTRY_OVERHEAD
+        entries[key] = (self.clock(), value, size)
+        self._bytes += size
 
     def add_prediction(self, key: Hashable, prediction: P) -> tuple[P, L] | None:
         """Hold ``prediction`` for its label; returns the pair at once when the label came first."""
         self.expire()
         early = self._labels.pop(key, None)
         if early is not None:
+            self._bytes -= early[2]
             self.counts.matched += 1
             self._forget(key, matched=True)
+            self._fit()
             return prediction, early[1]
-        self._predictions.pop(key, None)  # a reused id: the newer request is the one labelled
-        self._predictions[key] = (self.clock(), prediction)
+        self._hold(self._predictions, key, prediction)
         if len(self._predictions) > self.max_pending:
-            old_key, _ = self._predictions.popitem(last=False)
+            old_key, (_, _, size) = self._predictions.popitem(last=False)
+            self._bytes -= size
             self.counts.evicted_predictions += 1
             self._forget(old_key, matched=False)
+        self._fit()
         return None
 
     def add_label(self, key: Hashable, label: L) -> tuple[JoinStatus, tuple[P, L] | None]:
@@ -260,12 +327,14 @@ class JoinWindow(Generic[P, L]):
         self.expire()
         held = self._predictions.pop(key, None)
         if held is not None:
+            self._bytes -= held[2]
             self.counts.matched += 1
             self._forget(key, matched=True)
+            self._fit()
             return "matched", (held[1], label)
         gone = self._gone.get(key)
         if gone is not None:
-            if gone:
+            if gone[0]:
                 self.counts.duplicate += 1
                 return "duplicate", None
             self.counts.late += 1
@@ -273,8 +342,10 @@ class JoinWindow(Generic[P, L]):
         if key in self._labels:
             self.counts.duplicate += 1
             return "duplicate", None
-        self._labels[key] = (self.clock(), label)
+        self._hold(self._labels, key, label)
         if len(self._labels) > self.max_pending:
-            self._labels.popitem(last=False)
+            _, (_, _, size) = self._labels.popitem(last=False)
+            self._bytes -= size
             self.counts.unknown += 1
+        self._fit()
         return "pending", None

@@ -85,9 +85,20 @@ _TASKS: dict[str, Task] = {
 
 def _rows(outputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
     rows = output_rows(outputs)
-    if rows is None or rows.shape[1] > MAX_ROW_VALUES:
-        return None
+    if rows is None or rows.shape[0] == 0 or rows.shape[1] > MAX_ROW_VALUES:
+        return None  # an empty batch has nothing a label could fit
     return rows
+
+
+def _held_bytes(value: _Held | Label) -> int:
+    """Bytes a held prediction or early label takes in the join window."""
+    if isinstance(value, _Held):
+        # the view of a row-major output keeps its whole base array alive
+        base = value.rows.base if isinstance(value.rows.base, np.ndarray) else value.rows
+        return int(max(base.nbytes, value.rows.nbytes)) + len(value.version) + 160
+    # tuples of Python ints or floats (or tuples of tuples for multi-label): ~40 bytes a value
+    values = sum(len(r) if isinstance(r, tuple) else 1 for r in value.rows)
+    return 56 + 8 * len(value.rows) + 40 * values
 
 
 def _samples(held: _Held, label: Label) -> tuple[Task, list[Sample]]:
@@ -147,7 +158,11 @@ class _ModelState:
     def __init__(self, settings: QualityConfig, labels: Sequence[str], clock: Callable[[], float]):
         self.labels = tuple(labels)
         self.join: JoinWindow[_Held, Label] = JoinWindow(
-            settings.join_window_s, settings.join_max_pending, clock
+            settings.join_window_s,
+            settings.join_max_pending,
+            clock,
+            max_bytes=settings.join_max_bytes,
+            sizeof=_held_bytes,
         )
         self.windows: dict[tuple[str, Task], QualityWindow] = {}
         self.drift: dict[str, DriftTracker] = {}
