@@ -9,7 +9,15 @@ from runtime.backends.base import Backend, TensorSpec
 from runtime.errors import BackendUnavailableError
 from runtime.options import RuntimeOptions
 
-__all__ = ["REGISTRY", "Backend", "TensorSpec", "backend_class", "open_backend"]
+__all__ = [
+    "REGISTRY",
+    "SUFFIXES",
+    "Backend",
+    "TensorSpec",
+    "backend_class",
+    "open_backend",
+    "runtime_for",
+]
 
 # runtime name -> (module, class, pip extra that provides it)
 REGISTRY: dict[str, tuple[str, str, str]] = {
@@ -20,6 +28,14 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     ),
     "tflite": ("runtime.backends.tflite", "TfliteBackend", "inferd[tflite]"),
 }
+
+SUFFIXES: dict[str, str] = {".onnx": "onnxruntime", ".tflite": "tflite"}
+"""Model file suffix -> the runtime that reads it."""
+
+
+def runtime_for(path: str | Path) -> str | None:
+    """The runtime a model file's suffix implies (``.onnx``, ``.tflite``), None when unknown."""
+    return SUFFIXES.get(Path(path).suffix.lower())
 
 
 def backend_class(runtime: str) -> type[Backend]:

@@ -21,11 +21,11 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from runtime.errors import OperatorError
-from runtime.tensors import NUMPY_DTYPES
+from runtime.backends import REGISTRY, Backend, open_backend, runtime_for
+from runtime.errors import InferdError, OperatorError
+from runtime.options import RuntimeOptions
 from telemetry.payloads import ClassificationQuality, RegressionQuality, Task
 from telemetry.quality.scores import output_rows, quality_of, task_of
-from updater.operator.model_info import ModelInfo, runtime_for
 
 LOWER_IS_BETTER = ("mae", "rmse", "latency_")
 _THRESHOLD = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|=)\s*([-+0-9.eE]+)\s*$")
@@ -102,14 +102,47 @@ def parse_threshold(text: str) -> Threshold:
     return Threshold(metric, op, limit)
 
 
-def load_dataset(path: Path, model: ModelInfo, need_truth: bool = True) -> Dataset:
+def open_model(path: Path, runtime: str | None = None) -> Backend:
+    """Load a model as a device does: the same backend with a model slot's default options.
+
+    ``evaluate``, ``quantize`` and ``model add`` (which computes the golden outputs devices
+    then check) so time and run exactly what devices run. OperatorError with one line.
+    """
+    name = runtime or runtime_for(path)
+    if name is None:
+        raise OperatorError(f"{path}: cannot tell the runtime from the suffix; pass --runtime")
+    if name not in REGISTRY:
+        raise OperatorError(f"unknown runtime {name!r}; known: {', '.join(REGISTRY)}")
+    options = msgspec.convert({"runtime": name, "name": path.name}, RuntimeOptions)
+    try:
+        return open_backend(path, options)
+    except InferdError as err:
+        raise OperatorError(str(err)) from err
+
+
+def run_model(model: Backend, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs for ``feeds``; OperatorError when the model rejects them."""
+    return run_model_timed(model, feeds)[0]
+
+
+def run_model_timed(
+    model: Backend, feeds: Mapping[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], int]:
+    """(outputs, latency in ns) as a device measures it; OperatorError on failure."""
+    try:
+        return model.run_timed(feeds)
+    except InferdError as err:
+        raise OperatorError(f"{model.path}: the model rejects these inputs: {err}") from err
+
+
+def load_dataset(path: Path, model: Backend, need_truth: bool = True) -> Dataset:
     """Read an ``.npz`` and match its arrays to the model's inputs (cast to their dtypes)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError) as err:
         raise OperatorError(f"{path}: cannot read the data: {err}") from err
-    specs = model.signature.inputs
+    specs = model.inputs
     inputs = {}
     for spec in specs:
         array = arrays.get(spec.name)
@@ -120,7 +153,7 @@ def load_dataset(path: Path, model: ModelInfo, need_truth: bool = True) -> Datas
                 f"{path}: no array named {spec.name!r} for the model input "
                 f"(arrays: {', '.join(sorted(arrays))})"
             )
-        inputs[spec.name] = array.astype(NUMPY_DTYPES[spec.datatype], copy=False)
+        inputs[spec.name] = array.astype(spec.dtype, copy=False)
     sizes = {a.shape[0] if a.ndim else 1 for a in inputs.values()}
     truth = arrays.get("y")
     if truth is not None:
@@ -132,9 +165,9 @@ def load_dataset(path: Path, model: ModelInfo, need_truth: bool = True) -> Datas
     return Dataset(inputs, truth, sizes.pop())
 
 
-def batch_size(model: ModelInfo, wanted: int) -> int:
+def batch_size(model: Backend, wanted: int) -> int:
     """``wanted`` when every input has a dynamic batch axis, else the fixed one (usually 1)."""
-    fixed = {s.shape[0] for s in model.signature.inputs if s.shape and s.shape[0] != -1}
+    fixed = {s.shape[0] for s in model.inputs if s.shape and s.shape[0] is not None}
     if not fixed:
         return max(1, wanted)
     return fixed.pop() if len(fixed) == 1 else 1
@@ -152,18 +185,18 @@ def batch_feeds(data: Dataset, start: int, batch: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def run_outputs(model: ModelInfo, data: Dataset, batch: int) -> dict[str, np.ndarray]:
+def run_outputs(model: Backend, data: Dataset, batch: int) -> dict[str, np.ndarray]:
     """Every output of the model over the whole dataset, batch axis first."""
     outs: dict[str, list[np.ndarray]] = {}
     for start in range(0, data.size, batch):
         keep = min(batch, data.size - start)
-        for name, array in model.run(batch_feeds(data, start, batch)).items():
+        for name, array in run_model(model, batch_feeds(data, start, batch)).items():
             a = np.asarray(array)
             outs.setdefault(name, []).append(a[:keep] if a.ndim else a.reshape(1))
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def run_rows(model: ModelInfo, data: Dataset, batch: int) -> np.ndarray:
+def run_rows(model: Backend, data: Dataset, batch: int) -> np.ndarray:
     """The output rows (:func:`telemetry.quality.scores.output_rows`) of every sample."""
     rows = output_rows(run_outputs(model, data, batch))
     if rows is None:
@@ -171,18 +204,16 @@ def run_rows(model: ModelInfo, data: Dataset, batch: int) -> np.ndarray:
     return rows
 
 
-def measure_latency(model: ModelInfo, data: Dataset, runs: int, batch: int) -> LatencyReport:
-    """Time ``runs`` single requests (after warm-up) and one pass over the data in batches."""
+def measure_latency(model: Backend, data: Dataset, runs: int, batch: int) -> LatencyReport:
+    """Time ``runs`` single requests (after warm-up) and one pass over the data in batches.
+
+    A request's latency is the backend's own timing of its run, the figure a device reports.
+    """
     one = batch_size(model, 1)
     samples = [batch_feeds(data, i * one, one) for i in range(max(1, min(runs, data.size // one)))]
     for feeds in samples[:3]:
-        model.run(feeds)
-    times = []
-    for i in range(runs):
-        feeds = samples[i % len(samples)]
-        start = time.perf_counter_ns()
-        model.run(feeds)
-        times.append((time.perf_counter_ns() - start) / 1e6)
+        run_model(model, feeds)
+    times = [run_model_timed(model, samples[i % len(samples)])[1] / 1e6 for i in range(runs)]
     t = np.array(times)
     start = time.perf_counter_ns()
     run_outputs(model, data, batch)
@@ -238,7 +269,34 @@ def evaluate(
     max_classes: int = 50,
 ) -> EvaluationReport:
     """Run the model over the labelled data; metrics, latency and threshold results."""
-    model = ModelInfo(path, runtime_for(path, runtime))
+    model = open_model(path, runtime)
+    try:
+        return _evaluate(
+            model,
+            data_path,
+            task=task,
+            label_names=label_names,
+            thresholds=thresholds,
+            batch=batch,
+            latency_runs=latency_runs,
+            max_classes=max_classes,
+        )
+    finally:
+        model.close()
+
+
+def _evaluate(
+    model: Backend,
+    data_path: Path,
+    *,
+    task: Task | None,
+    label_names: Sequence[str],
+    thresholds: Sequence[Threshold],
+    batch: int,
+    latency_runs: int,
+    max_classes: int,
+) -> EvaluationReport:
+    path = model.path
     data = load_dataset(data_path, model)
     assert data.truth is not None
     task = task or task_of(data.truth)
@@ -323,7 +381,10 @@ def inputs_and_outputs(
     path: Path, data_path: Path, runtime: str | None, batch: int
 ) -> Mapping[str, np.ndarray]:
     """The data's inputs and the model's outputs on them, by tensor name."""
-    model = ModelInfo(path, runtime_for(path, runtime))
-    data = load_dataset(data_path, model, need_truth=False)
-    b = batch_size(model, batch)
-    return {**data.inputs, **run_outputs(model, data, b)}
+    model = open_model(path, runtime)
+    try:
+        data = load_dataset(data_path, model, need_truth=False)
+        b = batch_size(model, batch)
+        return {**data.inputs, **run_outputs(model, data, b)}
+    finally:
+        model.close()

@@ -29,6 +29,7 @@ from typing import Literal
 import msgspec
 import numpy as np
 
+from runtime.backends import Backend
 from runtime.errors import OperatorError
 from telemetry.payloads import ClassificationQuality, RegressionQuality
 from telemetry.quality.scores import interpret, quality_of, task_of
@@ -39,9 +40,9 @@ from updater.operator.evaluate import (
     batch_size,
     load_dataset,
     measure_latency,
+    open_model,
     run_rows,
 )
-from updater.operator.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,38 @@ def quantize(
         )
     if out.resolve() == path.resolve():
         raise OperatorError(f"{out}: the output must not overwrite the input model")
-    float_model = ModelInfo(path, "onnxruntime")
+    float_model = open_model(path, "onnxruntime")
+    try:
+        return _quantize(
+            float_model,
+            out,
+            mode=mode,
+            calibration=calibration,
+            data=data,
+            max_drop=max_drop,
+            per_channel=per_channel,
+            calibration_samples=calibration_samples,
+            batch=batch,
+            latency_runs=latency_runs,
+        )
+    finally:
+        float_model.close()
+
+
+def _quantize(
+    float_model: Backend,
+    out: Path,
+    *,
+    mode: Mode,
+    calibration: Path,
+    data: Path | None,
+    max_drop: float | None,
+    per_channel: bool,
+    calibration_samples: int,
+    batch: int,
+    latency_runs: int,
+) -> QuantizeReport:
+    path = float_model.path
     calib = load_dataset(calibration, float_model, need_truth=False)
     judge = load_dataset(data, float_model, need_truth=False) if data is not None else calib
     b = batch_size(float_model, batch)
@@ -204,14 +236,17 @@ def quantize(
     tmp = Path(tmp_name)
     try:
         _quantize_file(path, tmp, mode, calib, b, calibration_samples, per_channel)
-        quant_model = ModelInfo(tmp, "onnxruntime")
-        before = run_rows(float_model, judge, b)
-        after = run_rows(quant_model, judge, b)
-        agreement, metric, m0, m1, drop, basis = compare(before, after, judge.truth)
-        lat0 = lat1 = None
-        if latency_runs > 0:
-            lat0 = measure_latency(float_model, judge, latency_runs, b)
-            lat1 = measure_latency(quant_model, judge, latency_runs, b)
+        quant_model = open_model(tmp, "onnxruntime")
+        try:
+            before = run_rows(float_model, judge, b)
+            after = run_rows(quant_model, judge, b)
+            agreement, metric, m0, m1, drop, basis = compare(before, after, judge.truth)
+            lat0 = lat1 = None
+            if latency_runs > 0:
+                lat0 = measure_latency(float_model, judge, latency_runs, b)
+                lat1 = measure_latency(quant_model, judge, latency_runs, b)
+        finally:
+            quant_model.close()
         ok = max_drop is None or drop <= max_drop
         diff = np.abs(after.astype(np.float64) - before.astype(np.float64))
         report = QuantizeReport(

@@ -14,7 +14,6 @@ Only ``repository/`` is served. All metadata handling, signing and verification 
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import shutil
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import numpy as np
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import (
     Metadata,
@@ -38,8 +36,11 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 from tuf.repository import Repository
 
+from runtime import bundle
+from runtime.backends import Backend
 from runtime.durable import write_atomic
-from runtime.errors import OperatorError
+from runtime.errors import BundleError, OperatorError
+from runtime.tensors import Signature
 from telemetry.quality.drift import DriftError, load_reference
 from telemetry.shares import ALL
 from updater.meta import (
@@ -51,7 +52,7 @@ from updater.meta import (
     meta_from_custom,
     meta_to_custom,
 )
-from updater.operator.model_info import ModelInfo, runtime_for
+from updater.operator.evaluate import open_model, run_model
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,41 @@ class OperatorRepository(Repository):
         _label("version", version)
         for group in groups:
             _label("group", group)
-        info = ModelInfo(src, runtime_for(src, runtime))
+        info = open_model(src, runtime)
+        try:
+            return self._add_model(
+                src,
+                info,
+                name=name,
+                version=version,
+                groups=groups,
+                golden=golden,
+                latency_budget_ms=latency_budget_ms,
+                rtol=rtol,
+                atol=atol,
+                reference_stats=reference_stats,
+                rollout=rollout,
+                force=force,
+            )
+        finally:
+            info.close()
+
+    def _add_model(
+        self,
+        src: Path,
+        info: Backend,
+        *,
+        name: str,
+        version: str,
+        groups: Sequence[str],
+        golden: str | Path | None,
+        latency_budget_ms: float | None,
+        rtol: float,
+        atol: float,
+        reference_stats: str | Path | None,
+        rollout: Rollout | None,
+        force: bool,
+    ) -> ModelMeta:
         prefix = f"{name}/{version}"
         existing = [p for p, _, m in self.models() if m.name == name and m.version == version]
         if existing and not force:
@@ -303,14 +338,14 @@ class OperatorRepository(Repository):
         new_targets: dict[str, TargetFile] = {}
         golden_path = None
         if golden is not None:
-            golden_path = f"{prefix}/golden.npz"
+            golden_path = f"{prefix}/{bundle.GOLDEN_FILE}"
             data = _golden_bytes(Path(golden), info)
             new_targets[golden_path] = self._store_target(
                 golden_path, data, {CUSTOM_KEY: {"kind": KIND_GOLDEN}}
             )
         stats_path = None
         if reference_stats is not None:
-            stats_path = f"{prefix}/reference.json"
+            stats_path = f"{prefix}/{bundle.REFERENCE_FILE}"
             new_targets[stats_path] = self._store_target(
                 stats_path,
                 _reference_bytes(Path(reference_stats), info),
@@ -323,7 +358,7 @@ class OperatorRepository(Repository):
             version=version,
             seq=self.targets().version + 1,
             runtime=info.runtime,
-            signature=info.signature,
+            signature=Signature.from_json(info.signature()),
             groups=tuple(groups),
             golden=golden_path,
             reference_stats=stats_path,
@@ -438,7 +473,7 @@ def _json_bytes(path: Path) -> bytes:
     return data
 
 
-def _reference_bytes(path: Path, info: ModelInfo) -> bytes:
+def _reference_bytes(path: Path, info: Backend) -> bytes:
     """Drift reference statistics, checked to be readable by devices and to name only
     tensors the model has."""
     data = _json_bytes(path)
@@ -446,7 +481,7 @@ def _reference_bytes(path: Path, info: ModelInfo) -> bytes:
         ref = load_reference(data)
     except DriftError as err:
         raise OperatorError(f"{path}: {err}") from err
-    names = {t.name for t in (*info.signature.inputs, *info.signature.outputs)}
+    names = {t.name for t in (*info.inputs, *info.outputs)}
     unknown = sorted(t.name for t in ref.tensors if t.name not in names)
     if unknown:
         raise OperatorError(
@@ -456,27 +491,20 @@ def _reference_bytes(path: Path, info: ModelInfo) -> bytes:
     return data
 
 
-def _golden_bytes(path: Path, info: ModelInfo) -> bytes:
-    """The published golden file: ``in.<input>`` arrays and ``out.<output>`` expected outputs.
+def _golden_bytes(path: Path, info: Backend) -> bytes:
+    """The published golden file (:func:`runtime.bundle.golden_bytes`) from the operator's npz.
 
-    The operator's npz holds arrays named after the model's inputs, and optionally after its
-    outputs; missing expected outputs are computed here with the operator's runtime.
+    That npz holds arrays named after the model's inputs, and optionally after its outputs
+    (or is already in the published form); missing expected outputs are computed here with
+    the backend devices run.
     """
+    out_names = [t.name for t in info.outputs]
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            given = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as err:
-        raise OperatorError(f"{path}: not a readable .npz file: {err}") from err
-    in_names = [t.name for t in info.signature.inputs]
-    out_names = [t.name for t in info.signature.outputs]
-    missing = [n for n in in_names if n not in given]
-    if missing:
-        raise OperatorError(f"{path}: no array for input(s) {', '.join(missing)}")
-    feeds = {n: given[n] for n in in_names}
-    expected = {n: given[n] for n in out_names if n in given and n not in feeds}
+        given = bundle.read_golden(path, [t.name for t in info.inputs], out_names)
+    except BundleError as err:
+        raise OperatorError(str(err)) from err
+    feeds = given.inputs
+    expected = given.expected
     if len(expected) < len(out_names):
-        expected = info.run(feeds)
-    buf = io.BytesIO()
-    arrays = {f"in.{k}": v for k, v in feeds.items()} | {f"out.{k}": v for k, v in expected.items()}
-    np.savez(buf, **arrays)
-    return buf.getvalue()
+        expected = run_model(info, feeds)
+    return bundle.golden_bytes(bundle.Golden(feeds, expected))
