@@ -125,8 +125,8 @@ def test_a_reply_cannot_roll_the_device_back(
         ).wait_for_publish(5)
         assert daemon.stop() == 0
         daemon = start_daemon(tmp_path / "d", config)
-        assert _wait(lambda: any("retained" in e["message"]
-                                 for e in _events(cap, "command-failed"))), daemon.stderr()  # fmt: skip
+        failed = lambda: _events(cap, "command-failed")  # noqa: E731
+        assert _wait(lambda: any("retained" in e["message"] for e in failed())), daemon.stderr()
         assert _serving(daemon) == "2"
 
         # An explicit rollback does what it says: the checks above would have seen one.
