@@ -27,7 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
-from runtime.errors import CancelledError, StepTimeoutError, UpdateError, ValidationError
+from runtime.errors import (
+    CancelledError,
+    StepTimeoutError,
+    StorageError,
+    UpdateError,
+    ValidationError,
+)
 from runtime.tensors import Signature
 from telemetry.payloads import LastUpdate, UpdateOutcome
 from updater.device.client import Offer, RepositoryClient
@@ -735,7 +741,10 @@ class DeviceUpdater:
         work = Path(state_dir) / "update"
         jobs_dir = work / "jobs"
         # a device upgraded from one device-wide job keeps its job and its slots' history
-        migrate_legacy(work / "state.json", jobs_dir)
+        try:
+            migrate_legacy(work / "state.json", jobs_dir)
+        except StorageError as err:  # tried again at the next start; serving comes first
+            log.error("updates: %s", err)
         self._stop = threading.Event()
         self._booted = False
         self.jobs = {
