@@ -3,7 +3,8 @@
 The updater sees a slot only through :class:`updater.device.updater.SlotPort`; this module adapts
 ``ModelSlot``/``LoadedModel`` to it. The daemon calls :meth:`UpdateComponent.boot_plan` before
 loading models (so a slot starts on the version the store says is active, and a crash loop in
-trial is rolled back before the failing version loads again), then runs it as a component.
+trial is rolled back before the failing version loads again), then runs it as a component: one
+update job per slot, each on its own thread.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class _Candidate:
-    """A loaded, not yet serving model as the validation gate sees it."""
+class LoadedCandidate:
+    """A slot's ``LoadedModel`` that is not serving yet, as the validation gate sees it
+    (:class:`updater.device.validation.CandidateModel`)."""
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
@@ -67,11 +69,11 @@ class SlotAdapter:
             stats=RunCounts(stats.runs, stats.errors, stats.total_ns),
         )
 
-    def load(self, path: Path, version: str) -> _Candidate:
-        return _Candidate(self.slot.load(path, version))
+    def load(self, path: Path, version: str) -> LoadedCandidate:
+        return LoadedCandidate(self.slot.load(path, version))
 
     def activate(self, candidate: Any) -> None:
-        if not isinstance(candidate, _Candidate):
+        if not isinstance(candidate, LoadedCandidate):
             raise TypeError("activate() takes a candidate from load()")
         self.slot.swap(candidate.model)
 
@@ -161,7 +163,7 @@ class UpdateComponent:
         if not self.enabled:
             raise InferdError("updates are disabled on this device")
         self.updater.request_check(f"poke on {getattr(cmd, 'topic', '?')}")
-        return {"state": self.updater.state.value}
+        return {"states": {name: s.value for name, s in self.updater.states().items()}}
 
     def _on_rollback(self, cmd: Any) -> dict[str, Any]:
         # A rollback marks versions failed: it needs an explicit model (a reply or any other
