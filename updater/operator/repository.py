@@ -15,7 +15,6 @@ Only ``repository/`` is served. All metadata handling, signing and verification 
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -49,6 +48,7 @@ from updater.meta import (
     KIND_STATS,
     ModelMeta,
     Rollout,
+    label_error,
     meta_from_custom,
     meta_to_custom,
 )
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
 DEFAULT_EXPIRY_DAYS: dict[str, float] = {"root": 365, "targets": 90, "snapshot": 30, "timestamp": 1}
-_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _NEW: dict[str, type[Root | Targets | Snapshot | Timestamp]] = {
     Root.type: Root,
     Targets.type: Targets,
@@ -77,8 +76,9 @@ def _now() -> datetime:
 
 
 def _label(what: str, value: str) -> str:
-    if not _LABEL_RE.match(value):
-        raise OperatorError(f"{what} {value!r} must be 1-64 letters, digits, '_', '.', '+', '-'")
+    # the rule devices apply to the signed metadata too (updater.meta.label_error)
+    if (err := label_error(what, value)) is not None:
+        raise OperatorError(err)
     return value
 
 
