@@ -61,11 +61,14 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS stream (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
     retain INTEGER NOT NULL,
     records INTEGER NOT NULL,
-    kind INTEGER NOT NULL DEFAULT 0
+    kind INTEGER NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL DEFAULT -1,
+    -- last: SQLite reads a column by walking the record up to it, and a big payload's tail
+    -- lives on overflow pages; counting and dropping rows never needs to touch them
+    payload BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS latest (
     topic TEXT PRIMARY KEY,
@@ -185,8 +188,7 @@ class Spool:
         self._bytes = 0
         self._kind_bytes = dict.fromkeys(Kind, 0)
         for kind, count, size in self._db.execute(
-            "SELECT kind, COUNT(*), COALESCE(SUM(LENGTH(topic) + LENGTH(payload)), 0)"
-            " FROM stream GROUP BY kind"
+            "SELECT kind, COUNT(*), COALESCE(SUM(size), 0) FROM stream GROUP BY kind"
         ):
             nbytes = int(size) + int(count) * _ROW_OVERHEAD
             self._kind_bytes[_kind(kind)] += nbytes
@@ -250,6 +252,11 @@ class Spool:
             if "kind" not in columns:  # a spool written before rows had kinds
                 db.execute("ALTER TABLE stream ADD COLUMN kind INTEGER NOT NULL DEFAULT 0")
                 db.execute("UPDATE stream SET kind = ? WHERE records > 0", (Kind.PREDICTIONS,))
+            if "size" not in columns:
+                # Sizes are stored with each row: summing LENGTH(payload) at every start would
+                # read every overflow page of the backlog (and stop at the first damaged one).
+                db.execute("ALTER TABLE stream ADD COLUMN size INTEGER NOT NULL DEFAULT -1")
+                db.execute("UPDATE stream SET size = LENGTH(topic) + LENGTH(payload)")
             db.execute("DROP INDEX IF EXISTS stream_droppable")
             db.execute(_INDEX)
             db.execute("SELECT COUNT(*) FROM stream").fetchone()
@@ -303,6 +310,7 @@ class Spool:
         if kind is None:
             kind = Kind.PREDICTIONS if records > 0 else Kind.KEEP
         size = _size(topic, payload)
+        stored_size = size - _ROW_OVERHEAD
         drops: list[tuple[Kind, int, int]] = []
         full = False
         stored = False
@@ -312,9 +320,10 @@ class Spool:
                     stored, full = self._admit(size, kind, records, force, drops)
                     if stored:
                         cur = self._db.execute(
-                            "INSERT INTO stream (topic, payload, qos, retain, records, kind)"
-                            " VALUES (?, ?, ?, ?, ?, ?)",
-                            (topic, payload, qos, int(retain), records, int(kind)),
+                            "INSERT INTO stream"
+                            " (topic, payload, qos, retain, records, kind, size)"
+                            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (topic, payload, qos, int(retain), records, int(kind), stored_size),
                         )
                         self._corrupt_in_a_row = 0
                         self.last_id = cur.lastrowid or self.last_id
@@ -380,8 +389,7 @@ class Spool:
         """Delete the oldest rows of ``kind`` until ``need`` bytes are freed; the bytes freed."""
         last = victims = freed = records = 0
         for row_id, row_size, row_records in self._db.execute(
-            "SELECT id, LENGTH(topic) + LENGTH(payload), records FROM stream"
-            " WHERE kind = ? ORDER BY id",
+            "SELECT id, size, records FROM stream WHERE kind = ? ORDER BY id",
             (int(kind),),
         ):
             if freed >= need:
@@ -474,7 +482,7 @@ class Spool:
                 try:
                     rows = self._db.execute(
                         f"DELETE FROM stream WHERE id IN ({marks})"  # noqa: S608 - only '?' marks
-                        " RETURNING LENGTH(topic) + LENGTH(payload), kind",
+                        " RETURNING size, kind",
                         ids,
                     ).fetchall()
                 except sqlite3.Error as err:

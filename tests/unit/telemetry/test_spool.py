@@ -1,10 +1,16 @@
-"""The store-and-forward spool: order, persistence, the byte bound and what it may drop."""
+"""The store-and-forward spool: order, persistence, the byte bounds, what it may drop, and what
+it does about a full disk and damaged pages."""
 
 from __future__ import annotations
 
+import os
+import sqlite3
 from pathlib import Path
 
-from telemetry.spool import Spool
+import pytest
+
+from runtime.errors import SpoolError
+from telemetry.spool import CORRUPT_LIMIT, Kind, Spool, SpoolFullError
 
 MAX = 64 * 1024
 
@@ -92,3 +98,113 @@ def test_a_corrupt_spool_is_moved_aside_and_the_agent_starts_empty(tmp_path: Pat
     spool.put("t/events", b"fresh")
     assert [m.payload for m in spool.read(0, 1)] == [b"fresh"]
     assert len(list(tmp_path.glob("s.sqlite.corrupt-*"))) == 1
+
+
+def test_feedback_stays_within_its_share_and_every_drop_is_counted(tmp_path: Path) -> None:
+    drops: list[tuple[Kind, int, int]] = []
+    spool = Spool(
+        tmp_path / "s.sqlite", MAX, feedback_share=0.25, on_drop=lambda *d: drops.append(d)
+    )
+    share = spool.feedback_max_bytes
+    for i in range(20):
+        assert spool.put("t/feedback", b"f" * 3000 + bytes([i]), kind=Kind.FEEDBACK)
+        spool.put("t/events", b"e" * 100)
+    assert spool.kind_bytes(Kind.FEEDBACK) <= share
+    kept = [m.payload[-1] for m in spool.read(0, 1000) if m.topic == "t/feedback"]
+    assert kept == list(range(20 - len(kept), 20))  # the newest, in order
+    assert spool.dropped_feedback == 20 - len(kept) == sum(d[1] for d in drops)
+    assert all(d[0] == Kind.FEEDBACK for d in drops)
+    # one feedback log bigger than the whole share is dropped at once (the 34.5 MB case)
+    assert not spool.put("t/feedback", b"x" * (share + 1), kind=Kind.FEEDBACK)
+    assert spool.dropped_feedback == 21 - len(kept)
+    assert len([m for m in spool.read(0, 1000) if m.topic == "t/events"]) == 20
+
+
+def test_kept_rows_stop_at_the_hard_cap_with_one_report(tmp_path: Path) -> None:
+    full: list[int] = []
+    spool = Spool(tmp_path / "s.sqlite", MAX, hard_max_bytes=2 * MAX, on_full=full.append)
+    spool.put("t/predictions", b"p" * 5000, records=10)
+    stored = 0
+    while spool.put("t/events", b"e" * 4000):
+        stored += 1
+    assert spool.size_bytes <= 2 * MAX and stored >= (2 * MAX - 5000) // 4100 - 1
+    assert spool.dropped_records == 10  # the prediction batch went first
+    assert not spool.put("t/events", b"e" * 4000)
+    assert full == [1] and spool.refused_kept == 2  # reported once, counted every time
+    assert spool.put("t/events", b"the spool-full event", force=True)
+    spool.ack([m.key for m in spool.read(0, 1000)])  # the broker took the backlog
+    assert spool.put("t/events", b"again") and spool.size_bytes < MAX
+
+
+def test_a_full_disk_is_a_spool_full_error_and_nothing_is_stored(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.sqlite", 64 * MAX)
+    spool.put("t/events", b"before")
+    # SQLite's own page limit gives the same SQLITE_FULL a full filesystem does
+    pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count = {pages + 1}")
+    with pytest.raises(SpoolFullError, match="disk is full"):
+        for _ in range(20):
+            spool.put("t/feedback", b"f" * 50_000, kind=Kind.FEEDBACK)
+    assert next(m.payload for m in spool.read(0, 10)) == b"before"
+    assert spool.resets == 0  # a full disk is not corruption
+
+
+def corrupt_pages(path: Path, first: int, last: int, page: int = 16384) -> None:
+    """Write garbage over pages ``first..last`` (0-based) of an SQLite file."""
+    data = bytearray(path.read_bytes())
+    assert len(data) >= (last + 1) * page, len(data)
+    for n in range(first, last + 1):
+        data[n * page : (n + 1) * page] = b"\xde\xad\xbe\xef" * (page // 4)
+    path.write_bytes(bytes(data))
+
+
+def spool_with_a_big_row(path: Path) -> None:
+    spool = Spool(path, 1 << 20)
+    spool.put("t/events", b"first")
+    spool.put("t/events", os.urandom(200_000))  # ~13 overflow pages of 16 KB
+    for i in range(5):
+        spool.put("t/events", b"after%d" % i)
+    spool.close()
+
+
+def test_corrupt_pages_found_while_reading_replace_the_spool(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    spool_with_a_big_row(path)
+    corrupt_pages(path, 8, 10)  # inside the big row's overflow chain
+    resets: list[tuple[Path, str]] = []
+    spool = Spool(path, 1 << 20, on_reset=lambda aside, why: resets.append((aside, why)))
+    assert spool.pending == 7  # counting rows does not read payloads: the damage shows later
+    for _ in range(CORRUPT_LIMIT):
+        with pytest.raises(SpoolError, match="malformed"):
+            spool.read(0, 10)
+    assert spool.resets == 1 and spool.pending == 0 and spool.generation == 1
+    assert len(resets) == 1 and resets[0][0].exists() and "malformed" in resets[0][1]
+    spool.put("t/events", b"fresh")
+    assert [m.payload for m in spool.read(0, 10)] == [b"fresh"]
+    spool.close()
+    again = Spool(path, 1 << 20)  # after a restart the bad row is gone for good
+    assert [m.payload for m in again.read(0, 10)] == [b"fresh"]
+    again.close()
+
+
+def test_a_spool_from_before_kinds_and_sizes_opens_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE stream (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
+        " payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL,"
+        " records INTEGER NOT NULL);"
+        "CREATE TABLE latest (topic TEXT PRIMARY KEY, payload BLOB NOT NULL,"
+        " qos INTEGER NOT NULL, retain INTEGER NOT NULL, seq INTEGER NOT NULL);"
+        "INSERT INTO stream (topic, payload, qos, retain, records)"
+        " VALUES ('t/predictions', x'00ff', 1, 0, 5), ('t/events', x'01', 1, 0, 0);"
+    )
+    db.commit()
+    db.close()
+    spool = Spool(path, MAX)
+    assert (
+        spool.pending == 2 and spool.kind_bytes(Kind.PREDICTIONS) == len("t/predictions") + 2 + 64
+    )
+    assert [m.payload for m in spool.read(0, 10)] == [b"\x00\xff", b"\x01"]
+    spool.ack([1, 2])
+    assert spool.size_bytes == 0
