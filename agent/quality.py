@@ -3,22 +3,23 @@
 to whichever model version a slot serves, payloads out on ``quality`` and ``events``.
 
 Reference statistics for drift (made by ``inferctl evaluate --reference-out`` or
-:func:`telemetry.quality.drift.compute_reference`): ``<model>.ref.json`` beside a configured model
-file (``demo.onnx`` -> ``demo.ref.json``), or the ``reference.json`` an update ships in its
-signed metadata, staged beside the installed model.
+:func:`telemetry.quality.drift.compute_reference`) travel with the model as its bundle says
+(:func:`runtime.bundle.reference_path`): ``<model>.ref.json`` beside a configured model file
+(``demo.onnx`` -> ``demo.ref.json``), or the ``reference.json`` an update ships in its signed
+metadata, staged beside the installed model.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from agent.config import Config
 from agent.slots import ModelSlot
+from runtime import bundle
 from runtime.errors import InputError, ModelNotFoundError, NotReadyError
 from telemetry.payloads import QualityPayload
 from telemetry.prometheus import Family, render
@@ -34,14 +35,6 @@ log = logging.getLogger(__name__)
 
 PublishBytes = Callable[[str, bytes], object]
 """``link.publish(leaf, payload)``: queue bytes on ``{prefix}/{device}/{leaf}``."""
-
-
-def reference_file(model_path: Path) -> Path | None:
-    """The reference statistics shipped with a model file, if there are any."""
-    for candidate in (model_path.with_suffix(".ref.json"), model_path.parent / "reference.json"):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 class QualityService:
@@ -102,7 +95,7 @@ class QualityService:
             return None
         if loaded.version != version:
             return None
-        path = reference_file(loaded.path)
+        path = bundle.reference_path(loaded.path)
         return load_reference(path) if path is not None else None
 
     def http_feedback(self, model: str, body: bytes) -> Mapping[str, Any]:

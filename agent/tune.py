@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 
 from agent.config import Config, ModelConfig, load_config
+from runtime import bundle
 from runtime.backends import Backend, open_backend
 from runtime.errors import InferdError
 
@@ -170,29 +171,6 @@ def generated_inputs(backend: Backend, batch: int = 1, seed: int = 0) -> dict[st
             feeds[name] = rng.integers(0, 2, size=zeros.shape).astype(zeros.dtype)
         else:
             feeds[name] = zeros
-    return feeds
-
-
-def golden_file(model_path: Path) -> Path | None:
-    """The golden inputs shipped with a model: ``<stem>.golden.npz`` beside an initial model,
-    ``golden.npz`` in a staged update's folder."""
-    for candidate in (model_path.with_suffix(".golden.npz"), model_path.parent / "golden.npz"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def golden_inputs(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """The inputs in a golden file: arrays named like the inputs (what the operator writes) or
-    ``in.<input>`` (the form an update publishes)."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            feeds = {k: data[k] for k in names if k in data.files}
-            feeds.update({k: data[f"in.{k}"] for k in names if f"in.{k}" in data.files})
-    except (OSError, ValueError) as err:
-        raise InferdError(f"{path}: cannot read golden inputs: {err}") from err
-    if len(feeds) != len(names):
-        raise InferdError(f"{path}: golden inputs lack {sorted(set(names) - set(feeds))}")
     return feeds
 
 
@@ -444,7 +422,7 @@ def run_command(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     cfg = config.model(args.model)
     path = model_file(config, cfg)
-    inputs = args.inputs or golden_file(path)
+    inputs = args.inputs or bundle.golden_path(path)
     feeds = None
     if inputs is not None:
         probe = open_backend(path, msgspec.structs.replace(cfg, warmup_runs=0))
@@ -452,7 +430,7 @@ def run_command(args: argparse.Namespace) -> int:
             names = [s.name for s in probe.inputs]
         finally:
             probe.close()
-        feeds = golden_inputs(inputs, names)
+        feeds = bundle.read_inputs(inputs, names)
         sys.stdout.write(f"timing {path} on {inputs}\n")
     else:
         sys.stdout.write(f"timing {path} on generated inputs (no golden inputs found)\n")

@@ -8,7 +8,6 @@ within the signed budget.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from runtime.errors import ValidationError
+from runtime import bundle
+from runtime.errors import BundleError, ValidationError
 from runtime.tensors import NUMPY_DTYPES, Signature, TensorMeta
 from updater.meta import ModelMeta
 
@@ -118,15 +118,12 @@ def zero_feeds(sig: Signature) -> dict[str, np.ndarray]:
 
 
 def load_golden(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(inputs, expected outputs) from a published golden.npz."""
+    """(inputs, expected outputs) from a published golden.npz (:mod:`runtime.bundle`'s format)."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as err:
+        golden = bundle.read_golden(data)
+    except BundleError as err:
         raise ValidationError(f"golden file unreadable: {err}") from err
-    feeds = {k[3:]: v for k, v in arrays.items() if k.startswith("in.")}
-    expected = {k[4:]: v for k, v in arrays.items() if k.startswith("out.")}
-    return feeds, expected
+    return golden.inputs, golden.expected
 
 
 def validate(

@@ -121,16 +121,3 @@ def test_near_ties_keep_the_configured_setting_or_the_fewest_threads() -> None:
     slow = Trial(Candidate(("cpu",), 1, 1, "disable"), 5, 9.0, 9.5, 0.1)
     lean = Trial(Candidate(("cpu",), 1, 1, "all"), 5, 1.03, 1.1, 0.1)
     assert TuneResult("m", slow, [slow, other, lean], [], 3, 1.0).best is lean
-
-
-def test_tune_reads_the_golden_file_an_update_staged(tmp_path) -> None:
-    from agent.tune import golden_file, golden_inputs
-
-    staged = tmp_path / "models" / "m" / "000003-2" / "clf.onnx"
-    staged.parent.mkdir(parents=True)
-    classifier(staged, n_features=4, n_classes=3)
-    x = np.ones((2, 4), np.float32)
-    np.savez(staged.parent / "golden.npz", **{"in.x": x, "out.probs": np.zeros((2, 3))})
-    found = golden_file(staged)
-    assert found == staged.parent / "golden.npz"
-    np.testing.assert_array_equal(golden_inputs(found, ["x"])["x"], x)

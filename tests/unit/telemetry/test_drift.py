@@ -110,21 +110,6 @@ def test_reference_that_does_not_fit_the_tensor_is_an_error() -> None:
         load_reference(b'{"samples": 1}')
 
 
-def test_reference_file_beside_initial_and_staged_models(tmp_path) -> None:
-    from agent.quality import reference_file
-
-    initial = tmp_path / "demo.onnx"
-    initial.write_bytes(b"m")
-    assert reference_file(initial) is None
-    (tmp_path / "demo.ref.json").write_text("{}")
-    assert reference_file(initial) == tmp_path / "demo.ref.json"
-    staged = tmp_path / "state" / "models" / "clf" / "000007-2" / "clf.onnx"
-    staged.parent.mkdir(parents=True)
-    staged.write_bytes(b"m")
-    (staged.parent / "reference.json").write_text("{}")  # as the update flow stages it
-    assert reference_file(staged) == staged.parent / "reference.json"
-
-
 def test_reference_shipped_in_a_signed_update_drives_drift(tuf_repo, update_device, tmp_path):
     """The whole path: operator publishes v2 with reference stats, the device installs it and
     tracks drift of v2 against them; v1 had none, so it was never tracked."""
