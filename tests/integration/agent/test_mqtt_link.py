@@ -17,10 +17,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import Config, parse_config
-from agent.mqtt.link import Command, MqttLink, backoff_delay
+from agent.mqtt.link import SPOOL_FILE, Command, MqttLink, backoff_delay
 from runtime.errors import InferdError
 from telemetry.payloads import HostFacts, Status, utc_now
 from tests.fixtures.broker import Broker, Capture, Cutter
+from tests.unit.telemetry.test_spool import corrupt_pages, spool_with_a_big_row
 
 STARTED = utc_now()
 
@@ -349,3 +350,62 @@ def test_spool_survives_a_restart_of_the_link(
     assert [json.loads(m.payload)["message"] for m in cap.on("events")] == [
         str(i) for i in range(30)
     ]
+
+
+def test_a_dead_forwarder_is_restarted_and_the_link_is_not_healthy_until_then(
+    tmp_path: Path,
+    broker: Broker,
+    make_link: Callable[..., MqttLink],
+    capture_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cap = capture_factory(broker, "inferd/dev1/events")
+    link = make_link(link_config(tmp_path, broker))
+    assert wait(lambda: link.connected) and link.problem() is None
+    real_read = link.spool.read
+    failures = iter([RuntimeError("a fault no handler expects")])
+
+    def faulty_read(after: int, limit: int) -> list[Any]:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real_read(after, limit)
+
+    monkeypatch.setattr(link.spool, "read", faulty_read)  # a fault, not a stand-in for the spool
+    link.emit_event("tick", "before the crash")
+    problems = []
+    deadline = time.monotonic() + 10
+    while link.forwarder_restarts == 0 and time.monotonic() < deadline:
+        problems.append(link.problem())
+        time.sleep(0.01)
+    assert link.forwarder_restarts == 1
+    assert any(p and "forwarder failed" in p for p in problems), problems
+    assert link.problem() is None
+    link.emit_event("tick", "after the restart")
+    kinds = lambda: [(e["kind"], e["message"]) for e in decoded(cap, "events")]  # noqa: E731
+    assert cap.wait(lambda: ("tick", "after the restart") in kinds())
+    assert ("tick", "before the crash") in kinds()  # nothing lost
+    assert "mqtt-forwarder-restarted" in [k for k, _ in kinds()]
+
+
+def test_a_corrupt_spool_row_stops_telemetry_only_until_the_spool_is_replaced(
+    tmp_path: Path, broker: Broker, make_link: Callable[..., MqttLink], capture_factory: Any
+) -> None:
+    cfg = link_config(tmp_path, broker)
+    path = Path(cfg.state_dir) / SPOOL_FILE
+    spool_with_a_big_row(path)
+    corrupt_pages(path, 8, 10)  # garbage over pages of the SQLite file
+    cap = capture_factory(broker, "inferd/dev1/events")
+    link = make_link(cfg)
+    assert wait(lambda: link.connected)
+    assert wait(lambda: link.spool.resets == 1, 15), "the bad row still blocks the spool"
+    link.emit_event("tick", "flows again")
+    kinds = lambda: [e["kind"] for e in decoded(cap, "events")]  # noqa: E731
+    assert cap.wait(lambda: "tick" in kinds() and "spool-reset" in kinds())
+    assert list(path.parent.glob(f"{SPOOL_FILE}.corrupt-*"))
+    link.stop(timeout=2)
+    again = make_link(cfg)  # after a restart nothing of the bad row is left to block on
+    assert wait(lambda: again.connected)
+    again.emit_event("tick", "after restart")
+    assert cap.wait(lambda: kinds().count("tick") == 2)
+    assert again.spool.resets == 0
