@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+from runtime import bundle
 from runtime.errors import (
     CancelledError,
     StepTimeoutError,
@@ -430,9 +431,9 @@ class SlotJob:
         name = job.path.rpartition("/")[2]
         files = {name: self.client.cached(job.path)}
         if meta.golden:
-            files["golden.npz"] = self.client.cached(meta.golden)
+            files[bundle.GOLDEN_FILE] = self.client.cached(meta.golden)
         if meta.reference_stats:
-            files["reference.json"] = self.client.cached(meta.reference_stats)
+            files[bundle.REFERENCE_FILE] = self.client.cached(meta.reference_stats)
         vdir = self.store.stage(job.slot, job.seq, job.version, files)
         self.client.verify(job.path, job.target, vdir / name)
         job.staged = str(vdir / name)
@@ -447,7 +448,7 @@ class SlotJob:
                 f"the version is for {meta.runtime}; the slot runs {slot.runtime}"
             )
         staged = Path(job.staged or "")
-        golden = (staged.parent / "golden.npz").read_bytes() if meta.golden else None
+        golden = (staged.parent / bundle.GOLDEN_FILE).read_bytes() if meta.golden else None
         serving = slot.serving()
         serving_sig = Signature.from_json(serving.signature) if serving is not None else None
 
