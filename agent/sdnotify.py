@@ -148,7 +148,7 @@ class WatchdogPinger:
         if not self.notifier.enabled or self.interval_s <= 0 or self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="sd-watchdog", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="inferd-watchdog", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

@@ -78,7 +78,7 @@ def test_outside_systemd_nothing_is_sent_and_no_thread_starts() -> None:
     assert not notifier.ready("x")
     pinger = WatchdogPinger(notifier, lambda: None)
     pinger.start()
-    assert "sd-watchdog" not in {t.name for t in threading.enumerate()}
+    assert "inferd-watchdog" not in {t.name for t in threading.enumerate()}
     pinger.stop()
 
 
@@ -122,7 +122,7 @@ def test_pinger_feeds_the_watchdog_only_while_healthy(
     finally:
         pinger.stop()
         notifier.close()
-    assert "sd-watchdog" not in {t.name for t in threading.enumerate()}
+    assert "inferd-watchdog" not in {t.name for t in threading.enumerate()}
 
 
 def test_a_failing_health_check_counts_as_unhealthy(
