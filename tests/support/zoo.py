@@ -229,7 +229,10 @@ def reference_sequence(
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         return [dict(zip(names, session.run(names, feeds), strict=True)) for feeds in sequence]
-    from ai_edge_litert.interpreter import Interpreter
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # where LiteRT has no wheel the device runs tflite-runtime
+        from tflite_runtime.interpreter import Interpreter
 
     interp = Interpreter(model_path=str(path))
     interp.allocate_tensors()
