@@ -27,7 +27,7 @@ from tests.fixtures.daemon import start_daemon
 from tests.fixtures.models import classifier
 from tests.fixtures.tuf_repo import Device, TufRepo
 from tests.system.test_rollout import _inferctl, _publisher, _send, _status, ids_by_bucket
-from updater.device.state import StateMachine
+from updater.device.state import StateMachine, migrate_legacy
 from updater.meta import Rollout
 from updater.operator.rollout import EXIT_HALTED
 
@@ -257,5 +257,6 @@ def test_payloads_and_state_files_from_before_last_update_still_decode(tmp_path:
     state = tmp_path / "update" / "state.json"
     state.parent.mkdir()
     state.write_text('{"state": "idle", "failed": {"classifier": [3]}}')
-    machine = StateMachine(state, time.time)
-    assert machine.record.last == {} and machine.record.failed == {"classifier": [3]}
+    assert migrate_legacy(state, tmp_path / "update" / "jobs") == ["classifier"]
+    machine = StateMachine(tmp_path / "update" / "jobs" / "classifier.json", time.time)
+    assert machine.record.last is None and machine.record.failed == [3]

@@ -271,3 +271,98 @@ def test_disk_full_while_downloading(tuf_repo, update_device, tmp_path):
         assert device.version == "3"
     finally:
         subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def _files(root: Path, skip: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and skip not in p.parents
+    }
+
+
+def _sign_with_online_key(tuf_repo: TufRepo, model: Path, **changes: object) -> str:
+    """What a holder of the online targets key can publish without inferctl's checks: a new
+    targets version naming ``model`` with ``changes`` in its signed metadata, written with
+    python-tuf directly, its artifact put where the device fetches it. Returns its path."""
+    md = tuf_repo.repo.open("targets")
+    custom = meta_to_custom(tuf_repo.repo.models()[-1][2])
+    fields = custom["inferd"]
+    fields["seq"] = md.signed.version + 1
+    fields.update(changes)
+    path = f"{fields['name']}/{fields['version']}/evil.onnx"
+    target = TargetFile.from_file(path, str(model), ["sha256"])
+    target.unrecognized_fields["custom"] = custom
+    md.signed.targets[path] = target
+    md.signed.version += 1
+    md.signatures.clear()
+    for signer in tuf_repo.repo.signers("targets"):
+        md.sign(signer, append=True)
+    v = md.signed.version
+    _write(md, tuf_repo.metadata(f"{v}.targets.json"), tuf_repo.metadata("targets.json"))
+    served = tuf_repo.repo.targets_dir / f"{fields['name']}/{fields['version']}"
+    served.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model, served / f"{target.hashes['sha256']}.evil.onnx")
+    tuf_repo.repo.publish()
+    return path
+
+
+def test_version_naming_a_path_outside_the_store_is_refused(tuf_repo, update_device, tmp_path):
+    """Issue 13: a version ``x/../../../../escaped`` signed with the online key. The store would
+    build ``models/classifier/<seq>-x/../../../../escaped``, outside the state dir, and delete
+    what is there first. The device applies inferctl's rule to signed metadata and refuses."""
+    home = tmp_path / "device"
+    state = home / "state"
+    device = update_device(classifier(tmp_path / "v1.onnx", seed=0), state_dir=state)
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    device.check()
+    assert device.version == "2"
+    # what the hostile folder name resolves to, with a file in it that must survive
+    escaped = (state / "models" / "classifier" / "000004-x/../../../../escaped").resolve()
+    assert escaped == home / "escaped"
+    escaped.mkdir()
+    (escaped / "precious.txt").write_text("do not delete")
+    outside = _files(home, skip=state)
+    path = _sign_with_online_key(
+        tuf_repo, classifier(tmp_path / "evil.onnx", seed=6), version="x/../../../../escaped"
+    )
+    device.events.clear()
+    device.check()
+    assert device.version == "2"
+    assert device.states()[-2:] == ["failed", "idle"], device.states()
+    (reason,) = [m for k, m, f in device.events if k == "update" and f["state"] == "failed"]
+    assert f"{path}: version 'x/../../../../escaped' must be 1-64 letters" in reason
+    assert _files(home, skip=state) == outside, "nothing outside the state dir changed"
+    assert not [r for r in tuf_repo.server.requests if "evil" in r], "never downloaded"
+    assert [p.name for p in (state / "models" / "classifier").iterdir() if p.is_dir()] == [
+        "000002-2"
+    ]
+    # once the operator removes the forged target, updates flow again
+    with tuf_repo.repo.edit_targets() as targets:
+        del targets.targets[path]
+    tuf_repo.repo.publish()
+    tuf_repo.publish(classifier(tmp_path / "v3.onnx", seed=3), "3")
+    device.check()
+    assert device.version == "3"
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"name": "../../escaped"}, "model name '../../escaped' must be"),
+        ({"version": "2\n"}, "version '2\\n' must be"),
+        ({"version": ".."}, "version '..' must be"),
+        ({"seq": 0}, "seq 0 is outside"),
+        ({"seq": 10**6}, "seq 1000000 is outside"),
+        ({"golden": "classifier/other/golden.npz"}, "golden target"),
+        ({"groups": ["a/b"]}, "group 'a/b' must be"),
+    ],
+)
+def test_signed_metadata_inferctl_would_refuse_is_refused(
+    tuf_repo, v1_device, tmp_path, changes, needle
+):
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    _sign_with_online_key(tuf_repo, classifier(tmp_path / "evil.onnx", seed=6), **changes)
+    v1_device.check()
+    _assert_refused(v1_device, needle)
+    assert not [r for r in tuf_repo.server.requests if "/targets/" in r]
