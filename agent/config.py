@@ -64,13 +64,55 @@ class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     listen: str = "127.0.0.1:8080"
     max_body_bytes: int = 16 * 1024 * 1024
     workers: int = 8
+    """Requests run at once; more wait in arrival order (health checks never wait)."""
+    max_connections: int = 128
+    """Open connections; beyond it the longest-idle one is closed, else the new one gets 503."""
+    max_header_bytes: int = 16384
+    """Request line and header fields together (414/431 beyond)."""
+    header_timeout_s: float = 10.0
+    """From a request's first byte to the end of its header (408 after)."""
+    body_timeout_s: float = 30.0
+    """From the end of a request's header to the end of its body (408 after)."""
+    idle_timeout_s: float = 10.0
+    """A keep-alive connection waiting for its next request is closed after this."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins (``https://host:port``) allowed to call the API; others get 403."""
+    token_file: str | None = None
+    """A file holding the bearer token clients must send (``Authorization: Bearer ...``)."""
+    insecure: bool = False
+    """Serve off loopback without a token (a warning at start)."""
 
     def __post_init__(self) -> None:
-        listen_address(self.listen)
+        address = listen_address(self.listen)
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        if self.max_header_bytes < 1024:
+            raise ValueError("max_header_bytes must be >= 1024")
+        for key in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
+            if not 0 < getattr(self, key) <= 3600:  # also refuses NaN
+                raise ValueError(f"{key} must be > 0 and <= 3600 seconds")
+        for origin in self.allowed_origins:
+            if not _ORIGIN_RE.match(origin):
+                raise ValueError(
+                    f"allowed_origins: {origin!r} must be scheme://host[:port], as browsers send"
+                )
+        if (
+            isinstance(address, tuple)
+            and not is_loopback(address[0])
+            and self.token_file is None
+            and not self.insecure
+        ):
+            raise ValueError(
+                f"listen {self.listen} is reachable from other hosts: set token_file (clients"
+                " send Authorization: Bearer <token>) or insecure: true"
+            )
+
+
+_ORIGIN_RE = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")
 
 
 class TlsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -317,7 +359,10 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
             ),
         )
     updates = replace(cfg.updates, trusted_root=res(cfg.updates.trusted_root))
-    return replace(cfg, models=models, mqtt=mqtt, updates=updates, state_dir=res(cfg.state_dir))
+    api = replace(cfg.api, token_file=res_opt(cfg.api.token_file))
+    return replace(
+        cfg, models=models, mqtt=mqtt, updates=updates, api=api, state_dir=res(cfg.state_dir)
+    )
 
 
 def _read_yaml(p: Path) -> Any:

@@ -1,8 +1,8 @@
 """Is the serving path healthy? The answer that feeds (or starves) the systemd watchdog.
 
 Two checks, both of things a client would notice: the local API answers a real HTTP request
-(its accept loop and handler threads are alive), and no model run has been going for longer
-than its slot's ``stuck_run_s`` (a wedged runtime would hold requests forever).
+(its event loop is alive), and no model run has been going for longer than its slot's
+``stuck_run_s`` (a wedged runtime would hold requests forever).
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from agent.api.server import ApiServer
 from agent.slots import ModelSlot
 from runtime.errors import NotReadyError
 
-_PROBE = b"GET /v2/health/live HTTP/1.1\r\nHost: inferd\r\nConnection: close\r\n\r\n"
+_PROBE = "GET /v2/health/live HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
 _WILDCARD = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def probe_api(address: tuple[str, int] | str, timeout: float) -> str | None:
-    """GET /v2/health/live on ``address``; None on a 200, else what went wrong."""
+    """GET /v2/health/live on ``address``; None when the server answers, else what went wrong."""
     try:
         if isinstance(address, str):
+            host_header = "localhost"
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout)
             try:
@@ -32,9 +33,12 @@ def probe_api(address: tuple[str, int] | str, timeout: float) -> str | None:
                 raise
         else:
             host, port = address
-            sock = socket.create_connection((_WILDCARD.get(host, host), port), timeout)
+            target = _WILDCARD.get(host, host)
+            # The API refuses a Host that does not name it (DNS rebinding): name it exactly.
+            host_header = f"[{target}]:{port}" if ":" in target else f"{target}:{port}"
+            sock = socket.create_connection((target, port), timeout)
         with sock:
-            sock.sendall(_PROBE)
+            sock.sendall(_PROBE.format(host=host_header).encode("latin-1"))
             head = b""
             while b"\r\n" not in head and len(head) < 256:
                 chunk = sock.recv(256)
@@ -44,7 +48,9 @@ def probe_api(address: tuple[str, int] | str, timeout: float) -> str | None:
     except OSError as err:
         return f"API does not answer: {err.strerror or err}"
     status = head.split(b"\r\n", 1)[0].decode("latin-1")
-    if status.split(" ")[1:2] != ["200"]:
+    # 503 here is the connection cap (the live route itself always answers 200): the event loop
+    # answered, so the server is alive; a restart would not make a flooding client go away.
+    if status.split(" ")[1:2] not in (["200"], ["503"]):
         return f"API health check got {status or 'no reply'!r}"
     return None
 

@@ -50,10 +50,10 @@ class LeanClient:
     def __init__(self, host: str, port: int) -> None:
         self.sock = socket.create_connection((host, port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.host = f"{host}:{port}"  # the API refuses a Host that does not name it
 
-    @staticmethod
-    def prepare(path: str, body: bytes, headers: dict[str, str]) -> bytes:
-        head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
+    def prepare(self, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         return head.encode() + b"\r\n" + body
 

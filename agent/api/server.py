@@ -1,19 +1,23 @@
 """The local inference API: KServe Open Inference Protocol v2 over HTTP/1.1 keep-alive.
 
-One thread per connection (``ThreadingMixIn``), so a slow inference never blocks a health check
-on another connection. TCP_NODELAY is set on every accepted socket: responses are small and
-Nagle's algorithm would add tens of milliseconds to each keep-alive exchange.
+:mod:`agent.api.http1` keeps the connections (llhttp parsing, limits, timeouts, one event loop
+thread and ``api.workers`` worker threads); this module is the API behind it: the routes, who may
+call them, and how errors become statuses.
+
+Who may call: the API listens on loopback, where any web page open in a browser on the device
+can send it requests. So the Host header must name the listen address (a DNS-rebound name does
+not), an Origin header must be in ``api.allowed_origins``, and a POST body must be JSON or the
+binary tensor extension, never a form or ``text/plain`` that a page can send without a CORS
+preflight. Off loopback a bearer token is required as well, unless ``api.insecure`` says not to.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hmac
 import logging
 import os
 import re
 import socket
-import socketserver
-import threading
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
@@ -21,6 +25,7 @@ from typing import Any
 
 from agent import __version__
 from agent.api import v2
+from agent.api.http1 import HttpServer, Limits, Request, Response
 from agent.config import ApiConfig, listen_address
 from agent.slots import ModelSlot
 from runtime.errors import BackendError, InferdError, InputError, ModelNotFoundError, NotReadyError
@@ -37,12 +42,81 @@ _HEADER_LENGTH = "Inference-Header-Content-Length"
 _MODEL_PATH = re.compile(
     r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/infer|/ready|/feedback)?$"
 )
+_STATIC = {"/v2/health/live": "live", "/v2/health/ready": "ready", "/v2": "server"}
+_STATIC["/metrics"] = "metrics"
+_MODEL_ROUTES = {None: "model", "/ready": "model_ready", "/infer": "infer", "/feedback": "feedback"}
+_READ = ("GET", "HEAD")
+_ALLOW: dict[str, tuple[str, ...]] = {
+    "live": _READ,
+    "ready": _READ,
+    "server": _READ,
+    "metrics": _READ,
+    "model": _READ,
+    "model_ready": _READ,
+    "infer": ("POST",),
+    "feedback": ("POST",),
+}
+_INLINE = frozenset({"live", "ready", "server"})
+"""Answered on the I/O thread: they never block, and the watchdog's probe must not queue
+behind inferences."""
+_OPEN = frozenset({"live", "ready"})
+"""Routes that need no token: probes (the daemon's own watchdog among them) carry none."""
+_JSON_TYPES = frozenset({None, "application/json"})
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+_ERROR_STATUS: tuple[tuple[type[Exception], HTTPStatus], ...] = (
+    (InputError, HTTPStatus.BAD_REQUEST),
+    (ModelNotFoundError, HTTPStatus.NOT_FOUND),
+    (NotReadyError, HTTPStatus.SERVICE_UNAVAILABLE),
+)
 
 
 class _HttpError(Exception):
     def __init__(self, status: HTTPStatus, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class _Route:
+    __slots__ = ("kind", "name", "version")
+
+    def __init__(self, kind: str, name: str | None = None, version: str | None = None) -> None:
+        self.kind = kind
+        self.name = name
+        self.version = version
+
+
+def _route(path: str) -> _Route | None:
+    kind = _STATIC.get(path)
+    if kind is not None:
+        return _Route(kind)
+    m = _MODEL_PATH.match(path)
+    if m is None:
+        return None
+    return _Route(_MODEL_ROUTES[m["rest"]], m["name"], m["version"])
+
+
+def allowed_hosts(address: tuple[str, int] | str) -> frozenset[str] | None:
+    """The Host header values that name this API (lower case); None: any will do.
+
+    A unix socket is out of a browser's reach, and a wildcard listen answers to every name the
+    host has (off loopback, the bearer token is what protects it).
+    """
+    if isinstance(address, str):
+        return None
+    host, port = address
+    if host in _WILDCARDS:
+        return None
+    names = {*_LOOPBACK_NAMES, f"[{host}]" if ":" in host else host.lower()}
+    hosts = {f"{name}:{port}" for name in names}
+    if port == 80:
+        hosts |= names
+    return frozenset(hosts)
+
+
+def _media_type(value: str | None) -> str | None:
+    return None if value is None else value.split(";", 1)[0].strip().lower()
 
 
 class ApiServer:
@@ -54,74 +128,197 @@ class ApiServer:
         self.feedback: FeedbackHandler | None = None
         self.metrics_text: list[MetricsText] = []
         self.live = True
-        self._server: socketserver.BaseServer | None = None
-        self._thread: threading.Thread | None = None
-        self.requests = 0
-        self.bad_requests = 0
-        # Connections waiting for their next request; the rest are mid-request.
-        self._idle: set[socket.socket] = set()
-        self._conn_lock = threading.Lock()
-        self._stopping = False
+        self._http = HttpServer(
+            self,
+            Limits(
+                max_connections=config.max_connections,
+                max_header_bytes=config.max_header_bytes,
+                max_body_bytes=config.max_body_bytes,
+                header_timeout_s=config.header_timeout_s,
+                body_timeout_s=config.body_timeout_s,
+                idle_timeout_s=config.idle_timeout_s,
+            ),
+            workers=config.workers,
+            server_header=f"inferd/{__version__}",
+            name="inferd-api",
+        )
+        self._bound: tuple[str, int] | str | None = None
+        self._hosts: frozenset[str] | None = None
+        self._origins = frozenset(o.lower() for o in config.allowed_origins)
+        self._token: bytes | None = None
 
     @property
     def address(self) -> tuple[str, int] | str:
         """Where the server listens (the real port when 0 was configured)."""
-        if self._server is None:
-            return listen_address(self.config.listen)
-        addr: Any = self._server.server_address
-        return addr if isinstance(addr, str) else (addr[0], addr[1])
+        return self._bound if self._bound is not None else listen_address(self.config.listen)
+
+    @property
+    def requests(self) -> int:
+        """Responses sent."""
+        return self._http.requests
+
+    @property
+    def bad_requests(self) -> int:
+        """4xx responses sent."""
+        return self._http.bad_requests
 
     def start(self) -> None:
-        """Bind and serve in a background thread."""
+        """Bind, then serve in the background; raises InferdError when it cannot listen."""
+        self._token = self._read_token()
+        sock = self._bind()
+        self._bound = (
+            sock.getsockname() if sock.family == socket.AF_UNIX else sock.getsockname()[:2]
+        )
+        self._hosts = allowed_hosts(self.address)
+        self._http.start(sock)
+        where = self.address
+        log.info(
+            "API listening on %s",
+            self.config.listen if isinstance(where, str) else f"http://{where[0]}:{where[1]}",
+        )
+        if self.config.insecure and self._token is None:
+            log.warning(
+                "api.insecure is set: the API on %s takes requests without a token",
+                self.config.listen,
+            )
+
+    def _read_token(self) -> bytes | None:
+        path = self.config.token_file
+        if path is None:
+            return None
+        try:
+            token = Path(path).read_bytes().strip()
+        except OSError as err:
+            raise InferdError(f"api.token_file {path}: cannot read: {err.strerror}") from err
+        if len(token) < 16 or not token.isascii() or any(c <= 32 for c in token):
+            raise InferdError(
+                f"api.token_file {path}: the token must be at least 16 printable characters"
+                " without spaces (e.g. the output of: openssl rand -hex 32)"
+            )
+        return token
+
+    def _bind(self) -> socket.socket:
         where = listen_address(self.config.listen)
-        handler = _make_handler(self)
         try:
             if isinstance(where, str):
                 Path(where).parent.mkdir(parents=True, exist_ok=True)
                 if os.path.exists(where):
                     os.unlink(where)
-                server: socketserver.BaseServer = _UnixServer(where, handler)
-                os.chmod(where, 0o660)
-            else:
-                family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
-                server = _make_tcp_server(family)(where, handler)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.bind(where)
+                    os.chmod(where, 0o660)
+                except OSError:
+                    sock.close()
+                    raise
+                return sock
+            family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(where)
+            except OSError:
+                sock.close()
+                raise
+            return sock
         except OSError as err:
             raise InferdError(
                 f"api.listen {self.config.listen}: cannot listen: {err.strerror}"
             ) from err
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="api", daemon=True
-        )
-        self._thread.start()
-        log.info(
-            "API listening on %s",
-            self.config.listen
-            if isinstance(where, str)
-            else f"http://{self.address[0]}:{self.address[1]}",
-        )
 
     def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish, join the serving threads."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        # Idle keep-alive connections would block the join below: end their reading side.
-        # A connection in the middle of a request finishes it, then sees the flag and closes.
-        with self._conn_lock:
-            self._stopping = True
-            for conn in self._idle:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RD)
-        self._server.server_close()  # ThreadingMixIn joins the request threads here
-        if self._thread is not None:
-            self._thread.join()
-        where: Any = self._server.server_address
+        """Stop accepting, let running requests finish (a few seconds at most), close every
+        connection, join the threads, remove the unix socket file."""
+        self._http.stop()
+        where = self._bound
         if isinstance(where, str) and os.path.exists(where):
             os.unlink(where)
-        self._server = None
 
-    # -- request handling (called from the connection threads) ----------------------------
+    # -- http1.Application -----------------------------------------------------------------
+
+    def error(self, status: HTTPStatus, message: str) -> Response:
+        """``{"error": message}`` with ``status``."""
+        return Response(status, v2.error_body(message))
+
+    def check(self, request: Request) -> Response | None:
+        """Refuse a request on its head alone: who sent it, where to, what body it carries."""
+        headers = request.headers
+        if self._hosts is not None:
+            host = headers.get("host")
+            if host is not None and host.lower() not in self._hosts:
+                return self.error(HTTPStatus.FORBIDDEN, "the Host header does not name this API")
+        origin = headers.get("origin")
+        if origin is not None and origin.lower() not in self._origins:
+            return self.error(
+                HTTPStatus.FORBIDDEN, f"origin {origin!r} is not in api.allowed_origins"
+            )
+        route = _route(request.path)
+        if route is None:
+            return self.error(
+                HTTPStatus.NOT_FOUND, f"no such endpoint: {request.method} {request.path}"
+            )
+        request.context = route
+        if self._token is not None and route.kind not in _OPEN:
+            scheme, _, credential = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                credential.strip().encode("latin-1"), self._token
+            ):
+                return Response(
+                    HTTPStatus.UNAUTHORIZED,
+                    v2.error_body("this API needs Authorization: Bearer <token>"),
+                    headers=(("WWW-Authenticate", "Bearer"),),
+                )
+        allowed = _ALLOW[route.kind]
+        if request.method not in allowed:
+            return Response(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                v2.error_body(f"{request.method} not allowed on {request.path}"),
+                headers=(("Allow", ", ".join(allowed)),),
+            )
+        if request.method == "POST":
+            media = _media_type(headers.get("content-type"))
+            binary = headers.get(_HEADER_LENGTH.lower())
+            if media not in _JSON_TYPES and not (
+                media == "application/octet-stream" and binary is not None
+            ):
+                return self.error(
+                    HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                    "the body must be application/json (or application/octet-stream with"
+                    f" {_HEADER_LENGTH})",
+                )
+            if binary is not None and not (binary.isascii() and binary.isdigit()):
+                return self.error(HTTPStatus.BAD_REQUEST, f"invalid {_HEADER_LENGTH}")
+        return None
+
+    def inline(self, request: Request) -> bool:
+        """Health and server metadata are answered on the I/O thread."""
+        route = request.context
+        return isinstance(route, _Route) and route.kind in _INLINE
+
+    def respond(self, request: Request) -> Response:
+        """Run the route; every failure becomes a status and a message that leaks nothing."""
+        try:
+            return self._respond(request)
+        except _HttpError as err:
+            return self.error(err.status, str(err))
+        except InferdError as err:
+            status = next((st for cls, st in _ERROR_STATUS if isinstance(err, cls)), None)
+            if status is not None:
+                return self.error(status, str(err))
+            # A runtime's or a component's message can hold paths and library internals: it
+            # goes to the log, the client learns only that the server failed.
+            log.error("%s %s failed: %s", request.method, request.path, err)
+            what = "the model failed to run" if isinstance(err, BackendError) else "server error"
+            return self.error(
+                HTTPStatus.INTERNAL_SERVER_ERROR, f"{what}; the daemon log has the details"
+            )
+        except Exception:
+            log.exception("unexpected error serving %s %s", request.method, request.path)
+            return self.error(
+                HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; the daemon log has the details"
+            )
+
+    # -- routes ----------------------------------------------------------------------------
 
     def slot(self, name: str) -> ModelSlot:
         slot = self.slots.get(name)
@@ -129,61 +326,54 @@ class ApiServer:
             raise ModelNotFoundError(f"model {name!r} not found; serving {', '.join(self.slots)}")
         return slot
 
-    def handle(
-        self, method: str, path: str, body: bytes, header_length: int | None = None
-    ) -> tuple[HTTPStatus, bytes, str | tuple[str, int]]:
-        """Route one request; returns (status, body, content type).
-
-        The content type is (type, JSON header length) for a binary-extension response.
-        """
-        path = path.split("?", 1)[0]
-        if method == "GET":
-            if path == "/v2/health/live":
-                return self._json(HTTPStatus.OK, {"live": self.live})
-            if path == "/v2/health/ready":
-                ready = all(s.ready for s in self.slots.values())
-                status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
-                return self._json(status, {"ready": ready})
-            if path == "/v2":
-                return self._json(
-                    HTTPStatus.OK, {"name": "inferd", "version": __version__, "extensions": []}
-                )
-            if path == "/metrics":
-                return HTTPStatus.OK, self.prometheus().encode(), CONTENT_TYPE
-        m = _MODEL_PATH.match(path)
-        if m is None:
-            raise _HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {method} {path}")
-        slot = self.slot(m["name"])
-        rest = m["rest"]
-        if rest == "/feedback" and method == "POST":
+    def _respond(self, request: Request) -> Response:
+        route = request.context
+        if not isinstance(route, _Route):  # check() refused or never ran: nothing to run
+            raise _HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {request.path}")
+        kind = route.kind
+        if kind == "live":
+            return self._json(HTTPStatus.OK, {"live": self.live})
+        if kind == "ready":
+            ready = all(s.ready for s in self.slots.values())
+            return self._json(
+                HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, {"ready": ready}
+            )
+        if kind == "server":
+            return self._json(
+                HTTPStatus.OK, {"name": "inferd", "version": __version__, "extensions": []}
+            )
+        if kind == "metrics":
+            return Response(HTTPStatus.OK, self.prometheus().encode(), CONTENT_TYPE)
+        assert route.name is not None
+        slot = self.slot(route.name)
+        if kind == "feedback":
             if self.feedback is None:
                 raise _HttpError(HTTPStatus.NOT_IMPLEMENTED, "quality monitoring is not enabled")
-            return self._json(HTTPStatus.OK, self.feedback(slot.name, body))
+            return self._json(HTTPStatus.OK, self.feedback(slot.name, request.body))
         model = slot.current  # NotReadyError -> 503
-        if m["version"] is not None and m["version"] != model.version:
+        if route.version is not None and route.version != model.version:
             raise ModelNotFoundError(
-                f"model {slot.name!r} has no version {m['version']!r}; serving {model.version!r}"
+                f"model {slot.name!r} has no version {route.version!r}; serving {model.version!r}"
             )
-        if rest == "/infer" and method == "POST":
-            return self._infer(slot, body, header_length)
-        if method == "GET" and rest == "/ready":
+        if kind == "infer":
+            raw = request.headers.get(_HEADER_LENGTH.lower())
+            out, head_len = v2.infer(slot, request.body, int(raw) if raw is not None else None)
+            if head_len is None:
+                return Response(HTTPStatus.OK, out)
+            return Response(
+                HTTPStatus.OK,
+                out,
+                "application/octet-stream",
+                headers=((_HEADER_LENGTH, str(head_len)),),
+            )
+        if kind == "model_ready":
             return self._json(HTTPStatus.OK, {"name": slot.name, "ready": True})
-        if method == "GET" and rest is None:
-            meta = v2.model_metadata(slot.name, model.version, slot.config.runtime, model.backend)
-            return self._json(HTTPStatus.OK, meta)
-        raise _HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} not allowed on {path}")
-
-    def _infer(
-        self, slot: ModelSlot, body: bytes, header_length: int | None
-    ) -> tuple[HTTPStatus, bytes, str | tuple[str, int]]:
-        out, head_len = v2.infer(slot, body, header_length)
-        if head_len is None:
-            return HTTPStatus.OK, out, "application/json"
-        return HTTPStatus.OK, out, ("application/octet-stream", head_len)
+        meta = v2.model_metadata(slot.name, model.version, slot.config.runtime, model.backend)
+        return self._json(HTTPStatus.OK, meta)
 
     @staticmethod
-    def _json(status: HTTPStatus, obj: Any) -> tuple[HTTPStatus, bytes, str | tuple[str, int]]:
-        return status, v2.encode(obj), "application/json"
+    def _json(status: HTTPStatus, obj: Any) -> Response:
+        return Response(status, v2.encode(obj))
 
     def prometheus(self) -> str:
         """Prometheus text exposition of per-model counters and the API's own."""
@@ -201,192 +391,20 @@ class ApiServer:
             runs.add(st.runs, model=slot.name, version=model.version)
             errors.add(st.errors, model=slot.name, version=model.version)
             seconds.add(f"{st.total_ns / 1e9:.9f}", model=slot.name, version=model.version)
-        http = Family("inferd_http_requests_total", "counter", "HTTP requests.")
-        http.add(self.requests)
+        http = self._http
+        requests = Family("inferd_http_requests_total", "counter", "HTTP responses sent.")
+        requests.add(http.requests)
         bad = Family("inferd_http_bad_requests_total", "counter", "HTTP 4xx replies.")
-        bad.add(self.bad_requests)
-        out = render([ready, runs, errors, seconds, http, bad])
+        bad.add(http.bad_requests)
+        conns = Family("inferd_http_connections", "gauge", "Open HTTP connections.")
+        conns.add(len(http.connections))
+        timeouts = Family("inferd_http_timeouts_total", "counter", "Requests cut by a timeout.")
+        timeouts.add(http.timeouts)
+        refused = Family(
+            "inferd_http_connections_refused_total", "counter", "Connections refused at the cap."
+        )
+        refused.add(http.rejected_connections)
+        out = render([ready, runs, errors, seconds, requests, bad, conns, timeouts, refused])
         for extra in self.metrics_text:
             out += extra()
         return out
-
-
-_ERROR_STATUS: tuple[tuple[type[Exception], HTTPStatus], ...] = (
-    (InputError, HTTPStatus.BAD_REQUEST),
-    (ModelNotFoundError, HTTPStatus.NOT_FOUND),
-    (NotReadyError, HTTPStatus.SERVICE_UNAVAILABLE),
-    (BackendError, HTTPStatus.INTERNAL_SERVER_ERROR),
-)
-
-
-_MAX_LINE = 65536
-_MAX_HEADERS = 100
-
-
-def _make_handler(api: ApiServer) -> type[socketserver.StreamRequestHandler]:
-    limit = api.config.max_body_bytes
-    server_header = f"Server: inferd/{__version__}\r\n".encode()
-
-    class Handler(socketserver.StreamRequestHandler):
-        """HTTP/1.1 with keep-alive, parsed by hand: the stdlib's BaseHTTPRequestHandler runs
-        every request's headers through the email package, and with its response
-        bookkeeping that was most of the API's overhead on small models."""
-
-        close_connection = True
-        method = ""
-        path = ""
-
-        def setup(self) -> None:
-            super().setup()
-            if self.connection.family in (socket.AF_INET, socket.AF_INET6):
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with api._conn_lock:
-                api._idle.add(self.connection)
-
-        def handle(self) -> None:
-            self.close_connection = False
-            while not self.close_connection:
-                with api._conn_lock:
-                    if api._stopping:
-                        return
-                    api._idle.add(self.connection)
-                try:
-                    self._one_request()
-                except (ConnectionError, TimeoutError):
-                    return
-
-        def finish(self) -> None:
-            with api._conn_lock:
-                api._idle.discard(self.connection)
-            with contextlib.suppress(OSError):  # the client went away: nothing to flush to
-                super().finish()
-
-        def _one_request(self) -> None:
-            line = self.rfile.readline(_MAX_LINE + 1)
-            if not line:
-                self.close_connection = True
-                return
-            with api._conn_lock:
-                api._idle.discard(self.connection)
-            if len(line) > _MAX_LINE:
-                self._fatal(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
-                return
-            parts = line.decode("latin-1").split()
-            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-                self._fatal(HTTPStatus.BAD_REQUEST, "malformed request line")
-                return
-            self.method, self.path, version = parts
-            headers: dict[str, str] = {}
-            for _ in range(_MAX_HEADERS):
-                raw = self.rfile.readline(_MAX_LINE + 1)
-                if raw in (b"\r\n", b"\n", b""):
-                    break
-                name, sep, value = raw.decode("latin-1").partition(":")
-                if not sep or len(raw) > _MAX_LINE:
-                    self._fatal(HTTPStatus.BAD_REQUEST, "malformed header line")
-                    return
-                headers[name.strip().lower()] = value.strip()
-            else:
-                self._fatal(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
-                return
-            connection = headers.get("connection", "").lower()
-            if version == "HTTP/1.0":
-                self.close_connection = connection != "keep-alive"
-            else:
-                self.close_connection = connection == "close"
-            if self.method == "GET":
-                self._dispatch(b"")
-            elif self.method == "POST":
-                self._post(headers)
-            else:
-                self._reply(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.method} is not supported")
-
-        def _fatal(self, status: HTTPStatus, message: str) -> None:
-            self.close_connection = True
-            self._reply(status, message)
-
-        def _post(self, headers: dict[str, str]) -> None:
-            if headers.get("transfer-encoding", "").lower() == "chunked":
-                self._fatal(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not supported")
-                return
-            raw_length = headers.get("content-length", "0")
-            if not raw_length.isdigit():
-                self._fatal(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
-                return
-            length = int(raw_length)
-            if length > limit:
-                # Not reading the body: the connection cannot be reused, so close it.
-                self._fatal(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"request body of {length} bytes is over the limit of {limit}",
-                )
-                return
-            if headers.get("expect", "").lower() == "100-continue":
-                # curl asks this for bodies over 1 KiB and otherwise waits a second for it
-                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = self.rfile.read(length)
-            if len(body) < length:
-                self.close_connection = True
-                return  # the client went away mid-body
-            raw_header = headers.get(_HEADER_LENGTH.lower())
-            if raw_header is not None and not raw_header.isdigit():
-                self._reply(HTTPStatus.BAD_REQUEST, f"invalid {_HEADER_LENGTH}")
-                return
-            self._dispatch(body, int(raw_header) if raw_header is not None else None)
-
-        def _dispatch(self, body: bytes, header_length: int | None = None) -> None:
-            api.requests += 1
-            try:
-                status, payload, ctype = api.handle(self.method, self.path, body, header_length)
-            except _HttpError as err:
-                self._reply(err.status, str(err))
-                return
-            except InferdError as err:
-                status = next(
-                    (st for cls, st in _ERROR_STATUS if isinstance(err, cls)),
-                    HTTPStatus.INTERNAL_SERVER_ERROR,
-                )
-                self._reply(status, str(err))
-                return
-            except Exception as err:
-                log.exception("unexpected error serving %s %s", self.method, self.path)
-                self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {err}")
-                return
-            self._send(status, payload, ctype)
-
-        def _reply(self, status: HTTPStatus, message: str) -> None:
-            if 400 <= status < 500:
-                api.bad_requests += 1
-            self._send(status, v2.error_body(message), "application/json")
-
-        def _send(self, status: HTTPStatus, payload: bytes, ctype: str | tuple[str, int]) -> None:
-            extra = ""
-            if isinstance(ctype, tuple):
-                ctype, head_len = ctype
-                extra = f"{_HEADER_LENGTH}: {head_len}\r\n"
-            if self.close_connection:
-                extra += "Connection: close\r\n"
-            head = (
-                f"HTTP/1.1 {status.value} {status.phrase}\r\n"
-                f"Content-Type: {ctype}\r\nContent-Length: {len(payload)}\r\n{extra}"
-            )
-            # One write for head and body: with TCP_NODELAY two writes are two packets.
-            self.wfile.write(head.encode("latin-1") + server_header + b"\r\n" + payload)
-            log.debug("%s %s -> %d", self.method, self.path, status.value)
-
-    return Handler
-
-
-def _make_tcp_server(family: int) -> type[socketserver.TCPServer]:
-    class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-        address_family = family
-        allow_reuse_address = True
-        daemon_threads = False
-        block_on_close = True
-
-    return Server
-
-
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = False
-    block_on_close = True

@@ -64,6 +64,11 @@ class InferRequest(msgspec.Struct, frozen=True):
 _decoder = msgspec.json.Decoder(_InferRequest)
 _encoder = msgspec.json.Encoder()
 
+MAX_DIMS = 32
+"""Dimensions of one tensor (numpy stops at 64; no model here comes near)."""
+MAX_ID_LENGTH = 256
+"""Characters in a request ``id``: ids are kept for the quality join, so their size is bounded."""
+
 
 def _json_error(err: msgspec.DecodeError) -> InputError:
     msg = str(err)
@@ -77,6 +82,8 @@ def _tensor(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarray, in
     dtype = NUMPY_DTYPES.get(t.datatype)
     if dtype is None or dtype == "str":
         raise InputError(f"input {t.name!r}: unsupported datatype {t.datatype!r}")
+    if len(t.shape) > MAX_DIMS:
+        raise InputError(f"input {t.name!r}: {len(t.shape)} dimensions; the limit is {MAX_DIMS}")
     if any(d < 0 for d in t.shape):
         raise InputError(f"input {t.name!r}: shape {t.shape} has a negative dimension")
     count = math.prod(t.shape)
@@ -101,6 +108,10 @@ def _tensor(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarray, in
         arr = np.asarray(t.data, dtype=np.dtype(dtype))
     except (ValueError, TypeError, OverflowError) as err:
         raise InputError(f"input {t.name!r}: data is not {t.datatype}: {err}") from err
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        # JSON numbers cannot be NaN or infinite: these came from strings ("nan", "inf") or
+        # from numbers beyond the datatype's range, and would poison outputs and statistics.
+        raise InputError(f"input {t.name!r}: data holds NaN or infinite values")
     if arr.size != count:
         raise InputError(
             f"input {t.name!r}: {arr.size} values do not fill shape {t.shape} ({count} values)"
@@ -129,6 +140,10 @@ def decode_infer_request(body: bytes, header_length: int | None = None) -> Infer
         req = _decoder.decode(head)
     except msgspec.DecodeError as err:
         raise _json_error(err) from err
+    except RecursionError as err:  # msgspec's guard against deep nesting (about 1000 levels)
+        raise InputError("malformed JSON: nested too deeply") from err
+    if req.id is not None and len(req.id) > MAX_ID_LENGTH:
+        raise InputError(f"id is {len(req.id)} characters long; the limit is {MAX_ID_LENGTH}")
     feeds: dict[str, np.ndarray] = {}
     offset = 0
     for t in req.inputs:
