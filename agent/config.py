@@ -448,8 +448,7 @@ def is_loopback(host: str) -> bool:
 
 
 def config_warnings(cfg: Config, files: list[Path]) -> list[str]:
-    """What in a valid config an operator should fix: secrets readable by other users, and an
-    API (which has no authentication of its own) listening beyond loopback."""
+    """What in a valid config an operator should fix: secrets readable by other users."""
     out = []
     for f in files:
         if _readable_by_others(f) and _mentions_password(f):
@@ -460,10 +459,6 @@ def config_warnings(cfg: Config, files: list[Path]) -> list[str]:
     pw = cfg.mqtt.password_file
     if pw is not None and _readable_by_others(Path(pw)):
         out.append(f"mqtt.password_file {pw} is readable by group or others: chmod 600 {pw}")
-    address = listen_address(cfg.api.listen)
-    if isinstance(address, tuple) and not is_loopback(address[0]):
-        out.append(
-            f"api.listen {cfg.api.listen} is not a loopback address: every host that reaches "
-            "it can run models and send feedback"
-        )
+    # api.listen off loopback is the API's own check: refused without api.token_file, and
+    # warned about by the server when api.insecure lets it through.
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,76 @@ def test_relative_paths_are_taken_from_the_config_folder(tmp_path: Path) -> None
     assert cfg.mqtt.password_file == str(tmp_path / "sub" / "pw")
     assert cfg.mqtt.tls is not None and cfg.mqtt.tls.ca_file == str(tmp_path / "sub" / "ca.crt")
     assert cfg.updates.trusted_root == str(tmp_path / "root.json")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "fragment"),
+    [
+        ('mqtt: {port: "1883"}', "Expected `int`, got `str` - at `$.mqtt.port`"),
+        ("mqtt: {keepalive_s: -5}", "keepalive_s"),
+        ("mqtt: {reconnect_max_s: .inf}", "$.mqtt.reconnect_max_s"),
+        ("telemetry: {metrics_interval_s: .nan}", "$.telemetry.metrics_interval_s"),
+        ("telemetry: {spool_max_bytes: -1}", "spool_max_bytes"),
+        ("telemetry: {prediction_sample_rate: .nan}", "prediction_sample_rate"),
+        ('telemetry: {prediction_sample_rate: "nan"}', "got `str`"),
+        ("quality: {join_max_bytes: .inf}", "$.quality.join_max_bytes"),
+        ("updates: {poll_interval_s: .inf}", "$.updates.poll_interval_s"),
+        ("updates: {trial_window_s: .nan}", "$.updates.trial_window_s"),
+        ("updates: {max_download_bytes: -1}", "$.updates.max_download_bytes"),
+        ('updates: {enabled: "yes"}', "Expected `bool`, got `str` - at `$.updates.enabled`"),
+        ("models: [{name: a, path: m.onnx, stuck_run_s: .inf}]", "$.models[0].stuck_run_s"),
+        ("models: [{name: a, path: m.onnx, threads: -2}]", "threads"),
+        ('models: [{name: a, path: m.onnx, threads: "4"}]', "$.models[0].threads"),
+        ("mqtt: {reply_topic_prefixes: ['inferd/#']}", "reply_topic_prefixes"),
+        ("mqtt: {tls: {insecure: 1.5}}", "$.mqtt.tls.insecure"),
+    ],
+)
+def test_numbers_are_finite_not_negative_and_never_text(yaml_text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_load(yaml_text), environ={})
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_numbers_where_text_goes_still_work() -> None:
+    cfg = parse_config(yaml.safe_load("mqtt: {reconnect_min_s: 2, port: 8883}"), environ={})
+    assert (cfg.mqtt.reconnect_min_s, cfg.mqtt.port) == (2.0, 8883)
+    cfg = parse_config({}, environ={"INFERD_MQTT__KEEPALIVE_S": "15"})  # env values are YAML
+    assert cfg.mqtt.keepalive_s == 15
+
+
+def test_check_config_refuses_nan_with_the_field_path(tmp_path: Path) -> None:
+    bad = tmp_path / "nan.yaml"
+    bad.write_text("telemetry:\n  metrics_interval_s: .nan\n")
+    res = _check(bad)
+    assert res.returncode == 78, res.stderr
+    assert "$.telemetry.metrics_interval_s" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_warnings_for_readable_secrets(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("mqtt: {username: dev, password: hunter2}\n")
+    cfg_file.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="agent.config"):
+        load_config(cfg_file, environ={})
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"{cfg_file} holds the MQTT password" in text
+    assert "hunter2" not in text
+
+    pw = tmp_path / "pw"
+    pw.write_text("hunter2\n")
+    pw.chmod(0o640)
+    cfg_file.write_text("mqtt: {username: dev, password_file: pw}\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="agent.config"):
+        load_config(cfg_file, environ={})
+    assert [r.getMessage() for r in caplog.records] == [
+        f"mqtt.password_file {pw} is readable by group or others: chmod 600 {pw}"
+    ]
+
+    pw.chmod(0o600)
+    cfg_file.chmod(0o600)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="agent.config"):
+        load_config(cfg_file, environ={})
+    assert caplog.records == []  # 0600 files: nothing to say
