@@ -20,12 +20,13 @@ import msgspec
 from agent.config import Config
 from agent.slots import ModelSlot
 from runtime import bundle
-from runtime.errors import InputError, ModelNotFoundError, NotReadyError
+from runtime.errors import InputError, ModelNotFoundError, NotReadyError, SpoolError
 from telemetry.payloads import QualityPayload
 from telemetry.prometheus import Family, render
 from telemetry.quality.drift import ReferenceStats, load_reference
 from telemetry.quality.feedback import FeedbackError, FeedbackLog, parse_command, parse_feedback
 from telemetry.quality.monitor import EmitEvent, QualityMonitor
+from telemetry.spool import Kind, SpoolFullError
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 
 PublishBytes = Callable[[str, bytes], object]
 """``link.publish(leaf, payload)``: queue bytes on ``{prefix}/{device}/{leaf}``."""
+
+
+class FeedbackNotStoredError(NotReadyError):
+    """The label was applied but could not be queued for the broker (the disk is full): 503.
+
+    The message never names a path: it goes back to the HTTP client.
+    """
 
 
 class QualityService:
@@ -108,7 +116,15 @@ class QualityService:
             raise InputError(str(err)) from err
         if self._publish is not None:
             record = FeedbackLog(device=self.device_id, model=model, items=items)
-            self._publish("feedback", msgspec.json.encode(record))
+            try:
+                self._publish("feedback", msgspec.json.encode(record))
+            except SpoolError as err:
+                log.error("feedback for %s not spooled: %s", model, err)  # the path is for the log
+                full = isinstance(err, SpoolFullError)
+                raise FeedbackNotStoredError(
+                    "the labels were applied, but the device could not queue them for the broker"
+                    + (": its disk is full" if full else ": its spool failed")
+                ) from err
         return reply
 
     def mqtt_feedback(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -187,5 +203,11 @@ def attach(daemon: Daemon) -> QualityService:
 
 def connect_link(service: QualityService, link: MqttLink) -> None:
     """Publish through ``link`` (an :class:`agent.mqtt.link.MqttLink`) and take ``cmd/feedback``."""
-    service.connect(link.publish, link.emit_event)
+
+    def publish(leaf: str, payload: bytes) -> bool:
+        # feedback logs have their own share of the spool and are dropped (counted) beyond it
+        kind = Kind.FEEDBACK if leaf == "feedback" else None
+        return link.publish(leaf, payload, kind=kind)
+
+    service.connect(publish, link.emit_event)
     link.on_command("feedback", lambda cmd: service.mqtt_feedback(cmd.args))
