@@ -24,7 +24,7 @@ import msgspec
 import yaml
 
 from runtime.errors import ConfigError
-from runtime.options import RuntimeOptions
+from runtime.options import RuntimeOptions, runtime_for
 from telemetry.config import QualityConfig, TelemetryConfig
 from updater.device.config import UpdatesConfig
 
@@ -55,6 +55,10 @@ class ModelConfig(RuntimeOptions, frozen=True, forbid_unknown_fields=True, kw_on
 
     def __post_init__(self) -> None:
         _check_name("model name", self.name)
+        if self.runtime == "onnxruntime" and runtime_for(self.path) == "tflite":
+            # a .tflite file is LiteRT's (onnxruntime cannot read it), as on the operator side:
+            # a name and a path serve any model, the runtime default notwithstanding
+            msgspec.structs.force_setattr(self, "runtime", "tflite")
         super().__post_init__()
         if self.stuck_run_s <= 0:
             raise ValueError("stuck_run_s must be > 0")

@@ -7,11 +7,17 @@ tools and ``inferd tune`` share one type.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import msgspec
 
 Scalar = str | int | float | bool
+RUNTIME_BY_SUFFIX: dict[str, Literal["onnxruntime", "tflite"]] = {
+    ".onnx": "onnxruntime",
+    ".tflite": "tflite",
+}
+"""Model file suffix -> the runtime that reads it."""
 PROVIDERS = ("tensorrt", "cuda", "cpu")
 """ONNX Runtime execution providers inferd knows, in the order a GPU device prefers them."""
 
@@ -57,3 +63,8 @@ class RuntimeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
             raise ValueError("give warmup_inputs or warmup_shapes, not both")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
+
+
+def runtime_for(path: str | Path) -> Literal["onnxruntime", "tflite"] | None:
+    """The runtime a model file's suffix implies (``.onnx``, ``.tflite``), None when unknown."""
+    return RUNTIME_BY_SUFFIX.get(Path(path).suffix.lower())

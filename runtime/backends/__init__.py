@@ -7,11 +7,10 @@ from pathlib import Path
 
 from runtime.backends.base import Backend, TensorSpec
 from runtime.errors import BackendUnavailableError
-from runtime.options import RuntimeOptions
+from runtime.options import RuntimeOptions, runtime_for
 
 __all__ = [
     "REGISTRY",
-    "SUFFIXES",
     "Backend",
     "TensorSpec",
     "backend_class",
@@ -28,14 +27,6 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     ),
     "tflite": ("runtime.backends.tflite", "TfliteBackend", "inferd[tflite]"),
 }
-
-SUFFIXES: dict[str, str] = {".onnx": "onnxruntime", ".tflite": "tflite"}
-"""Model file suffix -> the runtime that reads it."""
-
-
-def runtime_for(path: str | Path) -> str | None:
-    """The runtime a model file's suffix implies (``.onnx``, ``.tflite``), None when unknown."""
-    return SUFFIXES.get(Path(path).suffix.lower())
 
 
 def backend_class(runtime: str) -> type[Backend]:

@@ -182,6 +182,21 @@ def test_warm_up_runs_the_model_on_load(tflite_factory) -> None:
         assert np.allclose(out, expected) is warmed, f"warmup_runs={runs}"
 
 
+def test_a_tflite_file_given_only_a_name_and_a_path_runs_on_litert(tflite_factory) -> None:
+    """The runtime follows the file, as on the operator side: no ``runtime: tflite`` needed."""
+    w, b = tm.classifier_weights(seed=5)
+    path = tflite_factory("classifier", w=w, b=b)
+    config = ModelConfig(name="m", path=str(path))
+    assert config.runtime == "tflite"
+    slot = ModelSlot(config)
+    slot.swap(slot.load(path, "1"))
+    x = np.ones((2, 4), np.float32)
+    out, _model, _rid = slot.predict({"x": x})
+    np.testing.assert_allclose(out["probs"], tm.softmax(x @ w + b), rtol=1e-5)
+    slot.close()
+    assert ModelConfig(name="m", path="m.onnx").runtime == "onnxruntime"
+
+
 def test_load_errors_are_one_line(tflite_factory, tmp_path: Path) -> None:
     good = tflite_factory("classifier").read_bytes()
     cases = {
