@@ -263,16 +263,31 @@ def token() -> bytes:
 # --- the ACL --------------------------------------------------------------------------------
 
 
-def test_a_device_writes_only_below_its_own_prefix(connect: Callable[..., Peer]) -> None:
+def test_a_device_writes_only_what_it_publishes(connect: Callable[..., Peer]) -> None:
     operator = connect("operator", "inferd/#")
     device = connect(DEVICE)
     mark = token()
-    for foreign in ("inferd/jetson-yard-02/status", "inferd/groups/kitchen/update"):
-        assert device.publish(foreign, mark).value == NOT_AUTHORIZED, foreign
-    own = f"inferd/{DEVICE}/metrics"
-    assert not device.publish(own, mark).is_failure
-    assert operator.has(own, mark)
-    assert operator.topics_with(mark) == [own]
+    refused = (
+        "inferd/jetson-yard-02/status",
+        "inferd/groups/kitchen/update",
+        # its own commands and requests: a device tricked into publishing there (the reply of
+        # issue 13's deputy attack) cannot command itself
+        f"inferd/{DEVICE}/cmd/rollback",
+        f"inferd/{DEVICE}/infer/clf",
+        f"inferd/{DEVICE}/anything-else",
+        "replies/app-frontdoor",
+    )
+    for topic in refused:
+        assert device.publish(topic, mark).value == NOT_AUTHORIZED, topic
+    own = [
+        f"inferd/{DEVICE}/{leaf}"
+        for leaf in ("status", "metrics", "predictions", "events", "quality", "feedback")
+    ]
+    own += [f"inferd/{DEVICE}/infer/clf/reply", f"inferd/{DEVICE}/infer/clf/reply/app-frontdoor"]
+    for topic in own:
+        assert not device.publish(topic, mark).is_failure, topic
+    assert operator.wait(lambda: len(operator.topics_with(mark)) == len(own))
+    assert operator.topics_with(mark) == own
 
 
 def test_a_device_reads_only_its_own_and_its_groups_commands(
@@ -477,6 +492,19 @@ def test_daemon_with_a_client_certificate_is_online_for_operators_and_applicatio
     _, answer, answer_props = next(m for m in app.received if m[0] == reply)
     assert ("status", "200") in answer_props.UserProperty
     assert json.loads(answer)["outputs"][0]["shape"] == [1, 3]
+
+    # Issue 13's deputy attack with the shipped ACL: the reply aimed at the device's own
+    # cmd/rollback is published neither by the device nor (were it tricked) let through.
+    watcher = connect("operator", f"inferd/{DEVICE}/cmd/#")
+    deputy = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    deputy.ResponseTopic = f"inferd/{DEVICE}/cmd/rollback"
+    deputy.CorrelationData = b"q2"
+    assert not app.publish(f"inferd/{DEVICE}/infer/clf", b'{"inputs": []}', props=deputy).value
+    props.CorrelationData = b"q3"
+    assert not app.publish(f"inferd/{DEVICE}/infer/clf", body, props=props).is_failure
+    assert app.wait(lambda: len([m for m in app.received if m[0] == reply]) == 2)
+    assert watcher.received == [], watcher.received
+    assert f"refused to reply on 'inferd/{DEVICE}/cmd/rollback'" in daemon.stderr()
 
 
 def test_daemon_with_a_wrong_password_keeps_serving_and_says_so_once(
