@@ -201,4 +201,5 @@ def attach(daemon: Daemon) -> Telemetry | None:
         return None
     telemetry = Telemetry(daemon.config, daemon.slots)
     daemon.components.insert(0, telemetry)
+    daemon.api.ready_checks.append(telemetry.link.problem)
     return telemetry

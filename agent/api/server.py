@@ -127,6 +127,9 @@ class ApiServer:
         self.slots = slots
         self.feedback: FeedbackHandler | None = None
         self.metrics_text: list[MetricsText] = []
+        self.ready_checks: list[Callable[[], str | None]] = []
+        """Other parts' readiness: each returns None when fine, else what is wrong (e.g. the
+        MQTT link's telemetry forwarder being restarted)."""
         self.live = True
         self._http = HttpServer(
             self,
@@ -335,6 +338,7 @@ class ApiServer:
             return self._json(HTTPStatus.OK, {"live": self.live})
         if kind == "ready":
             ready = all(s.ready for s in self.slots.values())
+            ready = ready and not any(check() for check in self.ready_checks)
             return self._json(
                 HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, {"ready": ready}
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,59 @@ def test_a_full_disk_answers_503_without_a_path_and_keeps_the_label(daemon: Daem
     status, body = post(daemon, "/v2/models/clf/feedback", {"id": "p1", "label": 0})
     assert status == 200 and body.get("duplicate") == 1, body
     assert daemon.quality.monitor._models["clf"].join.counts.matched == 1
+
+
+def test_readiness_is_false_while_the_telemetry_forwarder_is_restarted(
+    tmp_path: Path, model_factory: Any, broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = model_factory("classifier", n_features=4, n_classes=3, seed=2)
+    config = parse_config(
+        {
+            "device_id": "dev-1",
+            "state_dir": str(tmp_path / "state"),
+            "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.05},
+            "updates": {"enabled": False},
+            "api": {"listen": "127.0.0.1:0"},
+            "models": [{"name": "clf", "path": str(model)}],
+        },
+        environ={},
+    )
+    d = Daemon(config)
+    d.start()
+    try:
+        assert d.telemetry is not None
+        link = d.telemetry.link
+
+        def ready() -> int:
+            host, port = d.api.address
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            try:
+                conn.request("GET", "/v2/health/ready")
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        deadline = time.monotonic() + 10
+        while not link.connected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ready() == 200
+        real_read = link.spool.read
+        faults = iter([RuntimeError("an unexpected fault")])
+
+        def faulty_read(after: int, limit: int) -> Any:
+            fault = next(faults, None)
+            if fault is not None:
+                time.sleep(0.3)  # the fault takes a moment: readiness is asked meanwhile
+                raise fault
+            return real_read(after, limit)
+
+        monkeypatch.setattr(link.spool, "read", faulty_read)
+        link.emit_event("tick", "wake the forwarder")
+        seen = set()
+        deadline = time.monotonic() + 10
+        while link.forwarder_restarts == 0 and time.monotonic() < deadline:
+            seen.add(ready())
+        assert link.forwarder_restarts == 1 and 503 in seen, seen
+        assert ready() == 200
+    finally:
+        d.stop()
