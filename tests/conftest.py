@@ -24,7 +24,7 @@ pytest_plugins = [
     "tests.fixtures.zoo",
 ]
 
-TIERS = ("unit", "integration", "system")
+TIERS = ("unit", "integration", "system", "security")
 
 LEAK_GRACE_S = 2.0
 """How long a thread the test asked to stop may take to end after the test's teardown. The wait

@@ -218,6 +218,7 @@ class _Connection:
         self.close_after = False  # close once the queued requests are answered
         self.stop_parsing = False
         self.lingered = 0
+        self.completed_in_feed = 0
         # The request being parsed
         self.url = b""
         self.head_bytes = 0
@@ -302,6 +303,7 @@ class _Connection:
             if self.lingered > _LINGER_BYTES:
                 self.close()
             return
+        self.completed_in_feed = 0
         try:
             self.parser.feed_data(data)
         except _RefusedError:
@@ -448,6 +450,7 @@ class _Connection:
         request.body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
         self.body = []
         self.queue.append((request, self.refusal, not request.keep_alive))
+        self.completed_in_feed += 1
         self.request = None
         self.refusal = None
         self.state = _IDLE
@@ -472,13 +475,17 @@ class _Connection:
         if isinstance(err, httptools.HttpParserInvalidMethodError):
             # A well-formed request line with a method llhttp does not know: not implemented.
             # Anything else in its place is not HTTP.
+            # (only checked when the line starts the bytes that arrived: llhttp does not say
+            # where in them it stopped)
             first = data.split(b"\n", 1)[0]
-            if not self.url and _REQUEST_LINE.match(first):
+            if not self.completed_in_feed and not self.url and _REQUEST_LINE.match(first):
                 return self.app.error(HTTPStatus.NOT_IMPLEMENTED, "method is not implemented")
             return self.app.error(HTTPStatus.BAD_REQUEST, f"malformed request: {reason}")
         if reason == "Invalid HTTP version":
             return self.app.error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, reason)
-        if "Transfer-Encoding" in reason and "content-length" not in self.headers:
+        if "Content-Length" in reason:  # bad digits, duplicates, or together with TE
+            return self.app.error(HTTPStatus.BAD_REQUEST, f"malformed request: {reason}")
+        if "Transfer-Encoding" in reason:
             return self.app.error(
                 HTTPStatus.NOT_IMPLEMENTED,
                 f"{reason}: only Transfer-Encoding: chunked is supported",
