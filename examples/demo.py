@@ -260,7 +260,8 @@ def main() -> int:
         golden = np.load(MODELS / "demo.golden.npz")
         x = golden["x"]
         print(
-            f'curl -s -d \'{{"inputs":[{{"name":"x","shape":[1,8],"datatype":"FP32",'
+            "curl -s -H 'Content-Type: application/json' "
+            f'-d \'{{"inputs":[{{"name":"x","shape":[1,8],"datatype":"FP32",'
             f'"data":{json.dumps([round(float(v), 3) for v in x[0]])}}}]}}\' '
             f"{base}/v2/models/classifier/infer"
         )
