@@ -7,7 +7,8 @@
 # PYTHON=/path/to/python overrides the interpreter. Takes a few minutes more than `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?usage: check-deps.sh latest|oldest}
+mode=${1:?usage: check-deps.sh latest|oldest [pytest args]}
+shift
 find_python() {
     local want=$1
     for py in "${PYTHON:-}" "python$want" "$HOME/.pyenv/versions/$want"*/bin/python3; do
