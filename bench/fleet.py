@@ -51,8 +51,9 @@ sys.path.insert(0, str(ROOT))
 from telemetry.broker import BrokerOptions, connect  # noqa: E402
 from telemetry.fleet.rollout import RolloutTally  # noqa: E402
 from telemetry.shares import ALL, bucket  # noqa: E402
-from tests.fixtures import models  # noqa: E402
-from tests.fixtures.broker import Broker, free_port  # noqa: E402
+from tests.support import models  # noqa: E402
+from tests.support.broker import Broker  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 from updater.meta import Rollout  # noqa: E402
 from updater.operator.push import poke, poke_topic  # noqa: E402
 from updater.operator.repository import OperatorRepository  # noqa: E402

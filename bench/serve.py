@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from agent.config import ModelConfig  # noqa: E402
 from agent.slots import ModelSlot  # noqa: E402
-from tests.fixtures import models  # noqa: E402
-from tests.fixtures.daemon import start_daemon  # noqa: E402
+from tests.support import models  # noqa: E402
+from tests.support.daemon import start_daemon  # noqa: E402
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:

@@ -24,8 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.fixtures import models  # noqa: E402
-from tests.fixtures.daemon import free_port, start_daemon  # noqa: E402
+from tests.support import models  # noqa: E402
+from tests.support.daemon import start_daemon  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 MB = 1024 * 1024
 

@@ -46,7 +46,7 @@ from telemetry.metrics import MetricsCollector, MetricsPublisher  # noqa: E402
 from telemetry.payloads import HostFacts, PredictionBatch, Status, utc_now  # noqa: E402
 from telemetry.prediction_log import PredictionLogger  # noqa: E402
 from telemetry.resources import ResourceSampler  # noqa: E402
-from tests.fixtures.broker import Broker  # noqa: E402
+from tests.support.broker import Broker  # noqa: E402
 
 BATCH = 500
 

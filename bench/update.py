@@ -37,8 +37,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.fixtures import models  # noqa: E402
-from tests.fixtures.daemon import start_daemon  # noqa: E402
+from tests.support import models  # noqa: E402
+from tests.support.daemon import start_daemon  # noqa: E402
 from updater.device.client import RepositoryClient  # noqa: E402
 from updater.inferctl.main import main as inferctl  # noqa: E402
 from updater.operator.repository import OperatorRepository  # noqa: E402

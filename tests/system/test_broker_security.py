@@ -30,9 +30,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from telemetry.broker import BrokerOptions, make_client
-from tests.fixtures.broker import Broker, free_port
-from tests.fixtures.daemon import DaemonProc
-from tests.fixtures.pki import Issued, Pki
+from tests.support.broker import Broker
+from tests.support.daemon import DaemonProc
+from tests.support.net import free_port
+from tests.support.pki import Issued, Pki
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mosquitto"

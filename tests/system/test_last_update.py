@@ -22,10 +22,10 @@ from telemetry import schemas
 from telemetry.fleet.rollout import RolloutTally
 from telemetry.payloads import Event, LastUpdate, Status, utc_now
 from telemetry.shares import ALL
-from tests.fixtures.broker import Broker, Capture
-from tests.fixtures.daemon import start_daemon
-from tests.fixtures.models import classifier
-from tests.fixtures.tuf_repo import Device, TufRepo
+from tests.support.broker import Broker, Capture
+from tests.support.daemon import start_daemon
+from tests.support.models import classifier
+from tests.support.tuf_repo import Device, TufRepo
 from tests.system.test_rollout import _inferctl, _publisher, _send, _status, ids_by_bucket
 from updater.device.state import StateMachine, migrate_legacy
 from updater.meta import Rollout

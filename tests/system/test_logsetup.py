@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent import logsetup
-from tests.fixtures.daemon import start_daemon
+from tests.support.daemon import start_daemon
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 

@@ -18,9 +18,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from telemetry.fleet.rollout import RolloutTally, render
 from telemetry.payloads import Event, HostFacts, Offline, SlotStatus, Status, utc_now
 from telemetry.shares import ALL, FULL, bucket, joins, share_of
-from tests.fixtures.broker import Broker, Capture
-from tests.fixtures.models import classifier
-from tests.fixtures.tuf_repo import TufRepo
+from tests.support.broker import Broker, Capture
+from tests.support.models import classifier
+from tests.support.tuf_repo import TufRepo
 from updater.inferctl.main import main as inferctl
 from updater.meta import Rollout
 from updater.operator.rollout import EXIT_HALTED

@@ -11,8 +11,8 @@ import jsonschema
 import pytest
 
 from telemetry import schemas
-from tests.fixtures.broker import Broker, Capture
-from tests.fixtures.daemon import start_daemon
+from tests.support.broker import Broker, Capture
+from tests.support.daemon import start_daemon
 from tests.system.test_telemetry_agent import DEVICE, agent_config, infer, request
 
 TOPIC_SCHEMAS = {

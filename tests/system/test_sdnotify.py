@@ -23,9 +23,10 @@ import pytest
 import yaml
 
 from agent.sdnotify import Notifier, WatchdogPinger, socket_address, watchdog_interval
-from tests.fixtures.broker import Broker, Capture
-from tests.fixtures.daemon import DaemonProc, free_port, start_daemon
-from tests.fixtures.sdnotify import NotifyListener
+from tests.support.broker import Broker, Capture
+from tests.support.daemon import DaemonProc, start_daemon
+from tests.support.net import free_port
+from tests.support.sdnotify import NotifyListener
 
 # ---------------------------------------------------------------- the protocol, in-process
 

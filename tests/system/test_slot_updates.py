@@ -14,9 +14,9 @@ import uuid
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.fixtures.broker import Broker
-from tests.fixtures.daemon import DaemonProc, start_daemon
-from tests.fixtures.models import classifier
+from tests.support.broker import Broker
+from tests.support.daemon import DaemonProc, start_daemon
+from tests.support.models import classifier
 from updater.inferctl.main import main as inferctl
 
 PUSH_TO_SERVING_S = 2.0

@@ -22,8 +22,8 @@ from paho.mqtt.properties import Properties
 
 from agent.config import parse_config
 from agent.reporting import Telemetry
-from tests.fixtures.broker import Broker, Capture, Cutter
-from tests.fixtures.daemon import DaemonProc, start_daemon
+from tests.support.broker import Broker, Capture, Cutter
+from tests.support.daemon import DaemonProc, start_daemon
 
 DEVICE = "agent-t"
 

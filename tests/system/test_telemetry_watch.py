@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from telemetry.fleet.watch import Fleet, render_text
-from tests.fixtures.broker import Broker, Capture
-from tests.fixtures.daemon import start_daemon
+from tests.support.broker import Broker, Capture
+from tests.support.daemon import start_daemon
 from tests.system.test_telemetry_agent import DEVICE, agent_config, infer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,10 +13,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.fixtures.broker import Broker
-from tests.fixtures.daemon import start_daemon
-from tests.fixtures.models import classifier
-from tests.fixtures.tuf_repo import FaultyServer
+from tests.support.broker import Broker
+from tests.support.daemon import start_daemon
+from tests.support.models import classifier
+from tests.support.tuf_repo import FaultyServer
 from updater.inferctl.main import main as inferctl
 
 pytest.importorskip("agent.reporting", reason="the daemon's MQTT link is not wired in yet")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures.daemon import DaemonProc
+from tests.support.daemon import DaemonProc
 
 ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "examples" / "models" / "demo.onnx"
@@ -193,7 +193,7 @@ def test_keep_alive_and_nodelay(daemon: DaemonProc) -> None:
 
 def test_slow_request_does_not_block_health(inferd_daemon, tmp_path: Path) -> None:
     """A big batch keeps one connection busy; health answers on another meanwhile."""
-    from tests.fixtures import models
+    from tests.support import models
 
     path = models.classifier(tmp_path / "big.onnx", n_features=2048, n_classes=2048)
     daemon = inferd_daemon({"models": [{"name": "big", "path": str(path), "threads": 1}]})
@@ -222,7 +222,7 @@ def test_slow_request_does_not_block_health(inferd_daemon, tmp_path: Path) -> No
 
 def test_unix_socket_listener(inferd_daemon, tmp_path: Path) -> None:
     sock_path = tmp_path / "run" / "api.sock"
-    from tests.fixtures.daemon import start_daemon
+    from tests.support.daemon import start_daemon
 
     d = tmp_path / "u"
     d.mkdir()
@@ -251,7 +251,7 @@ def test_unix_socket_listener(inferd_daemon, tmp_path: Path) -> None:
 
 
 def test_sigterm_finishes_in_flight_requests(inferd_daemon, tmp_path: Path) -> None:
-    from tests.fixtures import models
+    from tests.support import models
 
     path = models.classifier(tmp_path / "big.onnx", n_features=2048, n_classes=2048)
     daemon = inferd_daemon(
@@ -282,7 +282,7 @@ def test_sigterm_finishes_in_flight_requests(inferd_daemon, tmp_path: Path) -> N
 def test_model_that_fails_to_load_is_503_others_serve(inferd_daemon, tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
-    from tests.fixtures.daemon import start_daemon
+    from tests.support.daemon import start_daemon
 
     d = tmp_path / "d"
     d.mkdir()

@@ -20,7 +20,7 @@ from agent.config import Config, parse_config
 from agent.mqtt.link import SPOOL_FILE, Command, MqttLink, backoff_delay
 from runtime.errors import InferdError
 from telemetry.payloads import HostFacts, Status, utc_now
-from tests.fixtures.broker import Broker, Capture, Cutter
+from tests.support.broker import Broker, Capture, Cutter
 from tests.unit.telemetry.test_spool import corrupt_pages, spool_with_a_big_row
 
 STARTED = utc_now()

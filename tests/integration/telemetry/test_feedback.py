@@ -250,7 +250,7 @@ def test_cmd_feedback_over_mqtt_and_quality_published(tmp_path, broker, capture_
     from agent.slots import ModelSlot
     from telemetry import schemas
     from telemetry.payloads import HostFacts, Status, utc_now
-    from tests.fixtures.models import classifier
+    from tests.support.models import classifier
 
     model = classifier(tmp_path / "clf.onnx", n_features=4, n_classes=3)
     cfg = parse_config(

@@ -27,7 +27,7 @@ from telemetry.quality.scores import (
     regression_quality,
 )
 from telemetry.quality.window import QualityWindow, Sample
-from tests.fixtures.models import save
+from tests.support.models import save
 
 DEMO = Path(__file__).resolve().parents[3] / "examples" / "models"
 SETTINGS = settings(max_examples=60, deadline=None)

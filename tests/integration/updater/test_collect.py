@@ -17,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from telemetry.broker import BrokerOptions
 from telemetry.payloads import PredictionBatch, PredictionRecord, TensorDump
-from tests.fixtures.broker import free_port
+from tests.support.net import free_port
 from updater.inferctl.main import main
 from updater.operator.collect import Collector, parse_time, subscribe, write
 

@@ -19,9 +19,9 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.api.serialization.json import JSONSerializer
 
-from tests.fixtures.daemon import free_port
-from tests.fixtures.models import classifier
-from tests.fixtures.tuf_repo import Device, TufRepo
+from tests.support.models import classifier
+from tests.support.net import free_port
+from tests.support.tuf_repo import Device, TufRepo
 from updater.meta import meta_to_custom
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.fixtures.broker import Broker
-from tests.fixtures.daemon import free_port
-from tests.fixtures.models import classifier
+from tests.support.broker import Broker
+from tests.support.models import classifier
+from tests.support.net import free_port
 from updater.device.client import RepositoryClient
 from updater.inferctl.main import main
 

@@ -1,6 +1,6 @@
 """SIGKILL of a device process at every state of the update machine, then a restart.
 
-Each case runs a real process (tests/fixtures/update_driver.py) that persists its state under a
+Each case runs a real process (tests/support/update_driver.py) that persists its state under a
 real state dir, stops dead right after saving the named state, and is killed with SIGKILL. A
 second process must resume from the state on disk and end idle, serving the right version;
 with two slots, each slot's job resumes from its own state file, and a device upgraded from
@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from tests.fixtures.models import classifier, elementwise, failing
+from tests.support.models import classifier, elementwise, failing
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
 def _driver(opts: dict[str, Any]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.fixtures.update_driver", json.dumps(opts)],
+        [sys.executable, "-m", "tests.support.update_driver", json.dumps(opts)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

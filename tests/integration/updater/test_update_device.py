@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from tests.fixtures.models import classifier, classifier_weights, elementwise, failing
+from tests.support.models import classifier, classifier_weights, elementwise, failing
 
 
 def _probs(x: np.ndarray, seed: int) -> np.ndarray:

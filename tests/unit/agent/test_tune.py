@@ -11,8 +11,8 @@ import pytest
 from agent.cli import main
 from agent.config import ModelConfig, load_config
 from agent.tune import Candidate, dropin, space, tune
-from tests.fixtures.lifecycle import foldable
-from tests.fixtures.models import classifier
+from tests.support.lifecycle import foldable
+from tests.support.models import classifier
 
 
 @pytest.fixture(scope="module")

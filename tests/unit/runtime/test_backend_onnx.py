@@ -14,7 +14,7 @@ from agent.config import ModelConfig
 from agent.slots import ModelSlot
 from runtime.backends import backend_class, open_backend
 from runtime.errors import BackendError, BackendUnavailableError, InputError, ModelLoadError
-from tests.fixtures import models
+from tests.support import models
 
 
 def cfg(path: Path, **kw: object) -> ModelConfig:

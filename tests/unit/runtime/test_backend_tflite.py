@@ -17,7 +17,7 @@ from agent.config import ModelConfig
 from agent.slots import ModelSlot
 from runtime.backends import open_backend
 from runtime.errors import BackendError, InputError, ModelLoadError
-from tests.fixtures import tflite_models as tm
+from tests.support import tflite_models as tm
 
 HAVE_LITERT = importlib.util.find_spec("ai_edge_litert") is not None
 HAVE_TFLITE_RUNTIME = importlib.util.find_spec("tflite_runtime") is not None

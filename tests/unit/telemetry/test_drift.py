@@ -115,7 +115,7 @@ def test_reference_shipped_in_a_signed_update_drives_drift(tuf_repo, update_devi
     tracks drift of v2 against them; v1 had none, so it was never tracked."""
     from agent.config import parse_config
     from agent.quality import QualityService
-    from tests.fixtures.models import classifier
+    from tests.support.models import classifier
 
     rng = np.random.default_rng(3)
     v1 = classifier(tmp_path / "v1.onnx", n_features=4, n_classes=3, seed=1)
@@ -154,7 +154,7 @@ def test_reference_shipped_in_a_signed_update_drives_drift(tuf_repo, update_devi
 
 def test_publishing_refuses_reference_stats_that_do_not_fit_the_model(tuf_repo, tmp_path):
     from runtime.errors import OperatorError
-    from tests.fixtures.models import classifier
+    from tests.support.models import classifier
 
     model = classifier(tmp_path / "m.onnx", n_features=4, n_classes=3)
     wrong = tmp_path / "wrong.ref.json"

@@ -10,7 +10,7 @@ import pytest
 
 from runtime.errors import MqttError
 from telemetry.broker import BrokerOptions, parse_broker
-from tests.fixtures.broker import Broker
+from tests.support.broker import Broker
 from updater.inferctl.broker import broker_from_args
 from updater.inferctl.main import build_parser, main
 

@@ -12,8 +12,8 @@ from onnx import TensorProto
 from sklearn import metrics as skm
 
 from telemetry.quality.drift import DriftTracker, load_reference
-from tests.fixtures.lifecycle import mlp, mlp_forward, mlp_weights
-from tests.fixtures.models import classifier, classifier_weights, elementwise
+from tests.support.lifecycle import mlp, mlp_forward, mlp_weights
+from tests.support.models import classifier, classifier_weights, elementwise
 from updater.inferctl.main import main
 
 

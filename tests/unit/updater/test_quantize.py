@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.fixtures.lifecycle import mlp, mlp_forward, mlp_weights
+from tests.support.lifecycle import mlp, mlp_forward, mlp_weights
 from updater.inferctl.main import main
 from updater.operator.evaluate import open_model
 
