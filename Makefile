@@ -22,7 +22,7 @@ demo:
 	bash scripts/demo.sh
 
 bench: setup
-	.venv/bin/python bench/run.py
+	.venv/bin/python -m bench.run
 
 schemas: setup
 	.venv/bin/python -m telemetry.schemas

@@ -22,7 +22,7 @@ In one run, against a private mosquitto on a free port and ``inferctl repo serve
            log shows who downloaded the artifact. Faulty agents are spread evenly over the
            rollout order (every 10th by its bucket for that version), so the result does not
            hang on which agents a small first stage happens to draw.
-Usage: python bench/fleet.py [--agents 100] [--procs 4] [--json]
+Usage: python -m bench.fleet [--agents 100] [--procs 4] [--json]
 """
 
 from __future__ import annotations
@@ -45,19 +45,19 @@ from typing import Any
 
 import msgspec
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench._checks import Check, gated, info, report
+from telemetry.broker import BrokerOptions, connect
+from telemetry.fleet.rollout import RolloutTally
+from telemetry.shares import ALL, bucket
+from tests.support import models
+from tests.support.broker import Broker
+from tests.support.net import free_port
+from updater.meta import Rollout
+from updater.operator.push import poke, poke_topic
+from updater.operator.repository import OperatorRepository
+from updater.operator.rollout import halt_reason, halted, poke_payload, raised, tally_for
 
-from telemetry.broker import BrokerOptions, connect  # noqa: E402
-from telemetry.fleet.rollout import RolloutTally  # noqa: E402
-from telemetry.shares import ALL, bucket  # noqa: E402
-from tests.support import models  # noqa: E402
-from tests.support.broker import Broker  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
-from updater.meta import Rollout  # noqa: E402
-from updater.operator.push import poke, poke_topic  # noqa: E402
-from updater.operator.repository import OperatorRepository  # noqa: E402
-from updater.operator.rollout import halt_reason, halted, poke_payload, raised, tally_for  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SLOT = "classifier"
 PREFIX = "fleet"
@@ -500,7 +500,7 @@ def start_workers(
             for a in mine
         ]
         wspec = spec | {"agents": agents, "log": str(tmp / f"worker{w}.log")}
-        cmd = [sys.executable, __file__, "--worker", json.dumps(wspec)]
+        cmd = [sys.executable, "-m", "bench.fleet", "--worker", json.dumps(wspec)]
         pipe = subprocess.PIPE
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdin=pipe, stdout=pipe, text=True))
     for p in procs:
@@ -596,7 +596,7 @@ def _get(url: str) -> bool:
         return False
 
 
-def checks(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+def checks(r: dict[str, Any], args: argparse.Namespace) -> list[Check]:
     w, st, idle, n = r["wave"], r["staged"], r["idle"], r["agents"]
 
     def s(x: float | None) -> str:
@@ -604,36 +604,42 @@ def checks(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
 
     halted_before_all = st["halted_at_percent"] is not None and st["halted_at_percent"] < 100
     return [
-        {"name": f"fleet wave: {n} agents serving the new version",
-         "target": f"100 % within {args.timeout:g} s",
-         "measured": f"50 % {s(w['t50_s'])}, 95 % {s(w['t95_s'])}, 100 % {s(w['t100_s'])}",
-         "baseline": f"one agent alone {s(r['solo']['t100_s'])}",
-         "pass": w["served"] >= n},
-        {"name": "staged rollout: devices not in it download nothing",
-         "target": "artifact GETs <= devices that attempted",
-         "measured": f"{st['artifact_downloads']} GETs; {st['never_downloaded']} agents none",
-         "baseline": f"{st['attempted']} attempted of {st['joined']} in the rollout",
-         "pass": st["artifact_downloads"] <= st["attempted"] <= st["joined"]},
-        {"name": f"{args.fail_ratio:.0%} failing agents halt the rollout",
-         "target": f"halted before 100 % (failed/attempted > {args.halt_ratio:g})",
-         "measured": f"halted at {st['halted_at_percent']} %: {st['failed']} of "
-                     f"{st['attempted']} failed, {st['reaction_s'] or 0:.2f} s after the first",
-         "baseline": f"{st['faulty_agents']} of {n} agents refuse the version",
-         "pass": halted_before_all},
-        {"name": "broker load, idle fleet (metrics, predictions at --rps)", "target": "reported",
-         "measured": f"{idle['msgs_per_device_per_min']:.1f} msgs "
-                     f"({idle['bytes_per_device_per_min'] / 1024:.1f} KiB) /device/min",
-         "baseline": f"fleet {idle['broker_msgs_per_s']:.0f} msgs/s",
-         "pass": True},
-        {"name": "broker and repository load, update wave", "target": "reported",
-         "measured": f"{w['broker_msgs_per_device']:.1f} msgs and "
-                     f"{w['repo_requests_per_device']:.1f} HTTP GETs per device; peak "
-                     f"{w['broker_msgs_peak_per_s']:.0f} msgs/s, "
-                     f"{w['repo_requests_peak_per_s']:.0f} GETs/s",
-         "baseline": f"idle {idle['broker_msgs_per_s']:.0f} msgs/s, "
-                     f"{idle['repo_requests']} GETs",
-         "pass": True},
-    ]  # fmt: skip
+        gated(
+            f"fleet wave: {n} agents serving the new version",
+            f"100 % within {args.timeout:g} s",
+            f"50 % {s(w['t50_s'])}, 95 % {s(w['t95_s'])}, 100 % {s(w['t100_s'])}",
+            f"one agent alone {s(r['solo']['t100_s'])}",
+            w["served"] >= n,
+        ),
+        gated(
+            "staged rollout: devices not in it download nothing",
+            "artifact GETs <= devices that attempted",
+            f"{st['artifact_downloads']} GETs; {st['never_downloaded']} agents none",
+            f"{st['attempted']} attempted of {st['joined']} in the rollout",
+            st["artifact_downloads"] <= st["attempted"] <= st["joined"],
+        ),
+        gated(
+            f"{args.fail_ratio:.0%} failing agents halt the rollout",
+            f"halted before 100 % (failed/attempted > {args.halt_ratio:g})",
+            f"halted at {st['halted_at_percent']} %: {st['failed']} of {st['attempted']} failed,"
+            f" {st['reaction_s'] or 0:.2f} s after the first",
+            f"{st['faulty_agents']} of {n} agents refuse the version",
+            halted_before_all,
+        ),
+        info(
+            "broker load, idle fleet (metrics, predictions at --rps)",
+            f"{idle['msgs_per_device_per_min']:.1f} msgs"
+            f" ({idle['bytes_per_device_per_min'] / 1024:.1f} KiB) /device/min",
+            f"fleet {idle['broker_msgs_per_s']:.0f} msgs/s",
+        ),
+        info(
+            "broker and repository load, update wave",
+            f"{w['broker_msgs_per_device']:.1f} msgs and {w['repo_requests_per_device']:.1f}"
+            f" HTTP GETs per device; peak {w['broker_msgs_peak_per_s']:.0f} msgs/s,"
+            f" {w['repo_requests_peak_per_s']:.0f} GETs/s",
+            f"idle {idle['broker_msgs_per_s']:.0f} msgs/s, {idle['repo_requests']} GETs",
+        ),
+    ]
 
 
 def main() -> int:
@@ -665,15 +671,9 @@ def main() -> int:
     finally:
         if not os.environ.get("INFERD_BENCH_KEEP"):
             shutil.rmtree(tmp, ignore_errors=True)
-    out = {"results": results, "checks": checks(results, args)}
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
+    if not args.json:
         print(json.dumps(results, indent=2))
-        for c in out["checks"]:
-            print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['name']}: {c['measured']} "
-                  f"(target {c['target']}; baseline {c['baseline']})")  # fmt: skip
-    return 0 if all(c["pass"] for c in out["checks"]) else 1
+    return report(results, checks(results, args), args.json)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,12 @@ Measured in one run, interleaved in rounds so machine noise hits both paths alik
 The check: predict with the monitor stays within DESIGN section 9's in-process budget
 (<= 1.10x bare + 20 us). Also printed: worker throughput (predictions/s interpreted, drift-binned
 and held for labels) and feedback joins/s.
-Usage: python bench/quality.py [--iterations N] [--json]
+Usage: python -m bench.quality [--iterations N] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,14 +21,14 @@ import msgspec
 import numpy as np
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from agent.config import ModelConfig
+from agent.slots import ModelSlot
+from bench._checks import gated, info, report
+from telemetry.config import QualityConfig
+from telemetry.quality.drift import compute_reference
+from telemetry.quality.monitor import QualityMonitor
 
-from agent.config import ModelConfig  # noqa: E402
-from agent.slots import ModelSlot  # noqa: E402
-from telemetry.config import QualityConfig  # noqa: E402
-from telemetry.quality.drift import compute_reference  # noqa: E402
-from telemetry.quality.monitor import QualityMonitor  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def p50_us(samples: list[float]) -> float:
@@ -119,24 +118,25 @@ def main() -> int:
         "feedback_joins_per_s": n / feedback_s,
     }
     checks = [
-        {
-            "name": "in-process predict overhead with the quality monitor listening (demo)",
-            "target": "<= 1.10x + 20 us",
-            "measured": f"p50 {mon:.1f} us ({mon / bare:.2f}x), monitor +{mon - slot:.1f} us",
-            "baseline": f"bare session.run p50 {bare:.1f} us",
-            "pass": results["ok"],
-        }
+        gated(
+            "in-process predict overhead with the quality monitor listening (demo)",
+            "<= 1.10x + 20 us",
+            f"p50 {mon:.1f} us ({mon / bare:.2f}x), monitor +{mon - slot:.1f} us",
+            f"bare session.run p50 {bare:.1f} us",
+            results["ok"],
+        ),
+        info(
+            "quality worker throughput (interpret, drift, hold for a label)",
+            f"{results['worker_predictions_per_s']:.0f} predictions/s",
+            f"one thread's slot.predict rate {1e6 / slot:.0f} predictions/s",
+        ),
+        info(
+            "feedback joins/s",
+            f"{results['feedback_joins_per_s']:.0f} joins/s",
+            f"one thread's slot.predict rate {1e6 / slot:.0f} predictions/s",
+        ),
     ]
-    if args.json:
-        print(json.dumps({"results": results, "checks": checks}, indent=2))
-        return 0
-    print(f"bare session.run   p50 {bare:8.1f} us")
-    print(f"slot.predict       p50 {slot:8.1f} us")
-    print(f"  + quality monitor p50 {mon:8.1f} us ({mon - slot:+.1f} us)")
-    print(f"target <= 1.10x bare + 20 us = {budget:.1f} us: {'PASS' if results['ok'] else 'FAIL'}")
-    print(f"worker: {results['worker_predictions_per_s']:.0f} predictions/s (drift on)")
-    print(f"feedback: {results['feedback_joins_per_s']:.0f} joins/s")
-    return 0
+    return report(results, checks, args.json)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""Run every benchmark under bench/ and collect their checks into results.json and results.md.
+"""Run every benchmark under bench/ and collect their rows into results.json and results.md.
 
-Each benchmark script accepts ``--json`` and prints ``{"results": {...}, "checks": [...]}``,
-a check being ``{"name", "target", "measured", "baseline", "pass"}``: the DESIGN section 9
-target, the figure measured, and the baseline measured in the same run. A script may exit 1
-when one of its checks fails; its checks are still collected. One that prints no JSON is
-listed as failed to run, and then ``run.py`` exits 1.
+Each benchmark is a module run as ``python -m bench.X --json`` that prints
+``{"results": {...}, "checks": [...]}``, a check being ``{"name", "target", "measured",
+"baseline"}`` with ``"pass": bool`` when it is gated by a DESIGN section 9 target, or
+``"info": true`` when it only reports a figure (see ``bench/_checks.py``). ``make bench`` exits 1
+when any gated row failed or a benchmark did not run to the end (no JSON, or a non-zero exit
+with no failed row to explain it); its rows are collected either way.
+Usage: python -m bench.run [--only NAME ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -16,51 +19,114 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from bench._checks import FAIL, Check, failed, line, verdict
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def benchmarks() -> list[str]:
+    """The benchmark modules: every ``bench/*.py`` but this runner and the private helpers."""
+    return sorted(
+        p.stem for p in HERE.glob("*.py") if p.stem != "run" and not p.stem.startswith("_")
+    )
 
 
 def _cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        for text in Path("/proc/cpuinfo").read_text().splitlines():
+            if text.startswith("model name"):
+                return text.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.machine()
 
 
+def run_one(name: str) -> tuple[dict[str, Any] | None, int, str]:
+    """(the benchmark's JSON or None, its exit code, the tail of its stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        data = json.loads(proc.stdout[proc.stdout.index("{") :])
+    except ValueError:
+        data = None
+    return data, proc.returncode, proc.stderr[-2000:]
+
+
+def did_not_finish(data: dict[str, Any] | None, code: int, checks: list[Check]) -> bool:
+    """No JSON, or a non-zero exit that no failed row explains (a crash after printing)."""
+    return data is None or (code != 0 and not failed(checks))
+
+
+def exit_code(checks: list[Check], unfinished: list[str]) -> int:
+    """1 when a gated row failed or a benchmark did not finish, else 0."""
+    return 1 if failed(checks) or unfinished else 0
+
+
+def write_tables(machine: dict[str, Any], checks: list[Check], results: dict[str, Any]) -> None:
+    for c in checks:
+        c["result"] = verdict(c)
+    (HERE / "results.json").write_text(
+        json.dumps({"machine": machine, "checks": checks, "results": results}, indent=2) + "\n"
+    )
+    unfinished = machine["did_not_finish"]
+    lines = [
+        f"Measured {machine['date']} on {machine['cpus']} x {machine['cpu']}, Python"
+        f" {machine['python']}; `make bench` took {machine['seconds']} s"
+        + (f"; did not finish: {', '.join(unfinished)}" if unfinished else "")
+        + ".",
+        "",
+        "| benchmark | what | target | measured | baseline (same run) | result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        shown = "**FAIL**" if c["result"] == FAIL else c["result"]
+        lines.append(
+            f"| {c['bench']} | {c['name']} | {c['target']} | {c['measured']} | {c['baseline']} |"
+            f" {shown} |"
+        )
+    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> int:
-    scripts = sorted(p for p in HERE.glob("*.py") if p.name != "run.py")
-    all_checks: list[dict] = []
-    results: dict[str, object] = {}
-    failed_scripts = []
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks")
+    args = parser.parse_args()
+    names = benchmarks()
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            parser.error(f"no benchmark {', '.join(unknown)}; there are {', '.join(names)}")
+        names = [n for n in names if n in args.only]
+    all_checks: list[Check] = []
+    results: dict[str, Any] = {}
+    unfinished: list[str] = []
     durations: dict[str, float] = {}
     began = time.monotonic()
-    for script in scripts:
-        print(f"== {script.name}", flush=True)
+    for name in names:
+        print(f"== bench.{name}", flush=True)
         start = time.monotonic()
-        proc = subprocess.run(
-            [sys.executable, str(script), "--json"], capture_output=True, text=True, check=False
-        )
+        data, code, stderr = run_one(name)
         took = time.monotonic() - start
-        durations[script.name] = round(took, 1)
-        # a script exits 1 when one of its checks fails: its checks still go in the table
-        try:
-            data = json.loads(proc.stdout[proc.stdout.index("{") :])
-        except ValueError:
-            failed_scripts.append(script.name)
-            print(f"{script.name} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-            continue
-        results[script.stem] = data.get("results", {})
-        for check in data.get("checks", []):
-            check["bench"] = script.name
-            all_checks.append(check)
-            print(
-                f"  {'PASS' if check['pass'] else 'FAIL'}  {check['name']}: {check['measured']}"
-                f" (target {check['target']}; baseline {check['baseline']})"
-            )
-        print(f"  ({took:.0f} s)")
+        durations[name] = round(took, 1)
+        checks: list[Check] = list(data.get("checks", [])) if data else []
+        for check in checks:
+            check["bench"] = name
+            print(f"  {line(check)}")
+        all_checks.extend(checks)
+        if data is not None:
+            results[name] = data.get("results", {})
+        if did_not_finish(data, code, checks):
+            unfinished.append(name)
+            print(f"  bench.{name} did not finish (exit {code}):\n{stderr}")
+        print(f"  ({took:.0f} s)", flush=True)
     machine = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "cpus": os.cpu_count(),
@@ -68,34 +134,21 @@ def main() -> int:
         "python": platform.python_version(),
         "seconds": round(time.monotonic() - began),
         "durations_s": durations,
-        "failed_to_run": failed_scripts,
+        "did_not_finish": unfinished,
     }
-    (HERE / "results.json").write_text(
-        json.dumps({"machine": machine, "checks": all_checks, "results": results}, indent=2) + "\n"
-    )
-    lines = [
-        f"Measured {machine['date']} on {machine['cpus']} x {machine['cpu']}, Python"
-        f" {machine['python']}; `make bench` took {machine['seconds']} s"
-        + (f"; failed to run: {', '.join(failed_scripts)}" if failed_scripts else "")
-        + ".",
-        "",
-        "| benchmark | what | target | measured | baseline (same run) | result |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in all_checks:
-        lines.append(
-            f"| {c['bench']} | {c['name']} | {c['target']} | {c['measured']} | {c['baseline']} |"
-            f" {'pass' if c['pass'] else '**FAIL**'} |"
-        )
-    (HERE / "results.md").write_text("\n".join(lines) + "\n")
-    passed = sum(c["pass"] for c in all_checks)
+    write_tables(machine, all_checks, results)
+    bad = failed(all_checks)
+    gated = [c for c in all_checks if c["result"] != "info"]
     print(
-        f"\n{passed}/{len(all_checks)} targets met; bench/results.json and bench/results.md written"
+        f"\n{len(gated) - len(bad)}/{len(gated)} gated targets met"
+        f" ({len(all_checks) - len(gated)} informational rows);"
+        " bench/results.json and bench/results.md written"
     )
-    if failed_scripts:
-        print(f"benchmarks that failed to run: {', '.join(failed_scripts)}")
-        return 1
-    return 0
+    for c in bad:
+        print(f"FAILED  bench.{c['bench']}: {c['name']}: {c['measured']} (target {c['target']})")
+    if unfinished:
+        print(f"benchmarks that did not finish: {', '.join(unfinished)}")
+    return exit_code(all_checks, unfinished)
 
 
 if __name__ == "__main__":

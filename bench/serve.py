@@ -11,7 +11,7 @@ machine noise hits every path alike:
             response parsing add about 100 us in the *caller*; reported, not judged
 and prints p50/p99 and the overhead against DESIGN section 9:
   in-process <= 1.10x bare + 20 us;  HTTP p50 - bare p50 <= 300 us (JSON and binary).
-Usage: python bench/serve.py [--iterations N] [--json]
+Usage: python -m bench.serve [--iterations N] [--json]
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from agent.config import ModelConfig
+from agent.slots import ModelSlot
+from tests.support import models
+from tests.support.daemon import start_daemon
 
-from agent.config import ModelConfig  # noqa: E402
-from agent.slots import ModelSlot  # noqa: E402
-from tests.support import models  # noqa: E402
-from tests.support.daemon import start_daemon  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:

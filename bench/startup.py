@@ -7,7 +7,7 @@ Measured in one run against baselines taken in the same run:
                 onnxruntime session loading the same file; target <= 1.2x
   start->ready  from process start to /v2/health/ready == 200 with the demo model vs a bare python
                 that imports onnxruntime and opens the same model; target < 2 s
-Usage: python bench/startup.py [--json]
+Usage: python -m bench.startup [--json]
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench._checks import gated, report
+from tests.support import models
+from tests.support.daemon import start_daemon
+from tests.support.net import free_port
 
-from tests.support import models  # noqa: E402
-from tests.support.daemon import start_daemon  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MB = 1024 * 1024
 
@@ -130,37 +130,29 @@ def main() -> int:
         res["bare_start_s"] = statistics.median(bares)
 
     checks = [
-        {
-            "name": "RSS before any model is loaded",
-            "target": "<= 65 MB",
-            "measured": f"{res['idle_rss_mb']:.1f} MB",
-            "baseline": f"numpy + onnxruntime import {res['floor_rss_mb']:.1f} MB",
-            "pass": res["idle_rss_mb"] <= 65,
-        },
-        {
-            "name": "RSS growth per loaded model",
-            "target": "<= 1.2x bare session",
-            "measured": f"{res['daemon_per_model_mb']:.1f} MB ({res['per_model_ratio']:.2f}x)",
-            "baseline": f"bare session {res['bare_per_model_mb']:.1f} MB",
-            "pass": res["per_model_ratio"] <= 1.2,
-        },
-        {
-            "name": "start to ready (demo model)",
-            "target": "< 2 s",
-            "measured": f"{res['start_to_ready_s']:.2f} s",
-            "baseline": f"bare import + session {res['bare_start_s']:.2f} s",
-            "pass": res["start_to_ready_s"] < 2,
-        },
+        gated(
+            "RSS before any model is loaded",
+            "<= 65 MB",
+            f"{res['idle_rss_mb']:.1f} MB",
+            f"numpy + onnxruntime import {res['floor_rss_mb']:.1f} MB",
+            res["idle_rss_mb"] <= 65,
+        ),
+        gated(
+            "RSS growth per loaded model",
+            "<= 1.2x bare session",
+            f"{res['daemon_per_model_mb']:.1f} MB ({res['per_model_ratio']:.2f}x)",
+            f"bare session {res['bare_per_model_mb']:.1f} MB",
+            res["per_model_ratio"] <= 1.2,
+        ),
+        gated(
+            "start to ready (demo model)",
+            "< 2 s",
+            f"{res['start_to_ready_s']:.2f} s",
+            f"bare import + session {res['bare_start_s']:.2f} s",
+            res["start_to_ready_s"] < 2,
+        ),
     ]
-    if args.json:
-        print(json.dumps({"results": res, "checks": checks}, indent=2))
-        return 0
-    for c in checks:
-        print(
-            f"{c['name']}: {c['measured']} (target {c['target']}; baseline {c['baseline']}):"
-            f" {'PASS' if c['pass'] else 'FAIL'}"
-        )
-    return 0
+    return report(res, checks, args.json)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ In one run:
   download   TUF check + download + hash verification of a 50 MB artifact from a local HTTP
              server, against a bare HTTP GET of the same file (baseline)
 Targets (DESIGN section 9): 0 failed requests, swap p99 <= 2x steady p99, push to serving
-<= 2 s. Needs the MQTT broker on 127.0.0.1:1883. Usage: python bench/update.py [--json]
+<= 2 s. The daemon and ``inferctl push`` talk through a private mosquitto started for the run.
+Usage: python -m bench.update [--json]
 """
 
 from __future__ import annotations
@@ -25,24 +26,20 @@ import tempfile
 import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
 import onnx
-import paho.mqtt.client as mqtt
 from onnx import numpy_helper
-from paho.mqtt.enums import CallbackAPIVersion
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.support import models  # noqa: E402
-from tests.support.daemon import start_daemon  # noqa: E402
-from updater.device.client import RepositoryClient  # noqa: E402
-from updater.inferctl.main import main as inferctl  # noqa: E402
-from updater.operator.repository import OperatorRepository  # noqa: E402
-from updater.operator.serve import RepositoryServer  # noqa: E402
+from bench._checks import gated, info, report
+from tests.support import models
+from tests.support.broker import Broker
+from tests.support.daemon import start_daemon
+from updater.device.client import RepositoryClient
+from updater.inferctl.main import main as inferctl
+from updater.operator.repository import OperatorRepository
+from updater.operator.serve import RepositoryServer
 
 UPDATES = 3
 BODY = json.dumps(
@@ -116,12 +113,13 @@ def big_model(path: Path, megabytes: int) -> Path:
     return path
 
 
-def bench_swap(tmp: Path, repo: OperatorRepository, url: str, trusted: Path) -> dict[str, float]:
-    prefix = f"inferd-bench-{uuid.uuid4().hex[:8]}"
+def bench_swap(
+    tmp: Path, broker: Broker, repo: OperatorRepository, url: str, trusted: Path
+) -> dict[str, float]:
     config = {
         "groups": ["bench"],
         "models": [{"name": "classifier", "path": str(models.classifier(tmp / "v1.onnx"))}],
-        "mqtt": {"enabled": True, "topic_prefix": prefix},
+        "mqtt": {"enabled": True, "host": broker.host, "port": broker.port},
         "telemetry": {"prediction_sample_rate": 0.0},
         "updates": {
             "repository_url": url,
@@ -146,7 +144,11 @@ def bench_swap(tmp: Path, repo: OperatorRepository, url: str, trusted: Path) -> 
                 model = models.classifier(tmp / f"v{version}.onnx", seed=version)
                 repo.add_model(model, name="classifier", version=str(version))
                 push = time.perf_counter()
-                assert inferctl(["push", "--group", "bench", "--prefix", prefix]) == 0
+                pushed = inferctl(
+                    ["push", "--group", "bench", "--broker", f"{broker.host}:{broker.port}"]
+                )
+                if pushed != 0:
+                    raise SystemExit(f"inferctl push exited {pushed}")
                 while serving_version(daemon.port) != str(version):
                     if time.perf_counter() - push > 30:
                         raise SystemExit(f"version {version} never served:\n{daemon.stderr()}")
@@ -171,18 +173,6 @@ def bench_swap(tmp: Path, repo: OperatorRepository, url: str, trusted: Path) -> 
         }
     finally:
         daemon.stop()
-        clear_retained([f"{prefix}/groups/bench/update", f"{prefix}/test-device/status"])
-
-
-def clear_retained(topics: list[str]) -> None:
-    """Remove the bench's retained messages from the broker."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2)
-    client.connect("127.0.0.1", 1883)
-    client.loop_start()
-    for topic in topics:
-        client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
-    client.disconnect()
-    client.loop_stop()
 
 
 def bench_download(
@@ -221,35 +211,45 @@ def main() -> int:
         trusted = tmp / "root.json"
         shutil.copyfile(repo.metadata_dir / "1.root.json", trusted)
         server = RepositoryServer(repo.public_dir).start()
+        broker = Broker(tmp)
         try:
-            swap = bench_swap(tmp, repo, server.url, trusted)
+            broker.start()
+            swap = bench_swap(tmp, broker, repo, server.url, trusted)
             dl = bench_download(tmp, repo, server.url, trusted)
         finally:
+            broker.kill()
             server.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     checks = [
-        {"name": "failed requests during an update under load", "target": "0",
-         "measured": swap["failed_requests"], "baseline": f"{swap['requests']} requests",
-         "pass": swap["failed_requests"] == 0},
-        {"name": "p99 during swap vs steady p99", "target": "<= 2.0x",
-         "measured": f"{swap['swap_ratio']:.2f}x ({swap['swap_p99_ms']:.2f} ms)",
-         "baseline": f"{swap['steady_p99_ms']:.2f} ms steady", "pass": swap["swap_ratio"] <= 2.0},
-        {"name": "inferctl push to new version serving (slowest of 3)", "target": "<= 2 s",
-         "measured": f"{swap['push_to_serving_s']:.2f} s",
-         "baseline": f"median {swap['push_to_serving_median_s']:.2f} s",
-         "pass": swap["push_to_serving_s"] <= 2.0},
-        {"name": "TUF check+download+verify of a 50 MB artifact", "target": "reported",
-         "measured": f"{dl['tuf_verified_mb_s']:.0f} MB/s ({dl['tuf_vs_raw_time']:.2f}x raw time)",
-         "baseline": f"{dl['raw_get_mb_s']:.0f} MB/s bare HTTP GET", "pass": True},
-    ]  # fmt: skip
-    if args.json:
-        print(json.dumps({"results": {"swap": swap, "download": dl}, "checks": checks}))
-    else:
-        for c in checks:
-            print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['name']}: {c['measured']} "
-                  f"(target {c['target']}; baseline {c['baseline']})")  # fmt: skip
-    return 0 if all(c["pass"] for c in checks) else 1
+        gated(
+            "failed requests during an update under load",
+            "0",
+            swap["failed_requests"],
+            f"{swap['requests']} requests",
+            swap["failed_requests"] == 0,
+        ),
+        gated(
+            "p99 during swap vs steady p99",
+            "<= 2.0x",
+            f"{swap['swap_ratio']:.2f}x ({swap['swap_p99_ms']:.2f} ms)",
+            f"{swap['steady_p99_ms']:.2f} ms steady",
+            swap["swap_ratio"] <= 2.0,
+        ),
+        gated(
+            "inferctl push to new version serving (slowest of 3)",
+            "<= 2 s",
+            f"{swap['push_to_serving_s']:.2f} s",
+            f"median {swap['push_to_serving_median_s']:.2f} s",
+            swap["push_to_serving_s"] <= 2.0,
+        ),
+        info(
+            "TUF check+download+verify of a 50 MB artifact",
+            f"{dl['tuf_verified_mb_s']:.0f} MB/s ({dl['tuf_vs_raw_time']:.2f}x raw time)",
+            f"{dl['raw_get_mb_s']:.0f} MB/s bare HTTP GET",
+        ),
+    ]
+    return report({"swap": swap, "download": dl}, checks, args.json)
 
 
 if __name__ == "__main__":
