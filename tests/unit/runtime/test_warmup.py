@@ -21,7 +21,6 @@ from agent.slots import ModelSlot
 from runtime import bundle
 from runtime.backends import open_backend
 from runtime.backends.base import TensorSpec, search_shapes
-from runtime.errors import InputError
 
 
 def _save(path: Path, nodes: list[Any], inputs: list[Any], outputs: list[Any], inits=()) -> Path:
@@ -209,24 +208,3 @@ def test_warmup_options_are_checked_in_config() -> None:
         ModelConfig(name="m", path="m.onnx", warmup_shapes={"x": (1, -1)})
     with pytest.raises(ValueError, match="not both"):
         ModelConfig(name="m", path="m.onnx", warmup_inputs="w.npz", warmup_shapes={"x": (1,)})
-
-
-def test_requests_get_one_clear_input_error_before_the_run(tmp_path: Path) -> None:
-    """One check per request, in the backend: the messages a client sees, and nothing counted."""
-    path = vad_like(tmp_path / "vad.onnx")
-    backend = open_backend(path, cfg(path))
-    feeds = vad_feeds()
-    with pytest.raises(InputError, match=r"input 'sr' has datatype INT32, the model expects INT64"):
-        backend.run({**feeds, "sr": np.array(16000, np.int32)})
-    with pytest.raises(InputError, match=r"'state' has shape \[2, 1, 64\], the model expects"):
-        backend.run({**feeds, "state": np.zeros((2, 1, 64), np.float32)})
-    with pytest.raises(InputError, match="missing input 'sr'"):
-        backend.run({k: v for k, v in feeds.items() if k != "sr"})
-    with pytest.raises(InputError, match="unknown input 'extra'"):
-        backend.run({**feeds, "extra": feeds["sr"]})
-    with pytest.raises(InputError, match="unknown output 'p'; the model gives output, stateN"):
-        backend.run(feeds, ["p"])
-    assert backend.stats.runs == 0
-    out, latency_ns = backend.run_timed(feeds, ["stateN"])
-    assert list(out) == ["stateN"] and latency_ns > 0
-    assert (backend.stats.runs, backend.stats.total_ns) == (1, latency_ns)
