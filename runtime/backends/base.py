@@ -107,11 +107,10 @@ class Backend(ABC):
         self.inputs: tuple[TensorSpec, ...] = ()
         self.outputs: tuple[TensorSpec, ...] = ()
         self.providers: tuple[str, ...] = ()
-        self.warmup_feeds: dict[str, np.ndarray] | None = None
-        """Inputs the model ran on at warm-up (None when it did not warm up): valid feeds that
-        fit the model, for whoever needs some and has no golden inputs."""
         self.warmup_source: str | None = None
-        """Where :attr:`warmup_feeds` came from: golden, warmup_inputs, warmup_shapes, search."""
+        """What the model warmed up on: golden inputs, warmup_inputs, warmup_shapes, search
+        (None when it did not warm up); :meth:`warmup_feeds` gives those inputs again."""
+        self._warmup_zeros: dict[str, tuple[tuple[int, ...], np.dtype[np.generic]]] = {}
         self.warmup_error: str | None = None
         """Why warm-up failed (one line); the model is loaded and serves regardless."""
         self._checks: dict[str, _InputCheck] = {}
@@ -305,7 +304,7 @@ class Backend(ABC):
             except Exception as err:  # noqa: BLE001 - any failure only means "not warmed up"
                 self._warmup_failed(f"{source}: {one_line(err)}")
             else:
-                self.warmup_feeds, self.warmup_source = dict(feeds), source
+                self._warmed_up(source, feeds)
             return
         first_error = None
         for feeds in search_shapes(self.inputs):
@@ -315,11 +314,31 @@ class Backend(ABC):
             except Exception as err:  # noqa: BLE001 - try the next shape
                 first_error = first_error or one_line(err)
                 continue
-            self.warmup_feeds, self.warmup_source = feeds, "search"
+            self._warmed_up("search", feeds)
             return
         self._warmup_failed(
             f"zero inputs: {first_error} (and with every dynamic size up to {WARMUP_DIM_CAP})"
         )
+
+    def _warmed_up(self, source: str, feeds: Feeds) -> None:
+        # zeros are kept as shapes and files are read again when asked: warm-up inputs held
+        # for the life of the model would add an image model's golden batch to its memory
+        self.warmup_source = source
+        if source in ("search", "warmup_shapes"):
+            self._warmup_zeros = {n: (a.shape, a.dtype) for n, a in feeds.items()}
+
+    def warmup_feeds(self) -> dict[str, np.ndarray] | None:
+        """The inputs the model warmed up on, None when it did not: feeds that fit the model
+        and ran, for whoever needs some and has no golden inputs (the validation gate)."""
+        if self.warmup_source is None:
+            return None
+        if self._warmup_zeros:
+            return {n: np.zeros(shape, dtype) for n, (shape, dtype) in self._warmup_zeros.items()}
+        try:
+            given = self._given_warmup_feeds()
+        except InferdError:
+            return None  # the file changed since load
+        return given[1] if given is not None else None
 
     def _warm_run(self, feeds: Feeds) -> None:
         """One warm-up run; a runtime that logs each failed run says nothing here (the search

@@ -102,8 +102,9 @@ def test_search_finds_a_size_that_runs_keeping_named_batch_dims_together(tmp_pat
     path = vad_like(tmp_path / "vad.onnx")
     backend = open_backend(path, cfg(path))
     assert backend.warmup_error is None and backend.warmup_source == "search"
-    assert backend.warmup_feeds is not None
-    shapes = {k: v.shape for k, v in backend.warmup_feeds.items()}
+    feeds = backend.warmup_feeds()
+    assert feeds is not None
+    shapes = {k: v.shape for k, v in feeds.items()}
     # 128 is the first power of two over the 64 samples of padding; the state's batch axis
     # (the same symbolic name as the audio's first axis) stays 1 with it
     assert shapes == {"input": (1, 128), "state": (2, 1, 128), "sr": ()}
@@ -131,7 +132,7 @@ def test_failed_warm_up_is_a_warning_and_the_model_serves(
     path = reshape_15(tmp_path / "r15.onnx")
     with caplog.at_level(logging.WARNING):
         backend = open_backend(path, cfg(path))
-    assert backend.warmup_error is not None and backend.warmup_feeds is None
+    assert backend.warmup_error is not None and backend.warmup_feeds() is None
     assert "requested shape:{3,5}" in backend.warmup_error
     assert "\n" not in backend.warmup_error
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -169,8 +170,9 @@ def test_golden_inputs_of_the_bundle_come_first(tmp_path: Path, form: str) -> No
         (tmp_path / bundle.GOLDEN_FILE).write_bytes(bundle.golden_bytes(bundle.Golden(feeds)))
     backend = open_backend(path, cfg(path))
     assert backend.warmup_source == "golden inputs" and backend.warmup_error is None
-    assert backend.warmup_feeds is not None
-    assert backend.warmup_feeds["input"].shape == (1, 300)
+    feeds = backend.warmup_feeds()
+    assert feeds is not None and feeds["input"].shape == (1, 300)
+    np.testing.assert_array_equal(feeds["input"], vad_feeds(samples=300)["input"])
 
 
 def test_configured_warmup_inputs_and_shapes(tmp_path: Path) -> None:
@@ -179,12 +181,14 @@ def test_configured_warmup_inputs_and_shapes(tmp_path: Path) -> None:
     np.savez(npz, **vad_feeds(samples=256))  # type: ignore[arg-type]
     backend = open_backend(path, cfg(path, warmup_inputs=str(npz)))
     assert backend.warmup_source == "warmup_inputs" and backend.warmup_error is None
-    assert backend.warmup_feeds is not None and backend.warmup_feeds["input"].shape == (1, 256)
+    feeds = backend.warmup_feeds()
+    assert feeds is not None and feeds["input"].shape == (1, 256)
 
     backend = open_backend(path, cfg(path, warmup_shapes={"input": (1, 512)}))
     assert backend.warmup_source == "warmup_shapes" and backend.warmup_error is None
-    assert backend.warmup_feeds is not None
-    assert {k: v.shape for k, v in backend.warmup_feeds.items()} == {
+    feeds = backend.warmup_feeds()
+    assert feeds is not None
+    assert {k: v.shape for k, v in feeds.items()} == {
         "input": (1, 512),
         "state": (2, 1, 128),
         "sr": (),
