@@ -287,6 +287,8 @@ class Backend(ABC):
         dynamic dimensions (see :func:`search_shapes`), since zeros with every dynamic
         dimension at 1 are no valid input for many real models (an audio frame padded by
         reflection, an image with a minimum size). Failure is a warning, never an unloaded model.
+        With TensorRT every shape tried builds an engine: there, ship golden inputs or set
+        ``warmup_shapes`` (not yet measured on a GPU here).
         """
         if runs <= 0:
             return
