@@ -240,6 +240,7 @@ class PredictionLogger:
         labels: Mapping[str, Sequence[str]] | None = None,
         log_tensors: Collection[str] = (),
         max_queue: int = 50_000,
+        max_queue_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.device = device
         self.publish = publish
@@ -248,6 +249,10 @@ class PredictionLogger:
         self.labels = dict(labels or {})
         self.log_tensors = frozenset(log_tensors)
         self.max_queue = max_queue
+        # A queued prediction keeps its feeds and outputs alive: count bytes, not only records.
+        self.max_queue_bytes = max_queue_bytes
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self.default_rate = sample_rate
         self.rates: dict[str, float] = {}
         """Per-model sample rates set by ``set-sampling``; others use ``default_rate``."""
@@ -268,7 +273,13 @@ class PredictionLogger:
         if rate < 1.0 and (rate <= 0.0 or random.random() >= rate):
             return
         q = self._queue
-        if len(q) >= self.max_queue:
+        size = sum(a.nbytes for a in p.feeds.values())
+        size += sum(a.nbytes for a in (p.outputs or {}).values())
+        with self._bytes_lock:
+            room = len(q) < self.max_queue and self._queued_bytes + size <= self.max_queue_bytes
+            if room:
+                self._queued_bytes += size
+        if not room:
             self.dropped += 1
             return
         q.append(p)
@@ -339,6 +350,10 @@ class PredictionLogger:
         while q:
             # Only this thread takes from the queue, so len(q) items are there to pop.
             batch = [q.popleft() for _ in range(min(self.batch_size, len(q)))]
+            taken = sum(a.nbytes for p in batch for a in p.feeds.values())
+            taken += sum(a.nbytes for p in batch for a in (p.outputs or {}).values())
+            with self._bytes_lock:
+                self._queued_bytes -= taken
             try:
                 records = self.records(batch)
             except Exception:

@@ -57,6 +57,15 @@ BATCH_PAUSE_S = 0.05
 """How long the worker lets predictions gather after a partial batch."""
 MAX_ROW_VALUES = 4096
 """Predictions whose output row is bigger than this (masks, embeddings) are not held for labels."""
+QUEUE_BYTES = 32 * 1024 * 1024
+"""Bytes of tensors (feeds and outputs) waiting for the worker; beyond it predictions are skipped
+(counted as evicted). A queue bounded only by count held 10,000 requests' tensors."""
+
+
+def tensor_bytes(p: Prediction) -> int:
+    """Bytes of the arrays a prediction keeps alive while it waits in a queue."""
+    n = sum(a.nbytes for a in p.feeds.values())
+    return n + sum(a.nbytes for a in (p.outputs or {}).values())
 
 
 PublishQuality = Callable[[QualityPayload], None]
@@ -184,6 +193,7 @@ class QualityMonitor:
         references: ReferenceLoader | None = None,
         labels: Mapping[str, Sequence[str]] | None = None,
         queue_size: int = 10_000,
+        queue_bytes: int = QUEUE_BYTES,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -195,7 +205,10 @@ class QualityMonitor:
         self._labels = dict(labels or {})
         self._clock = clock
         self._monotonic = monotonic
-        self._queue: queue.Queue[Prediction | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[tuple[Prediction, int] | None] = queue.Queue(queue_size)
+        self.queue_bytes = queue_bytes
+        self._queued_bytes = 0
+        self._queue_lock = threading.Lock()
         self._lock = threading.Lock()
         self._models: dict[str, _ModelState] = {}
         self._references: dict[tuple[str, str], ReferenceStats | None] = {}
@@ -208,11 +221,20 @@ class QualityMonitor:
         """Slot listener: queue the prediction for the worker; never blocks the request."""
         if prediction.error is not None or prediction.outputs is None:
             return
-        try:
-            self._queue.put_nowait(prediction)
-        except queue.Full:
-            with self._lock:
-                self._state(prediction.model).dropped += 1
+        size = tensor_bytes(prediction)
+        with self._queue_lock:
+            room = self._queued_bytes + size <= self.queue_bytes
+            if room:
+                self._queued_bytes += size
+        if room:
+            try:
+                self._queue.put_nowait((prediction, size))
+                return
+            except queue.Full:
+                with self._queue_lock:
+                    self._queued_bytes -= size
+        with self._lock:
+            self._state(prediction.model).dropped += 1
 
     def set_reference(self, model: str, version: str, reference: ReferenceStats | None) -> None:
         """Use ``reference`` for drift of ``model`` at ``version`` (None: no drift tracking)."""
@@ -277,7 +299,7 @@ class QualityMonitor:
                 # take what else is queued and bin it in one numpy pass, then let the queue fill
                 # again for a moment: waking per prediction would make this thread compete with
                 # the request threads for the GIL on every request
-                batch = [first, *self._take(MAX_BATCH - 1)]
+                batch = [self._taken(first), *self._take(MAX_BATCH - 1)]
                 self._process(batch)
                 if len(batch) < MAX_BATCH:
                     self._stop.wait(BATCH_PAUSE_S)
@@ -288,6 +310,11 @@ class QualityMonitor:
                 deadline = self._monotonic() + interval
         self._publish_all()
 
+    def _taken(self, item: tuple[Prediction, int]) -> Prediction:
+        with self._queue_lock:
+            self._queued_bytes -= item[1]
+        return item[0]
+
     def _take(self, limit: int) -> list[Prediction]:
         items: list[Prediction] = []
         while len(items) < limit:
@@ -296,7 +323,7 @@ class QualityMonitor:
             except queue.Empty:
                 break
             if item is not None:
-                items.append(item)
+                items.append(self._taken(item))
         return items
 
     def drain(self) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from telemetry.config import QualityConfig
+from telemetry.prediction_log import PredictionLogger
 from telemetry.quality.feedback import FeedbackItem, JoinWindow, Label
 from telemetry.quality.monitor import QualityMonitor
 
@@ -32,7 +33,10 @@ class Served:
 
 def test_held_outputs_and_long_ids_stay_within_the_byte_bound() -> None:
     monitor = QualityMonitor(
-        QualityConfig(join_max_bytes=LIMIT, join_max_pending=10_000), "dev", lambda p: None
+        QualityConfig(join_max_bytes=LIMIT, join_max_pending=10_000),
+        "dev",
+        lambda p: None,
+        queue_bytes=128 * LIMIT,  # the join is under test here, not the queue in front of it
     )
     rng = np.random.default_rng(0)
     for i in range(200):  # 200 x (64 x 1000 float32 = 256 KB) = 50 MB offered
@@ -63,3 +67,33 @@ def test_early_labels_with_long_ids_stay_within_the_byte_bound() -> None:
         window.add_prediction(key, object())
         window.add_label(key, Label("class", (1,)))
     assert window.size_bytes <= LIMIT
+
+
+def test_predictions_waiting_for_the_worker_are_bounded_in_bytes() -> None:
+    """The queue in front of the worker held 10,000 requests' tensors whatever their size."""
+    monitor = QualityMonitor(QualityConfig(), "dev", lambda p: None, queue_bytes=LIMIT)
+    big = np.zeros((64, 1000), np.float32)  # 256 KB of outputs, as many bytes of feeds
+    for i in range(50):
+        monitor.listener(Served(f"r{i}", {"probs": big}, feeds={"x": big}))
+    assert monitor._queued_bytes <= LIMIT
+    assert monitor._queue.qsize() == LIMIT // (2 * big.nbytes)
+    assert monitor._models["clf"].dropped == 50 - monitor._queue.qsize()
+    monitor.drain()
+    assert monitor._queued_bytes == 0  # room again once the worker took them
+    monitor.listener(Served("again", {"probs": big}, feeds={"x": big}))
+    assert monitor._queue.qsize() == 1
+
+
+def test_the_prediction_log_queue_is_bounded_in_bytes() -> None:
+    published: list[int] = []
+    logger = PredictionLogger("dev", lambda payload, n: published.append(n), max_queue_bytes=LIMIT)
+    big = np.zeros((64, 1000), np.float32)
+    for i in range(50):
+        logger.listener(Served(f"r{i}", {"probs": big}, feeds={"x": big}))
+    kept = LIMIT // (2 * big.nbytes)
+    assert logger.dropped == 50 - kept
+    logger.start()  # publishes what it kept, then has room again
+    logger.stop()
+    assert sum(published) == kept
+    logger.listener(Served("again", {"probs": big}, feeds={"x": big}))
+    assert logger.dropped == 50 - kept
