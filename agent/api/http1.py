@@ -210,7 +210,7 @@ class _Connection:
         self.state = _IDLE
         self.last_active = time.monotonic()
         self.deadline = self.last_active + self.limits.idle_timeout_s
-        self.out = b""  # response bytes the socket has not taken yet
+        self.out: bytes | memoryview = b""  # response bytes the socket has not taken yet
         self.in_worker = False
         self.registered = 0  # the selector events it is registered for (0: not registered)
         self.closed = False
@@ -250,7 +250,7 @@ class _Connection:
         if self.closed:
             return
         if self.out:
-            self.out += data
+            self.out = bytes(self.out) + data
             return
         try:
             sent = self.sock.send(data)
@@ -260,7 +260,7 @@ class _Connection:
             self.close()
             return
         if sent < len(data):
-            self.out = data[sent:]
+            self.out = memoryview(data)[sent:]  # a view: flushing a large body copies nothing
             self.deadline = time.monotonic() + self.limits.body_timeout_s
 
     def flush(self) -> None:
@@ -526,12 +526,12 @@ class _Connection:
         """Between requests (on the I/O thread): close if asked, else start the right clock.
         ``fresh``: the connection comes back from a worker, so a clock started before the
         request ran starts again."""
-        if self.closed or self.state == _LINGER or self.queue:
+        if self.closed or self.queue:
             return
-        if self.eof:
-            if self.out:  # the client closed its side but reads: the answer is still going
-                return
+        if self.eof and not self.out:  # the client is done and has all its answers
             self.close()
+            return
+        if self.state == _LINGER or self.eof:
             return
         if self.close_after:
             self._linger()
@@ -790,7 +790,9 @@ class HttpServer:
             conn.close()
             self._forget(conn)
             return
-        self._watch(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
+        # After the client's EOF the socket reads as ready for ever: watch writes only.
+        read = 0 if conn.eof else selectors.EVENT_READ
+        self._watch(conn, read | (selectors.EVENT_WRITE if conn.out else 0))
 
     def _watch(self, conn: _Connection, events: int) -> None:
         selector = self._selector
