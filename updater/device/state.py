@@ -294,8 +294,8 @@ class StateMachine:
         """After a restart: what to do about the job (see :data:`RESUME`), loop breaker applied.
 
         Each restart of a job is counted (saved); past :data:`MAX_RESUMES` in a state whose
-        work is repeated, the job moves to ``failed`` (before activation) or ``rolled_back`` (after) and the action of
-        that state is returned instead.
+        work is repeated, the job moves to ``failed`` (before activation) or ``rolled_back``
+        (after) and the action of that state is returned instead.
         """
         rec = self.record
         action = RESUME[rec.state]
