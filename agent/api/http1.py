@@ -13,8 +13,9 @@ requests running at once. The worker answers it, then keeps the connection for u
 ``HOLD_S`` in case the client sends its next request at once, as keep-alive clients do: that
 request then costs no thread hand-off, which is what keeps a small request's latency at the
 level of a thread per connection (two hand-offs cost about 80 us here). A worker never waits on
-a slow client beyond that: a half-received request goes back to the I/O thread. Health checks
-are answered on the I/O thread, so a liveness probe never queues behind inferences.
+a slow client longer than that, or ``REST_S`` for the rest of a request it has begun to read:
+then the connection goes back to the I/O thread. Health checks are answered on the I/O thread,
+so a liveness probe never queues behind inferences.
 
 A connection is owned by one thread at a time (the I/O thread or one worker), so its state needs
 no lock. Requests pipelined behind another wait parsed, in order, and each gets exactly one
@@ -70,6 +71,8 @@ _LINGER_BYTES = 1 << 20
 HOLD_S = 0.002
 """How long a worker waits for a keep-alive client's next request before handing the connection
 back to the I/O thread (a client that sends its next request at once does so well within it)."""
+REST_S = 0.02
+"""How long a worker waits for the rest of a request it has begun to read."""
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
@@ -273,7 +276,8 @@ class _Connection:
             except OSError:
                 self.close()
                 return
-            self.out = self.out[sent:]
+            # an empty view still holds the whole response: drop it once everything is sent
+            self.out = self.out[sent:] or b""
             self.deadline = time.monotonic() + self.limits.body_timeout_s
         if not self.out and self.state == _LINGER:
             self._shutdown_write()
@@ -283,6 +287,7 @@ class _Connection:
             return
         self.closed = True
         self.queue.clear()
+        self.out = b""  # a closed connection may wait for the cyclic GC: keep no buffers alive
         self.sock.close()
 
     def _shutdown_write(self) -> None:
@@ -829,12 +834,14 @@ class HttpServer:
 
     def _work(self, conn: _Connection) -> None:
         """Answer the connection's requests; keep it for ``HOLD_S`` while its client sends the
-        next one at once; hand it back to the I/O thread otherwise."""
+        next one at once (and up to ``REST_S`` for the rest of that request, which a large body
+        needs); hand it back to the I/O thread otherwise."""
         pool = self._pool
         assert pool is not None
         try:
             poller = select.poll()
             poller.register(conn.sock, select.POLLIN)
+            rest_until = 0.0
             while True:
                 conn.answer(in_worker=True)
                 if (
@@ -842,20 +849,28 @@ class HttpServer:
                     or conn.queue
                     or conn.out
                     or conn.eof
-                    or conn.state != _IDLE
                     or conn.close_after
+                    or conn.state == _LINGER
                     or self.stopping
-                    or pool.waiting()
                 ):
                     break
-                if not poller.poll(HOLD_S * 1000):
+                if conn.state == _IDLE:
+                    if pool.waiting():  # others wait for a worker: no holding on
+                        break
+                    wait = HOLD_S
+                    rest_until = 0.0
+                else:  # half a request is in
+                    now = time.monotonic()
+                    rest_until = rest_until or now + REST_S
+                    wait = rest_until - now
+                    if wait <= 0:  # a slow sender: the I/O thread waits for the rest
+                        break
+                if not poller.poll(wait * 1000):
                     break
                 data = conn.recv()
                 if data is None:
                     break
                 conn.feed(data)
-                if not conn.queue:  # half a request: the I/O thread waits for the rest
-                    break
         except Exception:
             log.exception("API worker failed on a connection")
             conn.close()
