@@ -47,6 +47,9 @@ def test_every_daemon_thread_is_named_inferd_and_stop_joins_them(
             "updates": {
                 "repository_url": tuf_repo.url,
                 "trusted_root": str(tuf_repo.trusted_root),
+                # the update loop runs but asks nothing: the repository's own request threads
+                # (this test's HTTP server) must not be taken for the daemon's
+                "check_on_start": False,
             },
         },
         environ={},
@@ -80,6 +83,12 @@ def test_every_daemon_thread_is_named_inferd_and_stop_joins_them(
         daemon.stop()
     names = sorted(t.name for t in started)
     # the parts above really ran threads of their own: each role shows up
-    for role in ("inferd-api", "inferd-mqtt", "inferd-mqtt-infer", "inferd-quality"):
+    for role in (
+        "inferd-api",
+        "inferd-mqtt",
+        "inferd-mqtt-infer",
+        "inferd-quality",
+        "inferd-update",
+    ):
         assert any(n.startswith(role) for n in names), f"no {role} thread among {names}"
     assert [n for n in names if not n.startswith("inferd-")] == []
