@@ -3,6 +3,11 @@
 A swap replaces the slot's reference in one assignment. Requests that already hold the old
 model finish on it; the old backend is closed when the last of them returns, so no request
 fails because of a swap.
+
+With dynamic batching on (``max_batch`` > 1, :mod:`agent.batching`) each loaded model has its
+own batcher. Requests queued for the old model at a swap finish on it, as every other request
+that already held it: its batcher runs what is queued without waiting out windows, then its
+thread ends and is joined when the old model closes. Nothing is re-queued to the new model.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.batching import Batcher, batch_refusal
 from agent.config import ModelConfig
 from runtime.backends import Backend, open_backend
 from runtime.errors import BackendError, NotReadyError
@@ -71,6 +77,8 @@ class LoadedModel:
     path: Path
     digest: str
     loaded_at: float = field(default_factory=time.time)
+    batcher: Batcher | None = None
+    """Queues and batches this model's requests (dynamic batching); None: unbatched."""
     _inflight: int = 0
     _retired: bool = False
     _closed: bool = False
@@ -97,6 +105,8 @@ class LoadedModel:
 
     def retire(self) -> None:
         """Stop taking new requests; close once the in-flight ones have finished."""
+        if self.batcher is not None:
+            self.batcher.stop()  # runs what is queued at once, without waiting out windows
         with self._lock:
             self._retired = True
             if self._inflight == 0:
@@ -110,6 +120,8 @@ class LoadedModel:
     def _close_locked(self) -> None:
         if not self._closed:
             self._closed = True
+            if self.batcher is not None:
+                self.batcher.join()  # nothing is queued: every queued request holds the model
             self.backend.close()
 
     @property
@@ -176,10 +188,31 @@ class ModelSlot:
                 model=self.name,
                 version=version,
             )
+        if self.config.max_batch > 1:
+            self._set_up_batching(model)
         return model
+
+    def _set_up_batching(self, model: LoadedModel) -> None:
+        """Give ``model`` a batcher (started when it is swapped in), or say why it has none."""
+        why = batch_refusal(model.backend)
+        if why is None:
+            model.batcher = Batcher(
+                self.name, model.backend, self.config.max_batch, self.config.batch_window_us
+            )
+            return
+        message = (
+            f"{self.name} {model.version}: batching refused: {why}; the model serves unbatched"
+        )
+        log.warning("%s", message)
+        if self.emit_event is not None:
+            self.emit_event(
+                "batching-refused", message, level="warning", model=self.name, version=model.version
+            )
 
     def swap(self, new: LoadedModel) -> LoadedModel | None:
         """Serve ``new`` from now on; the previous model is retired and returned."""
+        if new.batcher is not None:
+            new.batcher.start()
         with self._swap_lock:
             old = self._current
             self._current = new
@@ -210,6 +243,8 @@ class ModelSlot:
         model = self._acquire()
         try:
             rid = request_id or f"{_ID_PREFIX}{next(_ids):012x}"
+            if model.batcher is not None:
+                return self._predict_batched(model, model.batcher, rid, feeds, output_names)
             tokens = self._tokens
             tokens.get()  # waits while max_concurrency requests run
             try:
@@ -224,6 +259,29 @@ class ModelSlot:
             return outputs, model, rid
         finally:
             model.release()
+
+    def _predict_batched(
+        self,
+        model: LoadedModel,
+        batcher: Batcher,
+        rid: str,
+        feeds: Mapping[str, np.ndarray],
+        output_names: Sequence[str] | None,
+    ) -> tuple[dict[str, np.ndarray], LoadedModel, str]:
+        """:meth:`predict` through the model's batcher: one check here, one run per batch;
+        the latency listeners hear is this request's queue wait plus its batch's run.
+
+        The slot's run tokens are not taken: the batcher is the one thread running this model
+        (two during a swap, the old model's finishing its queue).
+        """
+        try:
+            outputs, latency = batcher.submit(feeds, output_names)
+        except BackendError as err:
+            self._tell(model, rid, err.latency_ns or 0, feeds, None, str(err))
+            raise
+        if self.listeners:
+            self._tell(model, rid, latency, feeds, outputs, None)
+        return outputs, model, rid
 
     def _tell(
         self,
@@ -246,7 +304,10 @@ class ModelSlot:
                 log.exception("%s: prediction listener failed", self.name)
 
     def close(self) -> None:
+        """Stop serving; requests already queued or running finish first (SIGTERM drains)."""
         with self._swap_lock:
             old, self._current = self._current, None
         if old is not None:
             old.retire()
+            if old.batcher is not None:
+                old.batcher.join()  # the queue is run before the thread ends

@@ -8,7 +8,7 @@ tools and ``inferd tune`` share one type.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -42,6 +42,11 @@ class RuntimeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     warmup_shapes: dict[str, tuple[int, ...]] = {}
     """Per input, the shape of the zeros to warm up on (inputs not named: dynamic dims 1)."""
     max_concurrency: int = 4
+    max_batch: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Dynamic batching: concurrent requests are run together up to this many rows along the
+    first axis (0 or 1: off). Only for models whose inputs all have a dynamic first axis."""
+    batch_window_us: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
+    """How long a batch waits for more requests after its first one, in microseconds."""
     name: str = "model"
     """Which model these options are for, in log lines (a slot's name)."""
 
@@ -63,6 +68,10 @@ class RuntimeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
             raise ValueError("give warmup_inputs or warmup_shapes, not both")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
+        if self.max_batch < 0:
+            raise ValueError("max_batch must be >= 0 (0 or 1: no batching)")
+        if not 0 <= self.batch_window_us <= 1_000_000:
+            raise ValueError("batch_window_us must be 0-1000000 (at most a second)")
 
 
 def runtime_for(path: str | Path) -> Literal["onnxruntime", "tflite"] | None:
