@@ -51,4 +51,4 @@ echo "== $mode, $("$tmp/.venv/bin/python" --version): " \
 # setup.sh would reinstall from the lock; this venv is the point of the check
 only_tests=""
 [ "$mode" = oldest ] && only_tests=1
-cd "$tmp" && INFERD_SKIP_SETUP=1 INFERD_TESTS_ONLY=$only_tests bash scripts/test.sh "$@"
+cd "$tmp" && SKIP_SETUP=1 TESTS_ONLY=$only_tests bash scripts/test.sh "$@"

@@ -3,11 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # make check-latest / check-oldest bring their own unlocked .venv
-[ -n "${INFERD_SKIP_SETUP:-}" ] || bash scripts/setup.sh
+[ -n "${SKIP_SETUP:-}" ] || bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 # make check-oldest runs the tests only: numpy 1.24's type stubs differ from the locked ones,
 # which says nothing about whether inferd works with it
-if [ -z "${INFERD_TESTS_ONLY:-}" ]; then
+if [ -z "${TESTS_ONLY:-}" ]; then
   echo "== ruff check" && ruff check .
   echo "== ruff format --check" && ruff format --check .
   echo "== mypy" && mypy
