@@ -315,6 +315,8 @@ class ApiServer:
             return self.error(
                 HTTPStatus.INTERNAL_SERVER_ERROR, f"{what}; the daemon log has the details"
             )
+        except RecursionError:  # a decoder's guard against deep nesting, wherever it is used
+            return self.error(HTTPStatus.BAD_REQUEST, "malformed JSON: nested too deeply")
         except Exception:
             log.exception("unexpected error serving %s %s", request.method, request.path)
             return self.error(

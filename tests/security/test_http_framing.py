@@ -258,3 +258,19 @@ def test_input_limits_are_400_not_500(
         assert [r.status for r in replies] == [400], name
         assert fragment in json.loads(replies[0].body)["error"]
         assert front.get_ok()
+
+
+def test_deep_feedback_json_is_400(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The real feedback parser behind the route: 100k-deep labels are a 400, not a traceback."""
+    from telemetry.quality.feedback import parse_feedback
+
+    body = b'{"id": "r1", "labels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with serving(tmp_path) as front:
+        front.api.feedback = lambda model, body: {"items": len(parse_feedback(body))}
+        replies = front.request(
+            b"POST /v2/models/demo/feedback HTTP/1.1\r\nHost: HOST\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+    assert [r.status for r in replies] == [400]
+    assert "nested too deeply" in json.loads(replies[0].body)["error"]
+    assert not [r for r in caplog.records if r.exc_info]
