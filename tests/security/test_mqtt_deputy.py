@@ -120,10 +120,12 @@ def test_a_reply_cannot_roll_the_device_back(
         assert _serving(daemon) == "2"
 
         # A retained group rollback is refused when it is replayed on the next connection.
+        # Published while the device is down: a connected device would get it live (not
+        # retained), which is an operator's rollback and is obeyed.
+        assert daemon.stop() == 0
         cap.client.publish(
             f"{prefix}/groups/kitchen/rollback", b'{"model": "classifier"}', qos=1, retain=True
         ).wait_for_publish(5)
-        assert daemon.stop() == 0
         daemon = start_daemon(tmp_path / "d", config)
         failed = lambda: _events(cap, "command-failed")  # noqa: E731
         assert _wait(lambda: any("retained" in e["message"] for e in failed())), daemon.stderr()
