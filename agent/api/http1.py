@@ -360,12 +360,10 @@ class _Connection:
             )
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
-        self.header_count += 1
-        if (
-            self.head_bytes + len(self.url) > self.limits.max_header_bytes
-            or self.header_count > self.limits.max_headers
-        ):
+        limits = self.limits
+        head_bytes = self.head_bytes = self.head_bytes + len(name) + len(value) + 4
+        count = self.header_count = self.header_count + 1
+        if head_bytes + len(self.url) > limits.max_header_bytes or count > limits.max_headers:
             self.error = self._head_too_large()
             raise _RefusedError
         key = name.decode("latin-1").lower()

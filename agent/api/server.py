@@ -39,6 +39,7 @@ MetricsText = Callable[[], str]
 """Extra Prometheus exposition text appended to /metrics."""
 
 _HEADER_LENGTH = "Inference-Header-Content-Length"
+_HEADER_LENGTH_KEY = _HEADER_LENGTH.lower()
 _MODEL_PATH = re.compile(
     r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/infer|/ready|/feedback)?$"
 )
@@ -88,13 +89,24 @@ class _Route:
 
 
 def _route(path: str) -> _Route | None:
+    route = _ROUTES.get(path, _MISSING)
+    if route is not _MISSING:
+        return route
     kind = _STATIC.get(path)
     if kind is not None:
-        return _Route(kind)
-    m = _MODEL_PATH.match(path)
-    if m is None:
-        return None
-    return _Route(_MODEL_ROUTES[m["rest"]], m["name"], m["version"])
+        route = _Route(kind)
+    else:
+        m = _MODEL_PATH.match(path)
+        route = None if m is None else _Route(_MODEL_ROUTES[m["rest"]], m["name"], m["version"])
+    if len(_ROUTES) >= 256:  # clients may send any path: keep the memo small
+        _ROUTES.clear()
+    _ROUTES[path] = route
+    return route
+
+
+_MISSING = _Route("")
+_ROUTES: dict[str, _Route | None] = {}
+"""Paths seen lately and their routes: a keep-alive client asks the same few paths."""
 
 
 def allowed_hosts(address: tuple[str, int] | str) -> frozenset[str] | None:
@@ -116,7 +128,9 @@ def allowed_hosts(address: tuple[str, int] | str) -> frozenset[str] | None:
 
 
 def _media_type(value: str | None) -> str | None:
-    return None if value is None else value.split(";", 1)[0].strip().lower()
+    if value is None or value == "application/json":
+        return value
+    return value.split(";", 1)[0].strip().lower()
 
 
 class ApiServer:
@@ -280,7 +294,7 @@ class ApiServer:
             )
         if request.method == "POST":
             media = _media_type(headers.get("content-type"))
-            binary = headers.get(_HEADER_LENGTH.lower())
+            binary = headers.get(_HEADER_LENGTH_KEY)
             if media not in _JSON_TYPES and not (
                 media == "application/octet-stream" and binary is not None
             ):
@@ -362,7 +376,7 @@ class ApiServer:
                 f"model {slot.name!r} has no version {route.version!r}; serving {model.version!r}"
             )
         if kind == "infer":
-            raw = request.headers.get(_HEADER_LENGTH.lower())
+            raw = request.headers.get(_HEADER_LENGTH_KEY)
             out, head_len = v2.infer(slot, request.body, int(raw) if raw is not None else None)
             if head_len is None:
                 return Response(HTTPStatus.OK, out)
