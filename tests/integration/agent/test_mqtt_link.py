@@ -208,9 +208,14 @@ def test_nothing_is_lost_when_the_network_drops_mid_stream(
 
 
 def test_status_comes_first_after_reconnect_and_subscriptions_are_restored(
-    tmp_path: Path, broker: Broker, make_link: Callable[..., MqttLink], capture_factory: Any
+    tmp_path: Path,
+    broker: Broker,
+    make_link: Callable[..., MqttLink],
+    capture_factory: Any,
+    cutter_factory: Any,
 ) -> None:
-    link = make_link(link_config(tmp_path, broker))
+    gate = cutter_factory(broker)
+    link = make_link(link_config(tmp_path, gate))
     got: list[str] = []
     link.subscribe("inferd/dev1/hello", lambda m: got.append(m.payload.decode()))
     assert wait(lambda: link.connected)
@@ -218,8 +223,10 @@ def test_status_comes_first_after_reconnect_and_subscriptions_are_restored(
     assert wait(lambda: not link.connected)
     for i in range(20):
         link.emit_event("queued", str(i))
+    gate.cut()  # the link comes back only once the capture below listens
     broker.start()
     cap = capture_factory(broker, "inferd/dev1/#")
+    gate.restore()
     assert cap.wait(lambda: len(cap.on("events")) == 20 and bool(cap.on("status")), 10)
     topics = [m.topic.rsplit("/", 1)[1] for m in cap.messages]
     assert topics.index("status") < topics.index("events")
