@@ -145,6 +145,12 @@ class Batcher:
         self._stopping = False
         self._split_ok = True
         self._thread: threading.Thread | None = None
+        # Wake-ups cost a thread switch each (tens of us on a busy 2-core machine, as much as
+        # a small model's run): a submitter wakes the thread only when it waits for a first
+        # request, or when the rows it is short of (``_need``) for its batch have arrived.
+        self._idle = False
+        self._forming_key: object = None
+        self._need = 0
         self.batches = 0
         """Batches run (each one backend run), for tests and the curious."""
         self.forming = 0
@@ -186,6 +192,11 @@ class Batcher:
             self._cond.notify_all()
 
     @property
+    def queued(self) -> int:
+        """Requests waiting that no batch has taken yet."""
+        return len(self._pending)
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -211,7 +222,12 @@ class Batcher:
             queued = not self._stopping and self._thread is not None
             if queued:
                 self._pending.append(request)
-                cond.notify()
+                if self._idle:
+                    cond.notify()
+                elif key == self._forming_key:
+                    self._need -= rows
+                    if self._need <= 0:
+                        cond.notify()
         if not queued:  # retired while this request was on its way in: run it here, alone
             self._run([request])
         request.done.acquire()
@@ -228,7 +244,9 @@ class Batcher:
         while True:
             with cond:
                 while not pending and not self._stopping:
+                    self._idle = True
                     cond.wait()
+                    self._idle = False
                 if not pending:
                     return  # stopping, and the queue is empty
                 batch = self._gather()
@@ -244,26 +262,32 @@ class Batcher:
         max_batch = self.max_batch
         if not self._split_ok:
             return batch
-        self.forming = 1
+        key = first.key
         scanned = 0  # requests before this index in ``pending`` cannot join
         while rows < max_batch:
+            too_big = False
             i = scanned
             while i < len(pending):
                 other = pending[i]
-                if other.key == first.key and rows + other.rows <= max_batch:
+                if other.key != key:
+                    i += 1
+                elif rows + other.rows <= max_batch:
                     del pending[i]
                     batch.append(other)
                     rows += other.rows
                 else:
+                    too_big = True  # it starts the next batch; this one will not fill up
                     i += 1
             scanned = len(pending)
             self.forming = len(batch)
-            if rows >= max_batch or self._stopping:
+            if rows >= max_batch or too_big or self._stopping:
                 break
             remaining = deadline - self.clock()
             if remaining <= 0:
                 break
+            self._forming_key, self._need = key, max_batch - rows
             self._cond.wait(remaining / 1e9)
+            self._forming_key = None
         self.forming = 0
         return batch
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.batching import Batcher, batch_refusal
+from agent.batching import Batcher, Clock, batch_refusal
 from agent.config import ModelConfig
 from runtime.backends import Backend, open_backend
 from runtime.errors import BackendError, NotReadyError
@@ -157,6 +157,8 @@ class ModelSlot:
         """How the last update job of this slot ended (set by the updater)."""
         self.emit_event: EmitEvent | None = None
         """Where the slot's own events go (a failed warm-up); set by telemetry when it runs."""
+        self.batch_clock: Clock = time.perf_counter_ns
+        """The clock of the batchers of models loaded from now on (tests give a fake)."""
 
     @property
     def name(self) -> str:
@@ -197,7 +199,11 @@ class ModelSlot:
         why = batch_refusal(model.backend)
         if why is None:
             model.batcher = Batcher(
-                self.name, model.backend, self.config.max_batch, self.config.batch_window_us
+                self.name,
+                model.backend,
+                self.config.max_batch,
+                self.config.batch_window_us,
+                self.batch_clock,
             )
             return
         message = (
