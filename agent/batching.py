@@ -197,6 +197,12 @@ class Batcher:
         return len(self._pending)
 
     @property
+    def waiting(self) -> int:
+        """Requests waiting for a run: queued, or in the batch being gathered."""
+        with self._cond:
+            return len(self._pending) + self.forming
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
