@@ -504,3 +504,67 @@ def test_loaded_model_without_batcher_is_unchanged(tmp_path: Path) -> None:
         slot.predict({"x": np.ones((1, 4), np.float32)})
     assert model.backend.stats.runs == 3
     slot.close()
+
+
+def test_a_tflite_model_batches_too(tmp_path: Path, pool, tflite_factory) -> None:
+    """LiteRT resizes its input to each batch's rows; the rows come back as when run alone."""
+    path = tflite_factory("classifier")
+    clock = FakeClock()
+    slot = serving(path, clock, max_batch=3)
+    assert slot.config.runtime == "tflite"
+    plain = unbatched(path)
+    batcher = batcher_of(slot)
+    xs = [np.full((1, 4), i / 4, np.float32) for i in range(2)] + [np.ones((1, 4), np.float32)]
+    futures = []
+    for n, x in enumerate(xs, 1):
+        futures.append(pool.submit(slot.predict, {"x": x}))
+        wait_until(lambda n=n: batcher.waiting == n or batcher.batches == 1)
+    for x, f in zip(xs, futures, strict=True):
+        want = plain.predict({"x": x})[0]["probs"]
+        np.testing.assert_allclose(f.result(timeout=10)[0]["probs"], want, rtol=1e-6)
+    assert batcher.batches == 1
+    slot.close()
+    plain.close()
+
+
+def add_inputs(path: Path) -> Path:
+    """a [N, 3] + b [N, 3] float32 -> y [N, 3]: two inputs sharing one batch axis."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        "add_inputs",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    return models.save(graph, path)
+
+
+def test_several_inputs_stack_together_and_disagreeing_rows_run_alone(tmp_path: Path, pool) -> None:
+    path = add_inputs(tmp_path / "add.onnx")
+    plain = unbatched(path)
+    rng = np.random.default_rng(5)
+    # the runtime broadcasts a's one row over b's two: valid alone, unsplittable in a batch
+    uneven = {"a": np.ones((1, 3), np.float32), "b": np.full((2, 3), 2, np.float32)}
+    alone = plain.predict(uneven)[0]["y"]
+    clock = FakeClock()
+    slot = serving(path, clock)
+    batcher = batcher_of(slot)
+    feeds = [
+        {"a": rng.normal(size=(n, 3)).astype(np.float32), "b": rng.normal(size=(n, 3))}
+        for n in (2, 1)
+    ]
+    feeds = [{k: v.astype(np.float32) for k, v in f.items()} for f in feeds]
+    futures = [pool.submit(slot.predict, feeds[0])]
+    wait_until(lambda: batcher.forming == 1)
+    odd = pool.submit(slot.predict, uneven)  # rows disagree: a batch of its own
+    futures.append(pool.submit(slot.predict, feeds[1]))
+    wait_until(lambda: batcher.forming == 2 and batcher.queued == 1)
+    clock.advance(WINDOW_US, batcher)
+    for f, fut in zip(feeds, futures, strict=True):
+        np.testing.assert_array_equal(fut.result(timeout=10)[0]["y"], f["a"] + f["b"])
+    np.testing.assert_array_equal(odd.result(timeout=10)[0]["y"], alone)
+    assert batcher.batches == 2
+    slot.close()
+    plain.close()
