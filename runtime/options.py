@@ -46,7 +46,8 @@ class RuntimeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     """Dynamic batching: concurrent requests are run together up to this many rows along the
     first axis (0 or 1: off). Only for models whose inputs all have a dynamic first axis."""
     batch_window_us: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
-    """How long a batch waits for more requests after its first one, in microseconds."""
+    """How long a batch waits for more requests after its first one, in microseconds; at most
+    a second, so that requests queued at SIGTERM are answered within the API's 5 s drain."""
     name: str = "model"
     """Which model these options are for, in log lines (a slot's name)."""
 
