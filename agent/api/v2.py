@@ -14,6 +14,7 @@ cost a copy.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -77,6 +78,48 @@ def _json_error(err: msgspec.DecodeError) -> InputError:
     return InputError(f"malformed JSON: {msg}")
 
 
+_PACK = {
+    "FP32": ("f", np.dtype(np.float32)),
+    "FP64": ("d", np.dtype(np.float64)),
+    "INT8": ("b", np.dtype(np.int8)),
+    "INT16": ("h", np.dtype(np.int16)),
+    "INT32": ("i", np.dtype(np.int32)),
+    "INT64": ("q", np.dtype(np.int64)),
+    "UINT8": ("B", np.dtype(np.uint8)),
+    "UINT16": ("H", np.dtype(np.uint16)),
+    "UINT32": ("I", np.dtype(np.uint32)),
+    "UINT64": ("Q", np.dtype(np.uint64)),
+}
+"""struct codes (standard sizes, native order) of the datatypes a flat list is packed from."""
+
+
+_WIRE_DTYPES = {
+    name: np.dtype(name).newbyteorder("<") for name in NUMPY_DTYPES.values() if name != "str"
+}
+"""numpy dtype name -> the little-endian dtype of the binary extension's raw bytes."""
+
+
+def _packed(data: list[Any], datatype: str) -> np.ndarray | None:
+    """A flat list of numbers as an array, or None when numpy has to judge it.
+
+    ``struct`` converts a list of Python numbers in one C loop, 2-3x faster than numpy's
+    per-element coercion (the largest cost of a JSON request of a few thousand numbers), with
+    the same rounding (float64 to float32 as C does). Whatever it refuses (a nested list, a
+    string, a float for an integer type, a value out of range) goes the numpy way, whose errors
+    are the ones callers see.
+    """
+    spec = _PACK.get(datatype)
+    if spec is None:
+        return None
+    code, dtype = spec
+    buf = bytearray(len(data) * dtype.itemsize)  # writable, like numpy's own arrays
+    try:
+        struct.pack_into(f"={len(data)}{code}", buf, 0, *data)
+    except (struct.error, OverflowError, TypeError):
+        return None
+    return np.frombuffer(buf, dtype=dtype)
+
+
 def _tensor(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
     """The tensor's array and the offset just past its binary data (if it had any)."""
     dtype = NUMPY_DTYPES.get(t.datatype)
@@ -87,9 +130,9 @@ def _tensor(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarray, in
     if any(d < 0 for d in t.shape):
         raise InputError(f"input {t.name!r}: shape {t.shape} has a negative dimension")
     count = math.prod(t.shape)
-    size = t.parameters.get("binary_data_size")
+    size = t.parameters.get("binary_data_size") if t.parameters else None
     if size is not None:
-        np_dtype = np.dtype(dtype).newbyteorder("<")
+        np_dtype = _WIRE_DTYPES[dtype]
         if not isinstance(size, int) or size != count * np_dtype.itemsize:
             raise InputError(
                 f"input {t.name!r}: binary_data_size {size} does not match shape {t.shape} of"
@@ -99,15 +142,22 @@ def _tensor(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarray, in
             raise InputError(
                 f"input {t.name!r}: binary data ends after {len(binary) - offset} bytes"
             )
-        arr = np.frombuffer(binary[offset : offset + size], dtype=np_dtype).astype(dtype)
+        # A copy, not a view of the body: the array is writable like any other, and a kept
+        # array (the quality join, a batch) does not hold the whole request alive.
+        arr = np.frombuffer(binary[offset : offset + size], dtype=np_dtype).astype(
+            np_dtype.newbyteorder("=")
+        )
         return arr.reshape(t.shape), offset + size
-    if t.data is None:
+    data = t.data
+    if data is None:
         raise InputError(f"input {t.name!r}: needs data or parameters.binary_data_size")
-    try:
-        # Nested (row-major) data is allowed by the spec; numpy takes both forms.
-        arr = np.asarray(t.data, dtype=np.dtype(dtype))
-    except (ValueError, TypeError, OverflowError) as err:
-        raise InputError(f"input {t.name!r}: data is not {t.datatype}: {err}") from err
+    arr = _packed(data, t.datatype)
+    if arr is None:
+        try:
+            # Nested (row-major) data is allowed by the spec; numpy takes both forms.
+            arr = np.asarray(data, dtype=np.dtype(dtype))
+        except (ValueError, TypeError, OverflowError) as err:
+            raise InputError(f"input {t.name!r}: data is not {t.datatype}: {err}") from err
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         # JSON numbers cannot be NaN or infinite: these came from strings ("nan", "inf") or
         # from numbers beyond the datatype's range, and would poison outputs and statistics.
