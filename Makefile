@@ -1,4 +1,4 @@
-.PHONY: setup test lint demo bench schemas clean lock check-latest check-oldest check-arm64 install uninstall
+.PHONY: setup test lint demo bench bench-peers schemas clean lock check-latest check-oldest check-arm64 install uninstall
 
 setup:
 	bash scripts/setup.sh
@@ -23,6 +23,11 @@ demo:
 
 bench: setup
 	.venv/bin/python -m bench.run
+
+# Opt-in, never in CI or `make bench`: Seldon MLServer in a throwaway venv (build/, not the lock)
+# beside inferd, same models and client; the overhead ratio goes into bench/results.json.
+bench-peers: setup
+	.venv/bin/python -m bench.peers
 
 schemas: setup
 	.venv/bin/python -m telemetry.schemas

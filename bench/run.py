@@ -28,9 +28,12 @@ ROOT = HERE.parent
 
 
 def benchmarks() -> list[str]:
-    """The benchmark modules: every ``bench/*.py`` but this runner and the private helpers."""
+    """The benchmark modules: every ``bench/*.py`` but this runner, the private helpers and the
+    opt-in ones (peers installs another server: ``make bench-peers``)."""
     return sorted(
-        p.stem for p in HERE.glob("*.py") if p.stem != "run" and not p.stem.startswith("_")
+        p.stem
+        for p in HERE.glob("*.py")
+        if p.stem not in ("run", "peers") and not p.stem.startswith("_")
     )
 
 

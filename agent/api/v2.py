@@ -78,7 +78,7 @@ def _json_error(err: msgspec.DecodeError) -> InputError:
     return InputError(f"malformed JSON: {msg}")
 
 
-_PACK = {
+_PACK: dict[str, tuple[str, np.dtype[Any]]] = {
     "FP32": ("f", np.dtype(np.float32)),
     "FP64": ("d", np.dtype(np.float64)),
     "INT8": ("b", np.dtype(np.int8)),
@@ -151,8 +151,10 @@ def _tensor(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarray, in
     data = t.data
     if data is None:
         raise InputError(f"input {t.name!r}: needs data or parameters.binary_data_size")
-    arr = _packed(data, t.datatype)
-    if arr is None:
+    packed = _packed(data, t.datatype)
+    if packed is not None:
+        arr = packed
+    else:
         try:
             # Nested (row-major) data is allowed by the spec; numpy takes both forms.
             arr = np.asarray(data, dtype=np.dtype(dtype))
