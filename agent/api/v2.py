@@ -127,7 +127,7 @@ def _tensor(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarray, in
         raise InputError(f"input {t.name!r}: unsupported datatype {t.datatype!r}")
     if len(t.shape) > MAX_DIMS:
         raise InputError(f"input {t.name!r}: {len(t.shape)} dimensions; the limit is {MAX_DIMS}")
-    if any(d < 0 for d in t.shape):
+    if t.shape and min(t.shape) < 0:
         raise InputError(f"input {t.name!r}: shape {t.shape} has a negative dimension")
     count = math.prod(t.shape)
     size = t.parameters.get("binary_data_size") if t.parameters else None
@@ -153,6 +153,8 @@ def _tensor(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarray, in
         raise InputError(f"input {t.name!r}: needs data or parameters.binary_data_size")
     packed = _packed(data, t.datatype)
     if packed is not None:
+        # Finite: JSON has no NaN or infinity (the decoder refuses numbers beyond float64),
+        # and struct refuses a float64 beyond float32's range.
         arr = packed
     else:
         try:
@@ -160,10 +162,11 @@ def _tensor(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarray, in
             arr = np.asarray(data, dtype=np.dtype(dtype))
         except (ValueError, TypeError, OverflowError) as err:
             raise InputError(f"input {t.name!r}: data is not {t.datatype}: {err}") from err
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        # JSON numbers cannot be NaN or infinite: these came from strings ("nan", "inf") or
-        # from numbers beyond the datatype's range, and would poison outputs and statistics.
-        raise InputError(f"input {t.name!r}: data holds NaN or infinite values")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            # JSON numbers cannot be NaN or infinite: these came from strings ("nan", "inf")
+            # or from numbers beyond the datatype's range, and would poison outputs and
+            # statistics.
+            raise InputError(f"input {t.name!r}: data holds NaN or infinite values")
     if arr.size != count:
         raise InputError(
             f"input {t.name!r}: {arr.size} values do not fill shape {t.shape} ({count} values)"
