@@ -21,11 +21,11 @@ EX_SOFTWARE = 70
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from agent.daemon import Daemon
+    from agent.app import build_daemon
 
     config = load_config(args.config)
     logsetup.configure(config.log_level)
-    Daemon(config, config_path=args.config).run()
+    build_daemon(config, config_path=args.config).run()
     return 0
 
 

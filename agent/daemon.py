@@ -12,11 +12,11 @@ import logging
 import signal
 import socket
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from agent import quality, reporting, updates
 from agent.api.server import ApiServer
 from agent.config import Config
 from agent.health import ServingHealth
@@ -24,6 +24,11 @@ from agent.reload import ReloadResult, reload_config
 from agent.sdnotify import Notifier, WatchdogPinger
 from agent.slots import ModelSlot
 from runtime.errors import ConfigError, InferdError
+
+if TYPE_CHECKING:
+    from agent.quality import QualityService
+    from agent.reporting import Telemetry
+    from agent.updates import UpdateComponent
 
 log = logging.getLogger(__name__)
 
@@ -39,33 +44,41 @@ class Component(Protocol):
 class Daemon:
     """One inferd process: model slots, the local API and the components around them."""
 
-    def __init__(self, config: Config, config_path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        slots: dict[str, ModelSlot],
+        api: ApiServer,
+        components: list[Component],
+        boot_plan: Callable[[], Mapping[str, tuple[Path, str]]],
+        config_path: str | Path | None = None,
+    ) -> None:
+        """Parts come built and wired from :func:`agent.app.build_daemon`."""
         self.config = config
         self.config_path = config_path
         self.state_dir = Path(config.state_dir)
-        self.slots: dict[str, ModelSlot] = {
-            m.name: ModelSlot(m, cache_dir=self.state_dir / "cache" / m.name) for m in config.models
-        }
-        self.api = ApiServer(config.api, self.slots)
+        self.slots = slots
+        self.api = api
+        self.components = components
+        self._boot_plan = boot_plan
         self.health = ServingHealth(self.api, self.slots)
         self.notifier = Notifier()
         self.restart_needed: tuple[str, ...] = ()
-        self.components: list[Component] = []
         self.load_errors: dict[str, str] = {}
         self._stop = threading.Event()
         self._wake_w: socket.socket | None = None  # run()'s signal wakeup socket
         self._reload_requested = False
         self._started: list[Component] = []
-        self.quality = quality.attach(self)
-        self.telemetry = reporting.attach(self)  # first component: starts first, stops last
-        if self.telemetry is not None:
-            quality.connect_link(self.quality, self.telemetry.link)
-        self.updates = updates.attach(self)  # after telemetry: pokes and events use its link
+        # The parts by name, for tests, benchmarks and diagnostics; set by the composition root.
+        self.telemetry: Telemetry | None = None
+        self.quality: QualityService | None = None
+        self.updates: UpdateComponent | None = None
 
     def initial_model(self, slot: ModelSlot) -> tuple[Path, str]:
         """The file and version a slot serves at start: the version an update installed (and
         did not roll back), else the config's initial model."""
-        planned = self.updates.boot_plan().get(slot.name)
+        planned = self._boot_plan().get(slot.name)
         return planned if planned is not None else (Path(slot.config.path), slot.config.version)
 
     def load_models(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -26,16 +26,25 @@ from telemetry.prometheus import Family, render
 from telemetry.quality.drift import ReferenceStats, load_reference
 from telemetry.quality.feedback import FeedbackError, FeedbackLog, parse_command, parse_feedback
 from telemetry.quality.monitor import EmitEvent, QualityMonitor
-from telemetry.spool import Kind, SpoolFullError
+from telemetry.spool import SpoolFullError
 
 if TYPE_CHECKING:
-    from agent.daemon import Daemon
-    from agent.mqtt.link import MqttLink
+    from agent.mqtt.link import CommandHandler
 
 log = logging.getLogger(__name__)
 
 PublishBytes = Callable[[str, bytes], object]
 """``link.publish(leaf, payload)``: queue bytes on ``{prefix}/{device}/{leaf}``."""
+
+
+class QualityLink(Protocol):
+    """What the service uses of the MQTT link (or of the NullLink when MQTT is off)."""
+
+    def publish(self, leaf: str, payload: bytes) -> object: ...
+
+    def emit_event(self, kind: str, message: str, **fields: Any) -> None: ...
+
+    def on_command(self, name: str, handler: CommandHandler) -> None: ...
 
 
 class FeedbackNotStoredError(NotReadyError):
@@ -48,11 +57,11 @@ class FeedbackNotStoredError(NotReadyError):
 class QualityService:
     """Owns the daemon's :class:`QualityMonitor` and connects it to slots, API and MQTT."""
 
-    def __init__(self, config: Config, slots: Mapping[str, ModelSlot]) -> None:
+    def __init__(self, config: Config, slots: Mapping[str, ModelSlot], link: QualityLink) -> None:
         self.slots = slots
         self.device_id = config.device_id
-        self._publish: PublishBytes | None = None
-        self._emit: EmitEvent | None = None
+        self._publish: PublishBytes = link.publish
+        self._emit: EmitEvent = link.emit_event
         self.monitor = QualityMonitor(
             config.quality,
             config.device_id,
@@ -63,13 +72,7 @@ class QualityService:
         )
         for slot in slots.values():
             slot.listeners.append(self.monitor.listener)
-
-    # -- wiring ----------------------------------------------------------------------------
-
-    def connect(self, publish: PublishBytes, emit_event: EmitEvent) -> None:
-        """Send payloads and events through the MQTT link (without one they are only logged)."""
-        self._publish = publish
-        self._emit = emit_event
+        link.on_command("feedback", lambda cmd: self.mqtt_feedback(cmd.args))
 
     def start(self) -> None:
         self.monitor.start()
@@ -78,16 +81,10 @@ class QualityService:
         self.monitor.stop()
 
     def _publish_quality(self, payload: QualityPayload) -> None:
-        if self._publish is None:
-            log.debug(
-                "quality of %s %s not published: no MQTT link", payload.model, payload.version
-            )
-            return
         self._publish("quality", msgspec.json.encode(payload))
 
     def _emit_event(self, kind: str, message: str, **fields: Any) -> None:
-        if self._emit is not None:
-            self._emit(kind, message, **fields)
+        self._emit(kind, message, **fields)
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -114,17 +111,16 @@ class QualityService:
             reply = self.monitor.feedback_items(model, items)
         except FeedbackError as err:
             raise InputError(str(err)) from err
-        if self._publish is not None:
-            record = FeedbackLog(device=self.device_id, model=model, items=items)
-            try:
-                self._publish("feedback", msgspec.json.encode(record))
-            except SpoolError as err:
-                log.error("feedback for %s not spooled: %s", model, err)  # the path is for the log
-                full = isinstance(err, SpoolFullError)
-                raise FeedbackNotStoredError(
-                    "the labels were applied, but the device could not queue them for the broker"
-                    + (": its disk is full" if full else ": its spool failed")
-                ) from err
+        record = FeedbackLog(device=self.device_id, model=model, items=items)
+        try:
+            self._publish("feedback", msgspec.json.encode(record))
+        except SpoolError as err:
+            log.error("feedback for %s not spooled: %s", model, err)  # the path is for the log
+            full = isinstance(err, SpoolFullError)
+            raise FeedbackNotStoredError(
+                "the labels were applied, but the device could not queue them for the broker"
+                + (": its disk is full" if full else ": its spool failed")
+            ) from err
         return reply
 
     def mqtt_feedback(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -189,25 +185,3 @@ def prometheus_text(payloads: Sequence[QualityPayload]) -> str:
             for outcome in ("matched", "late", "unknown", "duplicate", "invalid"):
                 labels_total.add(getattr(p.feedback, outcome), model=p.model, outcome=outcome)
     return render([*gauges.values(), labels_total])
-
-
-def attach(daemon: Daemon) -> QualityService:
-    """Build the service for a :class:`~agent.daemon.Daemon` and hook it into its API and
-    components; the MQTT side is joined with :func:`connect_link`."""
-    service = QualityService(daemon.config, daemon.slots)
-    daemon.api.feedback = service.http_feedback
-    daemon.api.metrics_text.append(lambda: prometheus_text(service.monitor.payloads()))
-    daemon.components.append(service)
-    return service
-
-
-def connect_link(service: QualityService, link: MqttLink) -> None:
-    """Publish through ``link`` (an :class:`agent.mqtt.link.MqttLink`) and take ``cmd/feedback``."""
-
-    def publish(leaf: str, payload: bytes) -> bool:
-        # feedback logs have their own share of the spool and are dropped (counted) beyond it
-        kind = Kind.FEEDBACK if leaf == "feedback" else None
-        return link.publish(leaf, payload, kind=kind)
-
-    service.connect(publish, link.emit_event)
-    link.on_command("feedback", lambda cmd: service.mqtt_feedback(cmd.args))

@@ -33,7 +33,7 @@ from telemetry.prediction_log import PredictionLogger
 from telemetry.resources import ResourceSampler
 
 if TYPE_CHECKING:
-    from agent.daemon import Daemon
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -192,14 +192,3 @@ class Telemetry:
         self.predictions.stop()  # flushes its queue into the spool
         self.link.emit_event("agent-stopping", "inferd is shutting down")
         self.link.stop()
-
-
-def attach(daemon: Daemon) -> Telemetry | None:
-    """Build the telemetry component for ``daemon`` and put it first among its components."""
-    if not daemon.config.mqtt.enabled:
-        log.info("mqtt disabled: no telemetry is published")
-        return None
-    telemetry = Telemetry(daemon.config, daemon.slots)
-    daemon.components.insert(0, telemetry)
-    daemon.api.ready_checks.append(telemetry.link.problem)
-    return telemetry

@@ -21,10 +21,10 @@ from agent.slots import LoadedModel, ModelSlot
 from runtime.errors import InferdError
 from telemetry.payloads import LastUpdate
 from updater.device.client import RepositoryClient
-from updater.device.updater import DeviceUpdater, Emit, RunCounts, Serving
+from updater.device.updater import DeviceUpdater, RunCounts, Serving
 
 if TYPE_CHECKING:
-    from agent.daemon import Daemon
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ class UpdateComponent:
         self,
         config: Config,
         slots: Mapping[str, ModelSlot],
-        emit: Emit | None = None,
-        on_state: Callable[[], None] | None = None,
+        link: CommandLink,
     ) -> None:
         self.config = config
         self.enabled = config.updates.enabled
@@ -117,7 +116,7 @@ class UpdateComponent:
                 u.trusted_root,
             )
             self.enabled = False
-        self._on_state = on_state
+        self._on_state = link.publish_status
         self.adapters = {name: SlotAdapter(s, self._state_changed) for name, s in slots.items()}
         client = RepositoryClient(
             u.repository_url,
@@ -132,8 +131,11 @@ class UpdateComponent:
             groups=config.groups,
             device_id=config.device_id,
             settings=u,
-            emit=emit,
+            emit=link.emit_event,
         )
+        link.on_command("update", self._on_poke)  # {prefix}/groups/{group}/update, cmd/update
+        link.on_command("check-update", self._on_poke)
+        link.on_command("rollback", self._on_rollback)
 
     def _state_changed(self) -> None:
         if self._on_state is not None:
@@ -149,14 +151,6 @@ class UpdateComponent:
             )
             return {}
         return {name: (Path(e.path), e.version) for name, e in plan.items()}
-
-    def attach(self, link: CommandLink) -> None:
-        """Hook pokes and commands on the MQTT link; events and status go through it."""
-        self.updater.emit = link.emit_event
-        self._on_state = link.publish_status
-        link.on_command("update", self._on_poke)  # {prefix}/groups/{group}/update, cmd/update
-        link.on_command("check-update", self._on_poke)
-        link.on_command("rollback", self._on_rollback)
 
     def _on_poke(self, cmd: Any) -> dict[str, Any]:
         # whatever a poke says, it only makes the device ask the repository (TUF decides)
@@ -185,23 +179,3 @@ class UpdateComponent:
 
     def stop(self) -> None:
         self.updater.stop()
-
-
-def attach(daemon: Daemon) -> UpdateComponent:
-    """Build the update component for ``daemon`` and add it to its components.
-
-    When the daemon already has its telemetry link (``daemon.telemetry.link``), pokes,
-    commands, events and status go through it; otherwise :func:`connect_link` does it later.
-    """
-    component = UpdateComponent(daemon.config, daemon.slots)
-    daemon.components.append(component)
-    telemetry = getattr(daemon, "telemetry", None)
-    link = getattr(telemetry, "link", None)
-    if link is not None:
-        connect_link(component, link)
-    return component
-
-
-def connect_link(component: UpdateComponent, link: CommandLink) -> None:
-    """Route the updater's pokes, commands, events and status through the MQTT link."""
-    component.attach(link)

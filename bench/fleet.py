@@ -73,8 +73,8 @@ def worker(spec: dict[str, Any]) -> int:
 
     import numpy as np
 
+    from agent.app import build_daemon
     from agent.config import parse_config
-    from agent.daemon import Daemon
     from runtime.errors import BackendError
 
     logging.basicConfig(level=logging.WARNING, filename=spec["log"])
@@ -98,7 +98,7 @@ def worker(spec: dict[str, Any]) -> int:
             },
             environ={},
         )
-        daemon = Daemon(cfg)
+        daemon = build_daemon(cfg)
         if agent["faulty"]:
             adapter = daemon.updates.adapters[SLOT]
             real_load = adapter.load

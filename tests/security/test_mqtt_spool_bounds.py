@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.app import build_daemon
 from agent.config import parse_config
 from agent.daemon import Daemon
 from telemetry.spool import Kind, SpoolFullError
@@ -38,7 +39,7 @@ def daemon(tmp_path: Path, model_factory: Any) -> Iterator[Daemon]:
         },
         environ={},
     )
-    d = Daemon(config)
+    d = build_daemon(config)
     d.start()
     yield d
     d.stop()
@@ -123,7 +124,7 @@ def test_readiness_is_false_while_the_telemetry_forwarder_is_restarted(
         },
         environ={},
     )
-    d = Daemon(config)
+    d = build_daemon(config)
     d.start()
     try:
         assert d.telemetry is not None

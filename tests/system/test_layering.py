@@ -18,9 +18,9 @@ DEMO = ROOT / "examples" / "models" / "demo.onnx"
 CHILD = """
 import json, sys
 from agent.config import parse_config
-from agent.daemon import Daemon
+from agent.app import build_daemon
 
-daemon = Daemon(parse_config(json.loads(sys.argv[1])))
+daemon = build_daemon(parse_config(json.loads(sys.argv[1])))
 daemon.start()
 try:
     daemon.slots["demo"].predict  # the serving path is there

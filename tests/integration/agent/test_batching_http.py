@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.app import build_daemon
 from agent.batching import Batcher
 from agent.config import parse_config
 from agent.daemon import Daemon
@@ -62,7 +63,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         },
         environ={},
     )
-    d = Daemon(config)
+    d = build_daemon(config)
     d.start()
     try:
         yield d

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.app import build_daemon
 from agent.config import parse_config
-from agent.daemon import Daemon
 from tests.support.broker import Broker, Capture
 from tests.support.tuf_repo import TufRepo
 
@@ -57,7 +57,7 @@ def test_every_daemon_thread_is_named_inferd_and_stop_joins_them(
     reply_topic = "inferd/threads/infer/clf/reply"
     capture = capture_factory(broker, reply_topic)
     before = set(threading.enumerate())
-    daemon = Daemon(config)
+    daemon = build_daemon(config)
     daemon.start()
     try:
         assert daemon.telemetry is not None

@@ -149,8 +149,8 @@ def daemon(tmp_path, model_factory):
     """An in-process daemon serving a classifier with reference stats beside it."""
     import numpy as np
 
+    from agent.app import build_daemon
     from agent.config import parse_config
-    from agent.daemon import Daemon
     from telemetry.quality.drift import compute_reference
 
     model = model_factory("classifier", n_features=4, n_classes=3, seed=2)
@@ -168,7 +168,7 @@ def daemon(tmp_path, model_factory):
         },
         environ={},
     )
-    d = Daemon(config)
+    d = build_daemon(config)
     d.start()
     yield d
     d.stop()
@@ -246,7 +246,7 @@ def test_cmd_feedback_over_mqtt_and_quality_published(tmp_path, broker, capture_
 
     from agent.config import parse_config
     from agent.mqtt.link import MqttLink
-    from agent.quality import QualityService, connect_link
+    from agent.quality import QualityService
     from agent.slots import ModelSlot
     from telemetry import schemas
     from telemetry.payloads import HostFacts, Status, utc_now
@@ -265,13 +265,12 @@ def test_cmd_feedback_over_mqtt_and_quality_published(tmp_path, broker, capture_
     )
     slot = ModelSlot(cfg.models[0])
     slot.swap(slot.load(model, "4"))
-    service = QualityService(cfg, {"clf": slot})
     status = Status(
         device="dev1", groups=[], agent_version="t", started_at=utc_now(), models=[],
         host=HostFacts(hostname="h", arch="x86_64", os="Linux", python="3"),
     )  # fmt: skip
     link = MqttLink(cfg, lambda: status)
-    connect_link(service, link)
+    service = QualityService(cfg, {"clf": slot}, link)
     cap = capture_factory(broker, "replies/#", "inferd/dev1/quality", "inferd/dev1/feedback")
     link.start()
     service.start()

@@ -115,6 +115,7 @@ def test_reference_shipped_in_a_signed_update_drives_drift(tuf_repo, update_devi
     tracks drift of v2 against them; v1 had none, so it was never tracked."""
     from agent.config import parse_config
     from agent.quality import QualityService
+    from tests.support.links import CallbackLink
     from tests.support.models import classifier
 
     rng = np.random.default_rng(3)
@@ -130,10 +131,8 @@ def test_reference_shipped_in_a_signed_update_drives_drift(tuf_repo, update_devi
         environ={},
     )  # fmt: skip
     events: list[dict] = []
-    service = QualityService(config, {"classifier": device.slot})
-    service.connect(
-        lambda leaf, payload: None, lambda kind, msg, **f: events.append(f | {"k": kind})
-    )
+    link = CallbackLink(on_event=lambda kind, msg, **f: events.append(f | {"k": kind}))
+    service = QualityService(config, {"classifier": device.slot}, link)
 
     def serve(shift: float) -> None:
         for _ in range(10):  # PSI needs a few hundred samples to be quiet on unshifted data
