@@ -29,7 +29,7 @@ from agent.batching import Batcher, Clock, batch_refusal
 from agent.config import ModelConfig
 from runtime.backends import Backend, open_backend
 from runtime.errors import BackendError, NotReadyError
-from telemetry.payloads import LastUpdate
+from telemetry.payloads import LastUpdate, UpdateState
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class ModelSlot:
         for _ in range(config.max_concurrency):
             self._tokens.put(None)
         self.listeners: list[Listener] = []
-        self.update_state = "idle"
+        self.update_state = UpdateState.IDLE
         self.last_update: LastUpdate | None = None
         """How the last update job of this slot ended (set by the updater)."""
         self.emit_event: EmitEvent | None = None

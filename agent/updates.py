@@ -19,7 +19,7 @@ import numpy as np
 from agent.config import Config
 from agent.slots import LoadedModel, ModelSlot
 from runtime.errors import InferdError
-from telemetry.payloads import LastUpdate
+from telemetry.payloads import LastUpdate, UpdateState
 from updater.device.client import RepositoryClient
 from updater.device.updater import DeviceUpdater, RunCounts, Serving
 
@@ -77,7 +77,7 @@ class SlotAdapter:
             raise TypeError("activate() takes a candidate from load()")
         self.slot.swap(candidate.model)
 
-    def set_update_state(self, state: str) -> None:
+    def set_update_state(self, state: UpdateState) -> None:
         self.slot.update_state = state
         if self.on_state is not None:
             self.on_state()

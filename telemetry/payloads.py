@@ -11,6 +11,7 @@ Topics (below ``{prefix}/{device}``): ``status`` (:data:`StatusPayload`, retaine
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -50,6 +51,22 @@ class HostFacts(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Execution providers this onnxruntime build offers (inferd names: tensorrt, cuda, cpu)."""
 
 
+class UpdateState(str, enum.Enum):
+    """Where a slot's update job is; the device's state machine and the fleet's readers share it."""
+
+    IDLE = "idle"
+    CHECKING = "checking"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGING = "staging"
+    VALIDATING = "validating"
+    ACTIVATING = "activating"
+    TRIAL = "trial"
+    COMMITTED = "committed"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+
 UpdateOutcome = Literal["committed", "failed", "rolled_back", "withdrawn", "superseded"]
 """How an update job ended: withdrawn when its version was no longer offered to the device
 (a halted rollout), superseded when a newer version replaced it before activation."""
@@ -79,7 +96,7 @@ class SlotStatus(msgspec.Struct, kw_only=True):
     """sha256 of the served model file."""
     signature_digest: str | None
     """sha256 of the model's input/output signature: equal digests mean interchangeable models."""
-    update_state: str
+    update_state: UpdateState
     last_update: LastUpdate | None = None
     """How the slot's last update job ended; null when it never had one."""
 

@@ -24,12 +24,16 @@ from typing import Any
 
 import msgspec
 
-from telemetry.payloads import Event, LastUpdate, Offline, Status, StatusPayload
+from telemetry.payloads import Event, LastUpdate, Offline, Status, StatusPayload, UpdateState
 from telemetry.shares import joins, shares_text
 
-FAILED = ("failed", "rolled_back")
-SUCCEEDED = ("committed", "serving")
-IN_PROGRESS = ("checking", "downloading", "verifying", "staging", "validating", "activating")
+_S = UpdateState
+FAILED = (_S.FAILED.value, _S.ROLLED_BACK.value)
+SUCCEEDED = (_S.COMMITTED.value, "serving")  # serving: the device runs the version, job or not
+IN_PROGRESS = tuple(
+    s.value
+    for s in (_S.CHECKING, _S.DOWNLOADING, _S.VERIFYING, _S.STAGING, _S.VALIDATING, _S.ACTIVATING)
+)
 GAVE_UP = ("withdrawn", "superseded")
 """The device dropped the job: the version was no longer offered to it, or a newer one was."""
 _KINDS: dict[str, str | None] = {

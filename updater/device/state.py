@@ -27,26 +27,13 @@ import msgspec
 
 from runtime.durable import fsync_dir, write_atomic
 from runtime.errors import StateError, StorageError
-from telemetry.payloads import LastUpdate, UpdateOutcome
+from telemetry.payloads import LastUpdate, UpdateOutcome, UpdateState
 from updater.meta import label_error
 
 log = logging.getLogger(__name__)
 
 
-class State(str, enum.Enum):
-    IDLE = "idle"
-    CHECKING = "checking"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    STAGING = "staging"
-    VALIDATING = "validating"
-    ACTIVATING = "activating"
-    TRIAL = "trial"
-    COMMITTED = "committed"
-    FAILED = "failed"
-    ROLLED_BACK = "rolled_back"
-
-
+State = UpdateState  # the wire contract's type: status payloads carry these very values
 S = State
 _IN_PROGRESS = (S.DOWNLOADING, S.VERIFYING, S.STAGING, S.VALIDATING)
 

@@ -36,7 +36,7 @@ from runtime.errors import (
     ValidationError,
 )
 from runtime.tensors import Signature
-from telemetry.payloads import LastUpdate, UpdateOutcome
+from telemetry.payloads import LastUpdate, UpdateOutcome, UpdateState
 from updater.device.client import Offer, RepositoryClient
 from updater.device.config import UpdatesConfig
 from updater.device.state import (
@@ -100,7 +100,7 @@ class SlotPort(Protocol):
         """Serve ``candidate`` from now on (atomic; in-flight requests finish on the old one)."""
         ...
 
-    def set_update_state(self, state: str) -> None:
+    def set_update_state(self, state: UpdateState) -> None:
         """Reflect the update state in the retained status."""
         ...
 
@@ -205,7 +205,7 @@ class SlotJob:
         if rec.last is not None:
             self.slot.set_last_update(rec.last)
         if rec.job is not None and rec.state != S.IDLE:
-            self.slot.set_update_state(rec.state.value)
+            self.slot.set_update_state(rec.state)
 
     def _count_crash(self, rec: Record) -> None:
         trial = rec.trial
@@ -355,7 +355,7 @@ class SlotJob:
                 )
                 self._discard(current)
                 self._end_job(current, "withdrawn", "no longer offered to this device")
-                self.slot.set_update_state(S.IDLE.value)  # nothing in progress
+                self.slot.set_update_state(S.IDLE)  # nothing in progress
             self.machine.transition(S.IDLE, "up to date")
             return
         if current is not None and current.seq == job.seq:
@@ -695,7 +695,7 @@ class SlotJob:
     def _on_transition(self, before: State, to: State, rec: Record) -> None:
         job = rec.job
         if job is not None and to != S.IDLE:
-            self.slot.set_update_state(to.value)
+            self.slot.set_update_state(to)
             if to in TERMINAL and rec.last is not None:
                 self.slot.set_last_update(rec.last)
         level = "info"
