@@ -12,7 +12,7 @@ metadata, staged beside the installed model.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -21,26 +21,23 @@ from agent.config import Config
 from agent.slots import ModelSlot
 from runtime import bundle
 from runtime.errors import InputError, ModelNotFoundError, NotReadyError, SpoolError
-from telemetry.payloads import QualityPayload
+from telemetry.payloads import EventSink, QualityPayload
 from telemetry.prometheus import Family, render
 from telemetry.quality.drift import ReferenceStats, load_reference
 from telemetry.quality.feedback import FeedbackError, FeedbackLog, parse_command, parse_feedback
-from telemetry.quality.monitor import EmitEvent, QualityMonitor
-from telemetry.spool import SpoolFullError
+from telemetry.quality.monitor import QualityMonitor
+from telemetry.spool import Kind, SpoolFullError
 
 if TYPE_CHECKING:
     from agent.mqtt.link import CommandHandler
 
 log = logging.getLogger(__name__)
 
-PublishBytes = Callable[[str, bytes], object]
-"""``link.publish(leaf, payload)``: queue bytes on ``{prefix}/{device}/{leaf}``."""
-
 
 class QualityLink(Protocol):
     """What the service uses of the MQTT link (or of the NullLink when MQTT is off)."""
 
-    def publish(self, leaf: str, payload: bytes) -> object: ...
+    def publish(self, leaf: str, payload: bytes, *, kind: Kind | None = None) -> object: ...
 
     def emit_event(self, kind: str, message: str, **fields: Any) -> None: ...
 
@@ -60,8 +57,8 @@ class QualityService:
     def __init__(self, config: Config, slots: Mapping[str, ModelSlot], link: QualityLink) -> None:
         self.slots = slots
         self.device_id = config.device_id
-        self._publish: PublishBytes = link.publish
-        self._emit: EmitEvent = link.emit_event
+        self._link = link
+        self._emit: EventSink = link.emit_event
         self.monitor = QualityMonitor(
             config.quality,
             config.device_id,
@@ -81,7 +78,7 @@ class QualityService:
         self.monitor.stop()
 
     def _publish_quality(self, payload: QualityPayload) -> None:
-        self._publish("quality", msgspec.json.encode(payload))
+        self._link.publish("quality", msgspec.json.encode(payload))
 
     def _emit_event(self, kind: str, message: str, **fields: Any) -> None:
         self._emit(kind, message, **fields)
@@ -113,7 +110,8 @@ class QualityService:
             raise InputError(str(err)) from err
         record = FeedbackLog(device=self.device_id, model=model, items=items)
         try:
-            self._publish("feedback", msgspec.json.encode(record))
+            # feedback logs have their own share of the spool and are dropped (counted) beyond it
+            self._link.publish("feedback", msgspec.json.encode(record), kind=Kind.FEEDBACK)
         except SpoolError as err:
             log.error("feedback for %s not spooled: %s", model, err)  # the path is for the log
             full = isinstance(err, SpoolFullError)

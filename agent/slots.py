@@ -29,7 +29,7 @@ from agent.batching import Batcher, Clock, batch_refusal
 from agent.config import ModelConfig
 from runtime.backends import Backend, open_backend
 from runtime.errors import BackendError, NotReadyError
-from telemetry.payloads import LastUpdate, UpdateState
+from telemetry.payloads import EventSink, LastUpdate, UpdateState
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ class Prediction:
 
 
 Listener = Callable[[Prediction], None]
-EmitEvent = Callable[..., object]
 """``emit_event(kind, message, *, level, model, version, **details)``, as the MQTT link has it."""
 
 # Request ids: 20 random hex digits per process and a 12-digit counter, the length of a uuid4
@@ -155,7 +154,7 @@ class ModelSlot:
         self.update_state = UpdateState.IDLE
         self.last_update: LastUpdate | None = None
         """How the last update job of this slot ended (set by the updater)."""
-        self.emit_event: EmitEvent | None = None
+        self.emit_event: EventSink | None = None
         """Where the slot's own events go (a failed warm-up); set by telemetry when it runs."""
         self.batch_clock: Clock = time.perf_counter_ns
         """The clock of the batchers of models loaded from now on (tests give a fake)."""

@@ -13,13 +13,31 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
 
 SCHEMA_VERSION: Literal[1] = 1
 
 Level = Literal["info", "warning", "error"]
+
+
+class EventSink(Protocol):
+    """Where a part sends its events: the agent's MQTT link (``MqttLink.emit_event``), the
+    NullLink when MQTT is off, or a test's recorder. Every event becomes an :class:`Event`."""
+
+    def __call__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        level: Level = "info",
+        model: str | None = None,
+        version: str | None = None,
+        **details: Any,
+    ) -> None: ...
+
+
 Timestamp = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
 
 

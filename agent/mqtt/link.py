@@ -5,7 +5,7 @@ API for the rest of the agent (every call is thread-safe and never blocks on the
 ``link.emit_event(kind, message, *, level="info", model=None, version=None, **details)``
     Queue an :class:`~telemetry.payloads.Event` on ``{prefix}/{device}/events``. Events go
     through the spool and are never dropped. Pass the bound method as a narrow callable
-    (``EmitEvent``) to code outside the agent, e.g. the updater.
+    (:class:`telemetry.payloads.EventSink`) to code outside the agent, e.g. the updater.
 ``link.publish_status()``
     Re-publish the retained ``status`` (call it when something in it changes, e.g. a slot's
     ``update_state``). Only the newest unsent status is kept.
@@ -90,7 +90,6 @@ REPORT_EVERY_S = 60.0
 SUPERVISE_S = 1.0
 """How often the network thread checks that the forwarder thread is alive."""
 
-EmitEvent = Callable[..., None]
 """``emit_event(kind, message, *, level="info", model=None, version=None, **details)``."""
 
 
@@ -873,7 +872,6 @@ def _reason(err: BaseException) -> str:
 __all__ = [
     "Command",
     "CommandHandler",
-    "EmitEvent",
     "Handler",
     "Inbound",
     "MqttLink",

@@ -31,6 +31,7 @@ from telemetry.config import QualityConfig
 from telemetry.payloads import (
     ClassificationQuality,
     DriftQuality,
+    EventSink,
     FeedbackCounts,
     QualityPayload,
     RegressionQuality,
@@ -70,7 +71,6 @@ def tensor_bytes(p: Prediction) -> int:
 
 PublishQuality = Callable[[QualityPayload], None]
 """Sends one quality payload (the agent routes it to ``{prefix}/{device}/quality``)."""
-EmitEvent = Callable[..., None]
 """``emit_event(kind, message, *, level, model, version, **details)``: drift started or ended."""
 ReferenceLoader = Callable[[str, str], "ReferenceStats | None"]
 """(model, version) -> the reference statistics shipped with that version, if any."""
@@ -189,7 +189,7 @@ class QualityMonitor:
         device_id: str,
         publish: PublishQuality,
         *,
-        emit_event: EmitEvent | None = None,
+        emit_event: EventSink | None = None,
         references: ReferenceLoader | None = None,
         labels: Mapping[str, Sequence[str]] | None = None,
         queue_size: int = 10_000,

@@ -36,7 +36,7 @@ from runtime.errors import (
     ValidationError,
 )
 from runtime.tensors import Signature
-from telemetry.payloads import LastUpdate, UpdateOutcome, UpdateState
+from telemetry.payloads import EventSink, LastUpdate, UpdateOutcome, UpdateState
 from updater.device.client import Offer, RepositoryClient
 from updater.device.config import UpdatesConfig
 from updater.device.state import (
@@ -107,21 +107,6 @@ class SlotPort(Protocol):
     def set_last_update(self, last: LastUpdate) -> None:
         """Reflect how the slot's last update job ended in the retained status."""
         ...
-
-
-class Emit(Protocol):
-    """The agent link's ``emit_event``."""
-
-    def __call__(
-        self,
-        kind: str,
-        message: str,
-        *,
-        level: str = "info",
-        model: str | None = None,
-        version: str | None = None,
-        **details: Any,
-    ) -> None: ...
 
 
 def _job_meta(job: Job) -> ModelMeta:
@@ -727,7 +712,7 @@ class DeviceUpdater:
         groups: Sequence[str] = (),
         device_id: str = "",
         settings: UpdatesConfig | None = None,
-        emit: Emit | None = None,
+        emit: EventSink | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
