@@ -90,16 +90,31 @@ def bare(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
+def _short_reflect_pad_fails(path: Path) -> bool:
+    """Whether this onnxruntime refuses reflect padding wider than the axis, as current ones do
+    (1.17, the oldest inferd allows, pads anyway: there the VAD shape warms up at dims 1)."""
+    ones = {"input": np.zeros((1, 1), np.float32), "state": np.zeros((2, 1, 128), np.float32)}
+    try:
+        bare(path, {**ones, "sr": np.array(0, np.int64)})
+    except Exception as err:
+        assert "Pad reflect requires axis length >= 2" in str(err)
+        return True
+    return False
+
+
+def _needs_the_premise(path: Path) -> None:
+    if not _short_reflect_pad_fails(path):
+        pytest.skip(f"onnxruntime {ort.__version__} pads a length-1 axis by reflection")
+
+
 def test_zero_warm_up_with_dims_at_1_is_what_fails_the_vad_shape(tmp_path: Path) -> None:
     """The premise: the old warm-up (zeros, dynamic dims 1) is no valid input for this model."""
-    path = vad_like(tmp_path / "vad.onnx")
-    ones = {"input": np.zeros((1, 1), np.float32), "state": np.zeros((2, 1, 128), np.float32)}
-    with pytest.raises(Exception, match="Pad reflect requires axis length >= 2"):
-        bare(path, {**ones, "sr": np.array(0, np.int64)})
+    _needs_the_premise(vad_like(tmp_path / "vad.onnx"))
 
 
 def test_search_finds_a_size_that_runs_keeping_named_batch_dims_together(tmp_path: Path) -> None:
     path = vad_like(tmp_path / "vad.onnx")
+    _needs_the_premise(path)
     backend = open_backend(path, cfg(path))
     assert backend.warmup_error is None and backend.warmup_source == "search"
     feeds = backend.warmup_feeds()
@@ -197,11 +212,13 @@ def test_configured_warmup_inputs_and_shapes(tmp_path: Path) -> None:
 
 def test_configured_warm_up_that_does_not_fit_warns_and_serves(tmp_path: Path) -> None:
     path = vad_like(tmp_path / "vad.onnx")
-    for options, why in (
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"warmup_shapes": {"audio": (1, 512)}}, "warmup_shapes names audio"),
-        ({"warmup_shapes": {"input": (1, 8)}}, "Pad reflect"),
         ({"warmup_inputs": str(tmp_path / "missing.npz")}, "warmup_inputs: "),
-    ):
+    ]
+    if _short_reflect_pad_fails(path):
+        cases.append(({"warmup_shapes": {"input": (1, 8)}}, "Pad reflect"))
+    for options, why in cases:
         backend = open_backend(path, cfg(path, **options))
         assert backend.warmup_error is not None and why in backend.warmup_error, options
         assert backend.run(vad_feeds())["stateN"].shape == (2, 1, 128)
