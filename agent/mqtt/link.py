@@ -38,8 +38,8 @@ work (an update check, an inference) to a thread of your own. Received messages 
 their handler hold at most ``mqtt.inbox_max_bytes``; an MQTT 5 broker is told that bound as the
 client's Maximum Packet Size, so a larger message never reaches the device at all.
 
-The forwarder thread is supervised: if it dies on an unexpected error it is restarted within a
-second, with an ``mqtt-forwarder-restarted`` event, and :meth:`MqttLink.problem` (part of the
+The forwarder thread is supervised: if it dies on an unexpected error it is restarted one to two
+seconds later, with an ``mqtt-forwarder-restarted`` event, and :meth:`MqttLink.problem` (part of the
 agent's readiness) names the fault until then. A spool whose pages are corrupt is moved aside
 by the spool itself after repeated read errors (``spool-reset`` event).
 
@@ -89,6 +89,9 @@ REPORT_EVERY_S = 60.0
 """Repeated refusals and drops are logged and evented at most this often."""
 SUPERVISE_S = 1.0
 """How often the network thread checks that the forwarder thread is alive."""
+RESTART_AFTER_S = 1.0
+"""A dead forwarder is started again no sooner than this after it died: a fault that recurs at
+once costs a restart a second, not a busy loop."""
 
 """``emit_event(kind, message, *, level="info", model=None, version=None, **details)``."""
 
@@ -203,6 +206,7 @@ class MqttLink:
         """Times the forwarder thread died and was started again."""
         self._forwarder: threading.Thread | None = None
         self._forwarder_fault: str | None = None
+        self._forwarder_died = 0.0
         self._client: mqtt.Client | None = None
         self._stop = threading.Event()
         self._cond = threading.Condition()
@@ -436,11 +440,13 @@ class MqttLink:
         forwarder = self._forwarder
         if self._stop.is_set() or forwarder is None or forwarder.is_alive():
             return
+        if time.monotonic() - self._forwarder_died < RESTART_AFTER_S:
+            return
         forwarder.join()
-        self.forwarder_restarts += 1
         fault = self._forwarder_fault or "it ended"
         log.error("mqtt: restarting the telemetry forwarder (%s)", fault)
         self._start_forwarder()
+        self.forwarder_restarts += 1
         self.emit_event(
             "mqtt-forwarder-restarted",
             f"the telemetry forwarder stopped ({fault}) and was restarted",
@@ -632,6 +638,7 @@ class MqttLink:
         except Exception as err:
             # The network thread sees the thread gone and starts a new one (a fresh cursor
             # re-reads the spool from its oldest row: at-least-once, nothing lost).
+            self._forwarder_died = time.monotonic()
             self._forwarder_fault = f"{type(err).__name__}: {err}"[:300]
             log.exception("mqtt: the telemetry forwarder failed")
 

@@ -160,6 +160,9 @@ def test_readiness_is_false_while_the_telemetry_forwarder_is_restarted(
         while link.forwarder_restarts == 0 and time.monotonic() < deadline:
             seen.add(ready())
         assert link.forwarder_restarts == 1 and 503 in seen, seen
+        deadline = time.monotonic() + 5
+        while ready() != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert ready() == 200
     finally:
         d.stop()
