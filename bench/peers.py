@@ -270,7 +270,11 @@ def main() -> int:
     )
     parser.add_argument("--json", action="store_true", help="print JSON results only")
     args = parser.parse_args()
-    exe = ensure_venv(args.venv)
+    try:
+        exe = ensure_venv(args.venv)
+    except (RuntimeError, subprocess.CalledProcessError) as err:
+        print(f"bench.peers: {err}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         cases = {k: v for k, v in serve.cases(tmp).items() if k in SHAPES}
