@@ -21,17 +21,18 @@ from agent.config import Config
 from agent.slots import ModelSlot
 from runtime import bundle
 from runtime.errors import InputError, ModelNotFoundError, NotReadyError, SpoolError
-from telemetry.payloads import QualityPayload
+from telemetry.payloads import EventSink, QualityPayload
 from telemetry.prometheus import Family, render
 from telemetry.quality.drift import ReferenceStats, load_reference
 from telemetry.quality.feedback import FeedbackError, FeedbackLog, parse_command, parse_feedback
-from telemetry.quality.monitor import EmitEvent, QualityMonitor
+from telemetry.quality.monitor import QualityMonitor
 from telemetry.spool import Kind, SpoolFullError
 
 if TYPE_CHECKING:
     from agent.mqtt.link import CommandHandler
 
 log = logging.getLogger(__name__)
+
 
 class QualityLink(Protocol):
     """What the service uses of the MQTT link (or of the NullLink when MQTT is off)."""
@@ -57,7 +58,7 @@ class QualityService:
         self.slots = slots
         self.device_id = config.device_id
         self._link = link
-        self._emit: EmitEvent = link.emit_event
+        self._emit: EventSink = link.emit_event
         self.monitor = QualityMonitor(
             config.quality,
             config.device_id,
