@@ -43,6 +43,9 @@ class LoadedCandidate:
     def run(self, feeds: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         return self.model.backend.run(feeds)  # checks the feeds first
 
+    def warmup_feeds(self) -> dict[str, np.ndarray] | None:
+        return self.model.backend.warmup_feeds()
+
     def close(self) -> None:
         self.model.retire()
 

@@ -8,6 +8,7 @@ within the signed budget.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ import numpy as np
 
 from runtime import bundle
 from runtime.errors import BundleError, ValidationError
-from runtime.tensors import NUMPY_DTYPES, Signature, TensorMeta
+from runtime.tensors import Signature, TensorMeta
 from updater.meta import ModelMeta
+
+log = logging.getLogger(__name__)
 
 Feeds = Mapping[str, np.ndarray]
 
@@ -34,6 +37,10 @@ class CandidateModel(Protocol):
 
     def run(self, feeds: Feeds) -> Mapping[str, np.ndarray]:
         """Run once; raises on failure."""
+        ...
+
+    def warmup_feeds(self) -> Feeds | None:
+        """Inputs the model warmed up on (they fit it and ran); None when none did."""
         ...
 
     def close(self) -> None:
@@ -106,17 +113,6 @@ def _short(sig: Signature) -> str:
     return f"in {', '.join(map(one, sig.inputs))}; out {', '.join(map(one, sig.outputs))}"
 
 
-def zero_feeds(sig: Signature) -> dict[str, np.ndarray]:
-    """Zeros for every input, dynamic dimensions set to 1 (when no golden inputs are shipped)."""
-    feeds = {}
-    for t in sig.inputs:
-        dtype = NUMPY_DTYPES.get(t.datatype)
-        if dtype is None or dtype == "str":
-            raise ValidationError(f"input {t.name!r} ({t.datatype}) needs golden inputs")
-        feeds[t.name] = np.zeros([1 if d < 0 else d for d in t.shape], dtype=dtype)
-    return feeds
-
-
 def load_golden(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(inputs, expected outputs) from a published golden.npz (:mod:`runtime.bundle`'s format)."""
     try:
@@ -141,6 +137,7 @@ def validate(
     check_signature(sig, meta.signature, serving)
     checked = 0
     if golden is not None:
+        feeds: Feeds
         feeds, expected = load_golden(golden)
         outputs = _run(candidate, feeds, "golden inputs")
         rtol, atol = meta.tolerance
@@ -157,7 +154,19 @@ def validate(
                 )
             checked += 1
     else:
-        feeds = zero_feeds(sig)
+        # Zeros with every dynamic dimension at 1 are no valid input for many real models (audio
+        # frames, images with a minimum size): time the inputs the candidate warmed up on.
+        found = candidate.warmup_feeds()
+        budget_set = meta.latency_budget_us is not None
+        if found is None and budget_set:
+            raise ValidationError(
+                "no input fits the model to time it against the latency budget: "
+                "publish it with golden inputs (inferctl model add --golden)"
+            )
+        if found is None:
+            log.warning("%s: no golden inputs and no input fits it: not timed", meta.version)
+            return Report(checked, 0, 0.0, 0.0, None)
+        feeds = found
     _run(candidate, feeds, "warm-up")
     lat = np.empty(max(1, runs), dtype=np.float64)
     for i in range(len(lat)):
