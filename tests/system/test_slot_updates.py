@@ -7,46 +7,16 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 import uuid
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
-from tests.support.broker import Broker
+from tests.support.broker import Broker, EventListener
 from tests.support.daemon import DaemonProc, start_daemon
 from tests.support.models import classifier
 from updater.inferctl.main import main as inferctl
 
 PUSH_TO_SERVING_S = 2.0
 """DESIGN section 9: push to serving new version (small model, localhost), per slot."""
-
-
-class Events:
-    """The device's events, as a dashboard sees them on the broker."""
-
-    def __init__(self, b: Broker, prefix: str) -> None:
-        self.events: list[dict] = []
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_message = lambda _c, _u, msg: self.events.append(json.loads(msg.payload))
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.on_connect = lambda c, *_: c.subscribe(f"{prefix}/+/events", qos=1)
-        self.client.connect(b.host, b.port)
-        self.client.loop_start()
-        assert subscribed.wait(5)
-
-    def states(self, model: str) -> list[str]:
-        return [
-            e["details"]["state"]
-            for e in list(self.events)
-            if e["kind"] == "update" and e.get("model") == model
-        ]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def _serving(daemon: DaemonProc, model: str) -> str:
@@ -70,7 +40,7 @@ def test_push_for_one_slot_is_served_while_another_slot_is_in_a_long_trial(
     broker: Broker, tuf_repo, tmp_path
 ):
     prefix = f"inferd-test-{uuid.uuid4().hex[:8]}"
-    events = Events(broker, prefix)
+    events = EventListener(broker, prefix)
     v1 = classifier(tmp_path / "v1.onnx")
     config = {
         "groups": ["kitchen"],

@@ -3,42 +3,18 @@ and a forged poke that can do nothing but make the device ask the repository."""
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 import uuid
 
 import msgspec
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support.broker import Broker
+from tests.support.broker import Broker, EventListener
 from tests.support.daemon import start_daemon
 from tests.support.models import classifier
 from tests.support.tuf_repo import FaultyServer
 from updater.inferctl.main import main as inferctl
-
-pytest.importorskip("agent.reporting", reason="the daemon's MQTT link is not wired in yet")
-
-
-class Listener:
-    """Collects a device's events from the broker."""
-
-    def __init__(self, b: Broker, prefix: str) -> None:
-        self.events: list[dict] = []
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_message = lambda _c, _u, msg: self.events.append(json.loads(msg.payload))
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.on_connect = lambda c, *_: c.subscribe(f"{prefix}/+/events", qos=1)
-        self.client.connect(b.host, b.port)
-        self.client.loop_start()
-        assert subscribed.wait(5)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def _serving(daemon) -> str:
@@ -59,7 +35,7 @@ def _wait_version(daemon, version: str, timeout: float = 20.0) -> float:
 def test_push_forged_poke_and_restart(broker: Broker, tuf_repo, tmp_path):
     prefix = f"inferd-test-{uuid.uuid4().hex[:8]}"
     poke_topic = f"{prefix}/groups/kitchen/update"
-    listener = Listener(broker, prefix)
+    listener = EventListener(broker, prefix)
     evil = FaultyServer(tmp_path)
     config = {
         "groups": ["kitchen"],
