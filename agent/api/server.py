@@ -187,12 +187,14 @@ class ApiServer:
             sock.getsockname() if sock.family == socket.AF_UNIX else sock.getsockname()[:2]
         )
         self._hosts = allowed_hosts(self.address)
-        self._http.start(sock)
         where = self.address
+        # said before the first request can be answered: a client that saw the API answer (the
+        # readiness probe, a test) finds the line already written
         log.info(
             "API listening on %s",
             self.config.listen if isinstance(where, str) else f"http://{where[0]}:{where[1]}",
         )
+        self._http.start(sock)
         if self.config.insecure and self._token is None:
             log.warning(
                 "api.insecure is set: the API on %s takes requests without a token",
