@@ -21,10 +21,10 @@ from agent.config import Config
 from agent.slots import ModelSlot
 from runtime import bundle
 from runtime.errors import InputError, ModelNotFoundError, NotReadyError, SpoolError
-from telemetry.payloads import EventSink, QualityPayload
+from telemetry.payloads import EventSink, FeedbackLog, QualityPayload
 from telemetry.prometheus import Family, render
 from telemetry.quality.drift import ReferenceStats, load_reference
-from telemetry.quality.feedback import FeedbackError, FeedbackLog, parse_command, parse_feedback
+from telemetry.quality.feedback import FeedbackError, command_items, parse_command, parse_feedback
 from telemetry.quality.monitor import QualityMonitor
 from telemetry.spool import Kind, SpoolFullError
 
@@ -125,7 +125,7 @@ class QualityService:
         """``cmd/feedback``: ``{"model": ..., "id": ..., "label": ...}`` or ``items: [...]``."""
         try:
             cmd = parse_command(args)
-            items = cmd.to_items()
+            items = command_items(cmd)
         except FeedbackError as err:
             raise InputError(str(err)) from err
         model = cmd.model

@@ -396,3 +396,39 @@ class QualityPayload(Payload, kw_only=True):
     regression: RegressionQuality | None = None
     drift: DriftQuality | None = None
     feedback: FeedbackCounts | None = None
+
+
+# -- feedback -------------------------------------------------------------------------------
+
+
+class FeedbackItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One feedback record as sent over HTTP or MQTT."""
+
+    id: str
+    label: int | str | list[int | str] | None = None
+    labels: list[Any] | None = None
+    value: float | list[float] | None = None
+
+
+class FeedbackCommand(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of ``{prefix}/{device}/cmd/feedback``: a model and one item, or several ``items``.
+
+    ``model`` may be left out on a device that serves a single model.
+    """
+
+    model: str | None = None
+    items: list[FeedbackItem] | None = None
+    id: str | None = None
+    label: int | str | list[int | str] | None = None
+    labels: list[Any] | None = None
+    value: float | list[float] | None = None
+
+
+class FeedbackLog(Payload, kw_only=True):
+    """Published on ``feedback``: labels the device received over HTTP, so that
+    ``inferctl collect`` sees every label (those sent on ``cmd/feedback`` are on the broker
+    already and are not repeated)."""
+
+    device: str
+    model: str
+    items: list[FeedbackItem]

@@ -34,7 +34,7 @@ from typing import Any, Generic, Literal, TypeVar
 import msgspec
 
 from runtime.errors import TelemetryError
-from telemetry.payloads import Payload
+from telemetry.payloads import FeedbackCommand, FeedbackItem
 
 LabelKind = Literal["class", "multilabel", "value"]
 JoinStatus = Literal["matched", "pending", "late", "duplicate"]
@@ -42,15 +42,6 @@ JoinStatus = Literal["matched", "pending", "late", "duplicate"]
 
 class FeedbackError(TelemetryError):
     """A feedback body is malformed; the message says what to fix."""
-
-
-class FeedbackItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """One feedback record as sent over HTTP or MQTT."""
-
-    id: str
-    label: int | str | list[int | str] | None = None
-    labels: list[Any] | None = None
-    value: float | list[float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,40 +60,17 @@ FeedbackBody = FeedbackItem | list[FeedbackItem]
 _DECODER = msgspec.json.Decoder(FeedbackBody)
 
 
-class FeedbackCommand(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Body of ``{prefix}/{device}/cmd/feedback``: a model and one item, or several ``items``.
-
-    ``model`` may be left out on a device that serves a single model.
-    """
-
-    model: str | None = None
-    items: list[FeedbackItem] | None = None
-    id: str | None = None
-    label: int | str | list[int | str] | None = None
-    labels: list[Any] | None = None
-    value: float | list[float] | None = None
-
-    def to_items(self) -> list[FeedbackItem]:
-        """The feedback items this command carries; FeedbackError when it is malformed."""
-        if self.items is not None:
-            if self.id is not None:
-                raise FeedbackError("give either items or one id with its label, not both")
-            items = self.items
-        elif self.id is None:
-            raise FeedbackError("feedback needs an id (or items)")
-        else:
-            items = [FeedbackItem(self.id, self.label, self.labels, self.value)]
-        return _check(items)
-
-
-class FeedbackLog(Payload, kw_only=True):
-    """Published on ``feedback``: labels the device received over HTTP, so that
-    ``inferctl collect`` sees every label (those sent on ``cmd/feedback`` are on the broker
-    already and are not repeated)."""
-
-    device: str
-    model: str
-    items: list[FeedbackItem]
+def command_items(cmd: FeedbackCommand) -> list[FeedbackItem]:
+    """The feedback items a ``cmd/feedback`` body carries; FeedbackError when it is malformed."""
+    if cmd.items is not None:
+        if cmd.id is not None:
+            raise FeedbackError("give either items or one id with its label, not both")
+        items = cmd.items
+    elif cmd.id is None:
+        raise FeedbackError("feedback needs an id (or items)")
+    else:
+        items = [FeedbackItem(cmd.id, cmd.label, cmd.labels, cmd.value)]
+    return _check(items)
 
 
 def parse_command(args: Any) -> FeedbackCommand:
@@ -111,7 +79,7 @@ def parse_command(args: Any) -> FeedbackCommand:
         cmd = msgspec.convert(args, FeedbackCommand)
     except msgspec.ValidationError as err:
         raise FeedbackError(f"invalid feedback: {err}") from err
-    cmd.to_items()
+    command_items(cmd)
     return cmd
 
 

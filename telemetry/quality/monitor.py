@@ -33,20 +33,14 @@ from telemetry.payloads import (
     DriftQuality,
     EventSink,
     FeedbackCounts,
+    FeedbackItem,
     QualityPayload,
     RegressionQuality,
     Task,
 )
 from telemetry.prediction import Prediction
 from telemetry.quality.drift import DriftError, DriftTracker, ReferenceStats
-from telemetry.quality.feedback import (
-    FeedbackError,
-    FeedbackItem,
-    JoinWindow,
-    Label,
-    parse_feedback,
-    to_label,
-)
+from telemetry.quality.feedback import FeedbackError, JoinWindow, Label, parse_feedback, to_label
 from telemetry.quality.scores import interpret, output_rows
 from telemetry.quality.window import QualityWindow, Sample
 

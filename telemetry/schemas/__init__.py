@@ -17,13 +17,14 @@ import msgspec
 from telemetry.payloads import (
     CommandReply,
     Event,
+    FeedbackCommand,
+    FeedbackLog,
     Metrics,
     PredictionBatch,
     QualityPayload,
     SetSampling,
     StatusPayload,
 )
-from telemetry.quality.feedback import FeedbackCommand, FeedbackLog
 
 SCHEMA_TYPES: dict[str, Any] = {
     "status": StatusPayload,

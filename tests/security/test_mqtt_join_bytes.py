@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 
 from telemetry.config import QualityConfig
+from telemetry.payloads import FeedbackItem
 from telemetry.prediction_log import PredictionLogger
-from telemetry.quality.feedback import FeedbackItem, JoinWindow, Label
+from telemetry.quality.feedback import JoinWindow, Label
 from telemetry.quality.monitor import QualityMonitor
 
 LIMIT = 1024 * 1024

@@ -39,14 +39,14 @@ import numpy as np
 from runtime.errors import MqttError, OperatorError
 from runtime.tensors import NUMPY_DTYPES
 from telemetry.broker import BrokerOptions, make_client
-from telemetry.payloads import PredictionBatch, PredictionRecord, TensorDump
-from telemetry.quality.feedback import (
-    FeedbackError,
+from telemetry.payloads import (
     FeedbackItem,
     FeedbackLog,
-    parse_command,
-    to_label,
+    PredictionBatch,
+    PredictionRecord,
+    TensorDump,
 )
+from telemetry.quality.feedback import FeedbackError, command_items, parse_command, to_label
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Collector:
         model = cmd.model or self._single_model.get(device)
         if model is None:
             raise FeedbackError("feedback without a model name, and no prediction seen yet")
-        for item in cmd.to_items():
+        for item in command_items(cmd):
             self.labels[(device, model, item.id)] = item
 
     def joined(self, labelled_only: bool = False) -> Iterator[tuple[_Entry, FeedbackItem | None]]:

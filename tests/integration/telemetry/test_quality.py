@@ -334,7 +334,8 @@ def test_feedback_command_schema_accepts_what_the_device_accepts() -> None:
     import jsonschema
 
     from telemetry import schemas
-    from telemetry.quality.feedback import FeedbackCommand, parse_command
+    from telemetry.payloads import FeedbackCommand
+    from telemetry.quality.feedback import parse_command
 
     schema = schemas.load("cmd-feedback")
     assert schema == json.loads(schemas.render(FeedbackCommand))
@@ -401,7 +402,7 @@ def test_real_daemon_publishes_valid_quality_payloads(broker, capture_factory, i
 
 def test_feedback_log_schema_is_committed() -> None:
     from telemetry import schemas
-    from telemetry.quality.feedback import FeedbackLog
+    from telemetry.payloads import FeedbackLog
 
     assert schemas.load("feedback") == json.loads(schemas.render(FeedbackLog))
 
