@@ -14,12 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import msgspec
 import numpy as np
 
 from agent.config import Config
 from agent.slots import LoadedModel, ModelSlot
 from runtime.errors import InferdError
-from telemetry.payloads import LastUpdate, UpdateState
+from telemetry.payloads import LastUpdate, Rollback, UpdateState
 from updater.device.client import RepositoryClient
 from updater.device.updater import DeviceUpdater, RunCounts, Serving
 
@@ -168,8 +169,11 @@ class UpdateComponent:
         # retained message on every reconnect.
         if getattr(cmd, "retained", False):
             raise InferdError("rollback refused: a retained message is never a rollback")
-        model = (getattr(cmd, "args", {}) or {}).get("model")
-        if not isinstance(model, str) or model not in self.adapters:
+        try:
+            model = msgspec.convert(getattr(cmd, "args", None), Rollback).model
+        except msgspec.ValidationError:
+            model = None
+        if model not in self.adapters:
             raise InferdError(
                 f"rollback needs the model to roll back: one of {', '.join(self.adapters)}"
             )

@@ -272,6 +272,16 @@ class Event(Payload, kw_only=True):
 # --- commands (down) --------------------------------------------------------------------------
 
 
+class Rollback(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``cmd/rollback``: the one model to roll back to its previous version.
+
+    There is no "every model" form: a stray JSON object (a reply aimed at the command topic)
+    must never roll a device back.
+    """
+
+    model: str
+
+
 class SetSampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of ``cmd/set-sampling``: a new prediction sample rate, for one model or all."""
 

@@ -22,6 +22,7 @@ from telemetry.payloads import (
     Metrics,
     PredictionBatch,
     QualityPayload,
+    Rollback,
     SetSampling,
     StatusPayload,
 )
@@ -33,6 +34,7 @@ SCHEMA_TYPES: dict[str, Any] = {
     "events": Event,
     "quality": QualityPayload,
     "feedback": FeedbackLog,
+    "cmd-rollback": Rollback,
     "cmd-set-sampling": SetSampling,
     "cmd-feedback": FeedbackCommand,
     "command-reply": CommandReply,
