@@ -6,7 +6,7 @@ Measured in one run, each with its baseline:
                  last batch (QoS 1); a subscriber in another process checks that every record
                  arrived. The best of --rounds rounds counts: other processes on the machine
                  can only slow a round down. Baseline: raw paho publishing the same batch
-                 payloads with QoS 1 (target >= 100k records/s)
+                 payloads with QoS 1 (target >= 150k records/s: issue 14's margin for noise)
   predict        ModelSlot.predict p50 with the metrics collector and the prediction log
                  listening (their threads and the link running), vs bare session.run, interleaved
                  in rounds with predict on a slot without listeners (target <= 1.10x bare + 20 us)
@@ -412,12 +412,12 @@ def main() -> int:
     checks = [
         gated(
             "prediction records/s through log + spool + broker (QoS 1 acked)",
-            ">= 100000",
+            ">= 150000",
             round(rate),
             f"raw paho QoS 1 publish of the same batches: {round(raw)} records/s"
             f" (ratio {rate / raw:.2f}); best of {len(rates)} rounds:"
             f" {', '.join(str(round(r)) for r in rates)}",
-            rate >= 100_000,
+            rate >= 150_000,
         ),
         gated(
             "in-process predict overhead with metrics + prediction log listening",
