@@ -273,8 +273,13 @@ class PredictionLogger:
         if rate < 1.0 and (rate <= 0.0 or random.random() >= rate):
             return
         q = self._queue
-        size = sum(a.nbytes for a in p.feeds.values())
-        size += sum(a.nbytes for a in (p.outputs or {}).values())
+        size = 0  # plain loops: a generator per record cost a third of this call
+        for a in p.feeds.values():
+            size += a.nbytes
+        outputs = p.outputs
+        if outputs:
+            for a in outputs.values():
+                size += a.nbytes
         with self._bytes_lock:
             room = len(q) < self.max_queue and self._queued_bytes + size <= self.max_queue_bytes
             if room:
