@@ -358,7 +358,7 @@ def test_real_daemon_publishes_valid_quality_payloads(broker, capture_factory, i
 
     from telemetry import schemas
 
-    cap = capture_factory(broker, "inferd/qd/quality")
+    cap = capture_factory(broker, "inferd/qd/quality", "inferd/qd/status")
     d = inferd_daemon(
         {
             "device_id": "qd",
@@ -380,6 +380,8 @@ def test_real_daemon_publishes_valid_quality_payloads(broker, capture_factory, i
         assert status == 200
     truth = golden["probs"].argmax(axis=1)
     items = [{"id": f"g{i}", "label": int(t)} for i, t in enumerate(truth)]
+    # the birth status comes after the device subscribed: from then on commands are heard
+    assert cap.wait(lambda: bool(cap.on("status")), timeout=15), d.stderr()
     cap.client.publish(
         "inferd/qd/cmd/feedback", json.dumps({"model": "classifier", "items": items}), qos=1
     )
