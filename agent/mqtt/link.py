@@ -242,12 +242,7 @@ class MqttLink:
     def publish(
         self, leaf: str, payload: bytes, *, records: int = 0, kind: Kind | None = None
     ) -> bool:
-        """Queue ``payload`` on ``{root}/{leaf}`` (QoS 1); False if the spool dropped it.
-
-        Feedback logs take the spool's feedback share and are dropped (counted) beyond it.
-        """
-        if kind is None and leaf == "feedback":
-            kind = Kind.FEEDBACK
+        """Queue ``payload`` on ``{root}/{leaf}`` (QoS 1); False if the spool dropped it."""
         return self.spool.put(self.topic(leaf), payload, records=records, kind=kind)
 
     def emit_event(
