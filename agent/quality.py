@@ -21,7 +21,7 @@ from agent.config import Config
 from agent.slots import ModelSlot
 from runtime import bundle
 from runtime.errors import InputError, ModelNotFoundError, NotReadyError, SpoolError
-from telemetry.payloads import EventSink, FeedbackLog, QualityPayload
+from telemetry.payloads import FeedbackLog, QualityPayload
 from telemetry.prometheus import Family, render
 from telemetry.quality.drift import ReferenceStats, load_reference
 from telemetry.quality.feedback import FeedbackError, command_items, parse_command, parse_feedback
@@ -58,12 +58,11 @@ class QualityService:
         self.slots = slots
         self.device_id = config.device_id
         self._link = link
-        self._emit: EventSink = link.emit_event
         self.monitor = QualityMonitor(
             config.quality,
             config.device_id,
             self._publish_quality,
-            emit_event=self._emit_event,
+            emit_event=link.emit_event,
             labels={name: slot.config.labels for name, slot in slots.items()},
             references=self.reference,
         )
@@ -79,9 +78,6 @@ class QualityService:
 
     def _publish_quality(self, payload: QualityPayload) -> None:
         self._link.publish("quality", msgspec.json.encode(payload))
-
-    def _emit_event(self, kind: str, message: str, **fields: Any) -> None:
-        self._emit(kind, message, **fields)
 
     # -- inputs ------------------------------------------------------------------------------
 
