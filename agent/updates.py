@@ -120,8 +120,7 @@ class UpdateComponent:
                 u.trusted_root,
             )
             self.enabled = False
-        self._on_state = link.publish_status
-        self.adapters = {name: SlotAdapter(s, self._state_changed) for name, s in slots.items()}
+        self.adapters = {name: SlotAdapter(s, link.publish_status) for name, s in slots.items()}
         client = RepositoryClient(
             u.repository_url,
             u.trusted_root,
@@ -140,10 +139,6 @@ class UpdateComponent:
         link.on_command("update", self._on_poke)  # {prefix}/groups/{group}/update, cmd/update
         link.on_command("check-update", self._on_poke)
         link.on_command("rollback", self._on_rollback)
-
-    def _state_changed(self) -> None:
-        if self._on_state is not None:
-            self._on_state()
 
     def boot_plan(self) -> dict[str, tuple[Path, str]]:
         """Per slot, the (file, version) to load at start when an update installed one."""
