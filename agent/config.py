@@ -79,6 +79,9 @@ class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     """From the end of a request's header to the end of its body (408 after)."""
     idle_timeout_s: float = 10.0
     """A keep-alive connection waiting for its next request is closed after this."""
+    drain_timeout_s: float = 5.0
+    """At SIGTERM, how long requests already being run get to finish and be sent; keep it
+    below the unit's TimeoutStopSec."""
     allowed_origins: tuple[str, ...] = ()
     """Browser origins (``https://host:port``) allowed to call the API; others get 403."""
     token_file: str | None = None
@@ -96,7 +99,7 @@ class ApiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
             raise ValueError("max_connections must be >= 1")
         if self.max_header_bytes < 1024:
             raise ValueError("max_header_bytes must be >= 1024")
-        for key in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
+        for key in ("header_timeout_s", "body_timeout_s", "idle_timeout_s", "drain_timeout_s"):
             if not 0 < getattr(self, key) <= 3600:  # also refuses NaN
                 raise ValueError(f"{key} must be > 0 and <= 3600 seconds")
         for origin in self.allowed_origins:

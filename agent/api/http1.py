@@ -88,7 +88,7 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     """From the end of the header to the end of the body; also how long a response may wait
     for a client that does not read it."""
     idle_timeout_s: float = 10.0
-    drain_timeout_s: float = 3.0
+    drain_timeout_s: float = 5.0
     """How long ``stop()`` lets running requests finish before it cuts them."""
     linger_s: float = 1.0
     """After a final response, how long to read and drop what the client still sends."""

@@ -154,6 +154,7 @@ class ApiServer:
                 header_timeout_s=config.header_timeout_s,
                 body_timeout_s=config.body_timeout_s,
                 idle_timeout_s=config.idle_timeout_s,
+                drain_timeout_s=config.drain_timeout_s,
             ),
             workers=config.workers,
             server_header=f"inferd/{__version__}",

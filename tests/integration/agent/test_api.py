@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -251,32 +252,49 @@ def test_unix_socket_listener(inferd_daemon, tmp_path: Path) -> None:
 
 
 def test_sigterm_finishes_in_flight_requests(inferd_daemon, tmp_path: Path) -> None:
+    """A request whose model run is under way at SIGTERM is answered before the daemon exits.
+
+    The spin model's run time is set by its input, calibrated here to about two seconds, so
+    the request is small (parsed at once) and certainly running when the signal comes."""
     from tests.support import models
 
-    path = models.classifier(tmp_path / "big.onnx", n_features=2048, n_classes=2048)
+    path = models.spin(tmp_path / "spin.onnx")
     daemon = inferd_daemon(
-        {
-            "models": [{"name": "big", "path": str(path), "threads": 1}],
-            "api": {"max_body_bytes": 64 << 20},
-        }
+        {"models": [{"name": "spin", "path": str(path)}], "api": {"drain_timeout_s": 60}}
     )
-    x = np.random.default_rng(0).normal(size=(512, 2048)).astype(np.float32)
-    body = json.dumps({"inputs": [x_tensor(x)]}).encode()
-    result: dict[str, int] = {}
+
+    def spin(n: int) -> bytes:
+        return json.dumps(
+            {"inputs": [{"name": "n", "shape": [], "datatype": "INT64", "data": [n]}]}
+        ).encode()
+
+    c = http.client.HTTPConnection(daemon.host, daemon.port, timeout=60)
+    began = time.perf_counter()
+    c.request("POST", "/v2/models/spin/infer", body=spin(200_000))
+    assert c.getresponse().read() and time.perf_counter() - began > 0
+    per_iteration = (time.perf_counter() - began) / 200_000
+    n = int(2.0 / per_iteration)
+    result: dict[str, Any] = {}
+    sent = threading.Event()
 
     def slow() -> None:
-        c = http.client.HTTPConnection(daemon.host, daemon.port, timeout=60)
-        c.request("POST", "/v2/models/big/infer", body=body)
+        c = http.client.HTTPConnection(daemon.host, daemon.port, timeout=120)
+        c.request("POST", "/v2/models/spin/infer", body=spin(n))
+        sent.set()
         resp = c.getresponse()
-        resp.read()
+        result["body"] = json.loads(resp.read())
         result["status"] = resp.status
 
     t = threading.Thread(target=slow)
     t.start()
-    time.sleep(0.3)  # the request is being decoded or run
+    assert sent.wait(30)
+    time.sleep(0.3)  # the small request is parsed and its run begun; the run takes ~2 s
+    stopping = time.perf_counter()
     assert daemon.stop() == 0
     t.join()
     assert result.get("status") == 200, "the in-flight request finished before exit"
+    assert result["body"]["outputs"][0]["data"] == [float(n)]
+    assert time.perf_counter() - stopping < 60, "the daemon exits once the request is answered"
 
 
 def test_model_that_fails_to_load_is_503_others_serve(inferd_daemon, tmp_path: Path) -> None:
