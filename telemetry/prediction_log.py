@@ -76,8 +76,13 @@ def input_digests(feeds: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
     out: list[str] = [""] * len(feeds)
     groups: dict[tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...], list[int]] = {}
     for i, f in enumerate(feeds):
-        items = f.items() if len(f) == 1 else sorted(f.items())
-        key = tuple([(name, arr.dtype, arr.shape) for name, arr in items])
+        if len(f) == 1:  # most models: no sort, no comprehension
+            for name, arr in f.items():
+                key: tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...] = (
+                    (name, arr.dtype, arr.shape),
+                )
+        else:
+            key = tuple([(name, arr.dtype, arr.shape) for name, arr in sorted(f.items())])
         group = groups.get(key)
         if group is None:
             groups[key] = [i]
