@@ -27,15 +27,20 @@ def labels(**pairs: str) -> str:
 
 @dataclass
 class Family:
-    """One metric family: its samples are ``(labels(...), value)`` pairs."""
+    """One metric family: its samples are ``(labels(...), value)`` pairs (a histogram's are
+    ``(suffix + labels(...), value)``)."""
 
     name: str
-    kind: Literal["counter", "gauge"]
+    kind: Literal["counter", "gauge", "histogram"]
     help: str
     samples: list[tuple[str, object]] = field(default_factory=list)
 
     def add(self, value: object, **pairs: str) -> None:
         self.samples.append((labels(**pairs), value))
+
+    def add_suffixed(self, suffix: str, value: object, **pairs: str) -> None:
+        """A sample named ``name + suffix`` (a histogram's ``_bucket``, ``_sum``, ``_count``)."""
+        self.samples.append((suffix + labels(**pairs), value))
 
 
 def render(families: Iterable[Family]) -> str:

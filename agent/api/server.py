@@ -30,6 +30,7 @@ from agent.config import ApiConfig, listen_address
 from agent.slots import ModelSlot
 from runtime.errors import BackendError, InferdError, InputError, ModelNotFoundError, NotReadyError
 from telemetry.prometheus import CONTENT_TYPE, Family, render
+from telemetry.request_histogram import RequestHistograms, Totals, add_histogram
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,10 @@ class ApiServer:
         self.slots = slots
         self.feedback: FeedbackHandler | None = None
         self.metrics_text: list[MetricsText] = []
+        self.request_histograms = RequestHistograms()
+        """Per-request counts and latency histogram for /metrics, fed as a slot listener."""
+        for slot in slots.values():
+            slot.listeners.append(self.request_histograms.listener)
         self.ready_checks: list[Callable[[], str | None]] = []
         """Other parts' readiness: each returns None when fine, else what is wrong (e.g. the
         MQTT link's telemetry forwarder being restarted)."""
@@ -399,21 +404,39 @@ class ApiServer:
         return Response(status, v2.encode(obj))
 
     def prometheus(self) -> str:
-        """Prometheus text exposition of per-model counters and the API's own."""
+        """Prometheus text exposition of per-model counters and the API's own.
+
+        Requests, errors and the latency histogram count requests (a batch counts each of its
+        requests, with the latency each saw); ``inferd_model_runs_total`` and
+        ``inferd_inference_seconds_sum`` count backend runs (a batch once).
+        """
         ready = Family("inferd_model_ready", "gauge", "Whether the model slot serves.")
-        runs = Family("inferd_inference_requests_total", "counter", "Model runs.")
-        errors = Family("inferd_inference_errors_total", "counter", "Failed model runs.")
-        seconds = Family("inferd_inference_seconds_sum", "counter", "Time spent in model runs.")
+        served = Family(
+            "inferd_inference_requests_total", "counter", "Inference requests, failed ones too."
+        )
+        errors = Family("inferd_inference_errors_total", "counter", "Failed inference requests.")
+        latency = Family(
+            "inferd_inference_duration_seconds",
+            "histogram",
+            "Latency of successful inference requests (a batched one's queue wait included).",
+        )
+        runs = Family("inferd_model_runs_total", "counter", "Backend runs (a batch runs once).")
+        seconds = Family("inferd_inference_seconds_sum", "counter", "Time spent in backend runs.")
+        totals = self.request_histograms.totals()
         for slot in self.slots.values():
             if not slot.ready:
                 ready.add(0, model=slot.name)
                 continue
             model = slot.current
             st = model.backend.stats
-            ready.add(1, model=slot.name, version=model.version)
-            runs.add(st.runs, model=slot.name, version=model.version)
-            errors.add(st.errors, model=slot.name, version=model.version)
-            seconds.add(f"{st.total_ns / 1e9:.9f}", model=slot.name, version=model.version)
+            pairs = {"model": slot.name, "version": model.version}
+            ready.add(1, **pairs)
+            mine = totals.get((slot.name, model.version)) or Totals.empty()
+            served.add(mine.requests, **pairs)
+            errors.add(mine.errors, **pairs)
+            add_histogram(latency, mine, **pairs)
+            runs.add(st.runs, **pairs)
+            seconds.add(f"{st.total_ns / 1e9:.9f}", **pairs)
         http = self._http
         requests = Family("inferd_http_requests_total", "counter", "HTTP responses sent.")
         requests.add(http.requests)
@@ -427,7 +450,8 @@ class ApiServer:
             "inferd_http_connections_refused_total", "counter", "Connections refused at the cap."
         )
         refused.add(http.rejected_connections)
-        out = render([ready, runs, errors, seconds, requests, bad, conns, timeouts, refused])
+        models = [ready, served, errors, latency, runs, seconds]
+        out = render([*models, requests, bad, conns, timeouts, refused])
         for extra in self.metrics_text:
             out += extra()
         return out
