@@ -161,8 +161,29 @@ def plan(candidates: list[Candidate], search: Search, trials: int, seed: int) ->
 
 
 def generated_inputs(backend: Backend, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs matching the signature: normal floats, small non-negative integers."""
+    """Inputs that fit the model, for timing it when no golden inputs are given.
+
+    The shapes the backend's warm-up found to run (given ``warmup_inputs`` as they are, or the
+    shapes of its search), so a model with a minimum input size is timed on inputs it takes;
+    their floats are random normal (all-zero data can take fast paths real inputs do not),
+    integers are kept (they are often sizes, rates or ids). Random floats that the model
+    refuses fall back to the warm-up inputs themselves. Without a warm-up: the signature with
+    dynamic dimensions set to 1, random floats and small non-negative integers.
+    """
     rng = np.random.default_rng(seed)
+    warm = backend.warmup_feeds()
+    if warm is not None and backend.warmup_source not in ("search", "warmup_shapes"):
+        return warm  # inputs from a file: real data, used as they are
+    if warm is not None:
+        feeds = {
+            name: rng.normal(size=a.shape).astype(a.dtype) if a.dtype.kind == "f" else a
+            for name, a in warm.items()
+        }
+        try:
+            backend.run(feeds)
+        except InferdError:
+            return warm
+        return feeds
     feeds = {}
     for name, zeros in backend.example_feeds(batch).items():
         if zeros.dtype.kind == "f":

@@ -121,3 +121,17 @@ def test_near_ties_keep_the_configured_setting_or_the_fewest_threads() -> None:
     slow = Trial(Candidate(("cpu",), 1, 1, "disable"), 5, 9.0, 9.5, 0.1)
     lean = Trial(Candidate(("cpu",), 1, 1, "all"), 5, 1.03, 1.1, 0.1)
     assert TuneResult("m", slow, [slow, other, lean], [], 3, 1.0).best is lean
+
+
+def test_generated_inputs_are_ones_the_model_takes(tmp_path: Path) -> None:
+    """A model that refuses every dynamic dimension at 1 (reflection padding of an audio frame)
+    is timed on the shapes its warm-up found, with random floats and its integers kept."""
+    from tests.unit.runtime.test_warmup import _needs_the_premise, vad_like
+
+    path = vad_like(tmp_path / "vad.onnx")
+    _needs_the_premise(path)
+    cfg = ModelConfig(name="m", path=str(path))
+    result = tune(cfg, path, budget_s=30, search="random", trials=1, runs=3, providers=[])
+    for trial in (result.baseline, *result.trials):
+        assert trial.error is None, trial.error
+        assert trial.runs >= 3 and np.isfinite(trial.p50_ms)
