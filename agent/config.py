@@ -25,6 +25,7 @@ import yaml
 
 from runtime.errors import ConfigError
 from runtime.options import RuntimeOptions, runtime_for
+from telemetry.broker import parse_node
 from telemetry.config import QualityConfig, TelemetryConfig
 from updater.device.config import UpdatesConfig
 
@@ -135,8 +136,13 @@ class TlsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
 
 class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = 1883
+    host: str | None = None
+    """One broker (default 127.0.0.1); the shorthand of ``hosts`` with one entry."""
+    port: int | None = None
+    """Its port (default 1883)."""
+    hosts: tuple[str, ...] = ()
+    """The nodes of a clustered broker, ``HOST[:PORT]`` (port 1883, or 8883 with TLS): the
+    device connects to the first that answers and moves to the next when its node goes away."""
     topic_prefix: str = "inferd"
     client_id: str | None = None
     username: str | None = None
@@ -157,8 +163,13 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """Received messages waiting for their handler, in bytes; beyond it new ones are dropped."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
+        if self.port is not None and not 0 < self.port < 65536:
             raise ValueError("port must be 1-65535")
+        if self.hosts and (self.host is not None or self.port is not None):
+            raise ValueError("give hosts (a list of HOST:PORT) or host/port, not both")
+        for entry in self.hosts:
+            if parse_node(entry) is None:
+                raise ValueError(f"hosts: {entry!r} is not HOST[:PORT] (IPv6 as [ADDR]:PORT)")
         if not self.topic_prefix or _TOPIC_BAD.search(self.topic_prefix):
             raise ValueError("topic_prefix must be non-empty and free of '#', '+'")
         if self.password is not None and self.password_file is not None:
@@ -179,7 +190,16 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
             raise ValueError("inbox_max_bytes must be >= 65536")
 
     def __repr__(self) -> str:  # never show the password
-        return f"MqttConfig(host={self.host!r}, port={self.port}, username={self.username!r})"
+        return f"MqttConfig(nodes={self.nodes!r}, username={self.username!r})"
+
+    @property
+    def nodes(self) -> tuple[tuple[str, int], ...]:
+        """(host, port) of every broker node, in the order the device tries them."""
+        if not self.hosts:
+            return ((self.host or "127.0.0.1", self.port or 1883),)
+        default = 8883 if self.tls is not None else 1883
+        parsed = [parse_node(entry) for entry in self.hosts]
+        return tuple((n[0], n[1] or default) for n in parsed if n is not None)
 
     def secret(self) -> str | None:
         """The password, read from ``password_file`` when that is how it is given."""
@@ -288,8 +308,8 @@ def _config_type_info() -> msgspec.inspect.Type:
 
 
 def _takes_text(t: msgspec.inspect.Type) -> bool:
-    if isinstance(t, msgspec.inspect.UnionType):
-        return any(_takes_text(m) for m in t.types)
+    if isinstance(t, msgspec.inspect.UnionType):  # ``int | None`` takes no text either
+        return any(_takes_text(m) for m in t.types if not isinstance(m, msgspec.inspect.NoneType))
     if isinstance(t, msgspec.inspect.LiteralType):
         return any(isinstance(v, str) for v in t.values)
     return not isinstance(t, tuple(_SCALAR_NAMES))
@@ -302,10 +322,9 @@ def _refuse_text_numbers(data: Any, t: msgspec.inspect.Type, path: str) -> None:
         if not _takes_text(t):
             members = t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)
             wanted = " | ".join(
-                _SCALAR_NAMES.get(
-                    type(m), "null" if isinstance(m, msgspec.inspect.NoneType) else "?"
-                )
+                _SCALAR_NAMES.get(type(m), "?")
                 for m in members
+                if not isinstance(m, msgspec.inspect.NoneType)
             )
             raise ConfigError(f"Expected `{wanted}`, got `str` - at `{path}`")
         return

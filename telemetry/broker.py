@@ -6,18 +6,20 @@ has exactly one client. TLS files are loaded here, so a missing or malformed fil
 :class:`MqttError` line naming the file, before any connection is tried.
 
 Operator commands take the same broker options through :func:`add_broker_args` and turn them
-into :class:`BrokerOptions` with :func:`broker_from_args`: ``--broker [mqtt[s]://]HOST[:PORT]``,
-``--prefix``, ``--protocol``, ``--username``, ``--password-file`` (or the environment variable
-``INFERD_MQTT_PASSWORD``; never a password on the command line, where ``ps`` shows it),
-``--ca-file``, ``--cert-file``, ``--key-file``.
+into :class:`BrokerOptions` with :func:`broker_from_args`: ``--broker [mqtt[s]://]HOST[:PORT]``
+(or a comma-separated list of the nodes of a cluster), ``--prefix``, ``--protocol``,
+``--username``, ``--password-file`` (or the environment variable ``INFERD_MQTT_PASSWORD``; never
+a password on the command line, where ``ps`` shows it), ``--ca-file``, ``--cert-file``,
+``--key-file``.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -25,9 +27,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from runtime.errors import MqttError
 
+log = logging.getLogger(__name__)
+
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 PASSWORD_ENV = "INFERD_MQTT_PASSWORD"  # noqa: S105 - where the password is, not one
 DEFAULT_BROKER = "127.0.0.1:1883"
+V5_REFUSED = "Unsupported protocol version"
+"""How paho reads the CONNACK of a 3.1.1-only broker (NATS, RabbitMQ) to an MQTT 5 CONNECT."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class BrokerOptions:
     key_file: str | None = None
     tls_insecure: bool = False
     keepalive_s: int = 30
+    hosts: tuple[tuple[str, int], ...] = ()
+    """Every node of a clustered broker, in the order to try them; empty: ``host``/``port``."""
 
     def __repr__(self) -> str:
         return f"BrokerOptions(host={self.host!r}, port={self.port}, tls={self.tls})"
@@ -53,6 +61,15 @@ class BrokerOptions:
     @property
     def where(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    @property
+    def nodes(self) -> tuple[tuple[str, int], ...]:
+        """The (host, port) of every node to try, in order."""
+        return self.hosts or ((self.host, self.port),)
+
+    def at(self, node: tuple[str, int]) -> BrokerOptions:
+        """These options aimed at one node (``host``, ``port`` and ``where`` name it)."""
+        return replace(self, host=node[0], port=node[1])
 
 
 def make_client(opts: BrokerOptions) -> mqtt.Client:
@@ -101,6 +118,19 @@ def tls_context(opts: BrokerOptions) -> ssl.SSLContext:
 # --- operator commands ------------------------------------------------------------------------
 
 
+def parse_node(text: str) -> tuple[str, int | None] | None:
+    """``HOST[:PORT]`` (IPv6 in brackets, or bare) -> (host, port or None); None if malformed."""
+    host, port = text, ""
+    if text.startswith("["):  # [::1]:1883
+        host, _, tail = text[1:].partition("]")
+        port = tail.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if not host or (port and not port.isdigit()) or not 0 < int(port or 1) < 65536:
+        return None
+    return host, int(port) if port else None
+
+
 def parse_broker(text: str) -> tuple[str, int | None, bool]:
     """``[mqtt[s]://]HOST[:PORT]`` (IPv6 in brackets) -> (host, port or None, TLS asked for)."""
     scheme, sep, rest = text.partition("://")
@@ -108,15 +138,21 @@ def parse_broker(text: str) -> tuple[str, int | None, bool]:
         scheme, rest = "", text
     elif scheme not in ("mqtt", "mqtts"):
         raise MqttError(f"--broker {text}: the scheme must be mqtt:// or mqtts://")
-    host, port = rest, ""
-    if rest.startswith("["):  # [::1]:1883
-        host, _, tail = rest[1:].partition("]")
-        port = tail.removeprefix(":")
-    elif rest.count(":") == 1:
-        host, _, port = rest.partition(":")
-    if not host or (port and not port.isdigit()) or not 0 < int(port or 1) < 65536:
+    node = parse_node(rest)
+    if node is None:
         raise MqttError(f"--broker {text}: expected [mqtts://]HOST[:PORT]")
-    return host, int(port) if port else None, scheme == "mqtts"
+    return node[0], node[1], scheme == "mqtts"
+
+
+def parse_brokers(text: str) -> tuple[list[tuple[str, int | None]], bool]:
+    """``--broker`` with one node or a comma-separated list -> ([(host, port or None)], TLS)."""
+    nodes: list[tuple[str, int | None]] = []
+    tls = False
+    for part in text.split(","):
+        host, port, part_tls = parse_broker(part.strip())
+        nodes.append((host, port))
+        tls = tls or part_tls
+    return nodes, tls
 
 
 def connect(
@@ -129,8 +165,43 @@ def connect(
     """A connected client with its network loop running; MqttError when refused or unreachable.
 
     ``subscriptions`` (filter, qos) are made on every (re)connect, after ``on_message`` is set,
-    so retained messages they bring are not missed.
+    so retained messages they bring are not missed. With several nodes (``opts.hosts``) the
+    first that answers is used, and a lost connection is retried on the next one, round-robin.
+    A broker that refuses MQTT 5 (a 3.1.1-only one: NATS, RabbitMQ) is asked again in 3.1.1.
     """
+    subscriptions = list(subscriptions)
+    nodes = opts.nodes
+    errors: list[str] = []
+    for i, node in enumerate(nodes):
+        for protocol in dict.fromkeys((opts.protocol, "3.1.1")):
+            try:
+                client = _connect_node(
+                    replace(opts.at(node), protocol=protocol),
+                    subscriptions,
+                    on_message,
+                    timeout,
+                    nodes[i + 1 :] + nodes[: i + 1],
+                )
+            except MqttError as err:
+                if V5_REFUSED in str(err) and protocol == "5":
+                    log.info("broker %s refused MQTT 5; using 3.1.1", opts.at(node).where)
+                    continue
+                errors.append(str(err))
+                break
+            return client
+    if len(errors) == 1:
+        raise MqttError(errors[0])
+    raise MqttError("no broker node answered: " + "; ".join(errors))
+
+
+def _connect_node(
+    opts: BrokerOptions,
+    subscriptions: list[tuple[str, int]],
+    on_message: Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None] | None,
+    timeout: float,
+    rotation: tuple[tuple[str, int], ...],
+) -> mqtt.Client:
+    """``connect`` to ``opts.host``; after a loss paho reconnects to the next of ``rotation``."""
     client = make_client(opts)
     filters = list(subscriptions)
     connected = threading.Event()
@@ -144,21 +215,36 @@ def connect(
                 c.subscribe(topic, qos=qos)
         connected.set()
 
-    def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
+    turn = [0]
+
+    def advance(c: mqtt.Client, _u: Any = None) -> None:
+        # paho's loop reconnects to the client's host and port: aim them at the next node. The
+        # public setters refuse while the lost connection is being torn down (the state is
+        # "connection lost", not "disconnected"), which is exactly when this runs.
+        if len(rotation) > 1:
+            c._host, c._port = rotation[turn[0] % len(rotation)]
+            turn[0] += 1
+
+    def on_disconnect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
         # Under TLS 1.3 a broker that rejects the client certificate just closes the
         # connection: no CONNACK ever comes, so say so now instead of after the timeout.
         if not connected.is_set():
             refused.append(f"connection closed before the broker answered ({reason})")
             connected.set()
+        else:
+            advance(c)
 
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
+    client.on_connect_fail = advance
     if on_message is not None:
         client.on_message = on_message
     try:
         client.connect(opts.host, opts.port, keepalive=opts.keepalive_s)
     except (OSError, ssl.SSLError) as err:
         raise MqttError(f"cannot reach the broker at {opts.where}: {err.strerror or err}") from err
+    if len(rotation) > 1:
+        client.reconnect_delay_set(1, 10)
     client.loop_start()
     if not connected.wait(timeout) or refused:
         client.loop_stop()

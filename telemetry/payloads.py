@@ -128,6 +128,8 @@ class Status(Payload, kw_only=True, tag_field="state", tag="online"):
     started_at: Timestamp
     host: HostFacts
     models: list[SlotStatus]
+    broker: str | None = None
+    """``host:port`` of the broker node the device is connected to (one of ``mqtt.hosts``)."""
 
 
 class Offline(Payload, kw_only=True, tag_field="state", tag="offline"):

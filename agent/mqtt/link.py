@@ -49,6 +49,15 @@ broker restart or an agent restart loses nothing (a message in flight at a disco
 twice: at-least-once). On every (re)connect the link re-sends the birth ``status`` first, then
 the backlog, and restores its subscriptions. Refused credentials or unusable TLS files are
 logged once as one error line and retried slowly; the agent keeps serving and spooling.
+
+Several brokers (``mqtt.hosts``, the nodes of a cluster): the link connects to the first that
+answers and, when its node goes away, to the next one, round-robin, without waiting for the
+lost node; only a full round of failed nodes backs off. The spool does not care which node
+takes it: after the move it sends the birth status, then its backlog from the oldest row, in
+order. ``status`` names the node (``broker``). A broker that refuses MQTT 5 (NATS and RabbitMQ
+speak 3.1.1 only) is spoken to in 3.1.1 from then on: no response topics (MQTT inference
+replies go to ``{request topic}/reply``, commands are answered only by events) and no
+Maximum Packet Size.
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +83,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import Config
 from runtime.errors import InferdError, MqttError
-from telemetry.broker import BrokerOptions, make_client
+from telemetry.broker import V5_REFUSED, BrokerOptions, make_client
 from telemetry.payloads import CommandReply, Event, Level, Offline, Status, utc_now
 from telemetry.spool import Kind, Spool
 
@@ -138,9 +147,11 @@ def backoff_delay(attempt: int, low: float, high: float) -> float:
 def broker_options(config: Config) -> BrokerOptions:
     """The paho connection options for the agent's ``mqtt`` config section."""
     m = config.mqtt
+    nodes = m.nodes
     return BrokerOptions(
-        host=m.host,
-        port=m.port,
+        host=nodes[0][0],
+        port=nodes[0][1],
+        hosts=nodes if len(nodes) > 1 else (),
         protocol=m.protocol,
         client_id=m.client_id or f"inferd-{config.device_id}",
         username=m.username,
@@ -225,6 +236,10 @@ class MqttLink:
         self._rejected_lock = threading.Lock()
         self.connects = 0
         """Successful connections so far (tests and the status of the link)."""
+        self.node: str | None = None
+        """``host:port`` of the broker node the link is on (or trying); ``broker`` in status."""
+        self._protocol = config.mqtt.protocol
+        """MQTT 5 until a broker refuses it (then 3.1.1 from then on)."""
         self.subscribe(f"{self.root}/cmd/#", self._on_command_message)
         for group in config.groups:
             self.subscribe(f"{self.prefix}/groups/{group}/#", self._on_command_message)
@@ -270,7 +285,8 @@ class MqttLink:
     def publish_status(self) -> None:
         """Queue the current retained status, replacing an unsent older one."""
         try:
-            payload = msgspec.json.encode(self._status())
+            status = msgspec.structs.replace(self._status(), broker=self.node)
+            payload = msgspec.json.encode(status)
         except Exception:
             log.exception("mqtt: cannot build the status payload")
             return
@@ -483,10 +499,15 @@ class MqttLink:
             log.debug("mqtt: %s", problem)
 
     def _run_network(self) -> None:
-        opts = broker_options(self.config)
+        base = broker_options(self.config)
+        nodes = base.nodes
         low, high = self.config.mqtt.reconnect_min_s, self.config.mqtt.reconnect_max_s
+        index = 0
+        left = 0  # nodes tried since a connection last worked; a full round of them backs off
         attempt = 0
         while not self._stop.is_set():
+            opts = replace(base.at(nodes[index]), protocol=self._protocol)
+            self.node = f"{opts.host}:{opts.port}"
             self._refused = None
             slow = False
             connects_before = self.connects
@@ -517,18 +538,38 @@ class MqttLink:
                         self._supervise()
                 was_up = self.connects > connects_before
                 self._connected = False
+                if self._refused == V5_REFUSED and self._protocol == "5":
+                    # A 3.1.1-only broker (NATS, RabbitMQ): what needs MQTT 5 (response
+                    # topics, the packet size bound) is off; everything else works.
+                    log.warning(
+                        "mqtt: %s does not speak MQTT 5; using MQTT 3.1.1 (replies to MQTT "
+                        "requests go to {request topic}/reply, commands are answered by events)",
+                        opts.where,
+                    )
+                    self._protocol = "3.1.1"
+                    with self._pub_lock:
+                        self._client = None
+                    continue
                 if self._refused is not None:
                     self._report(f"{opts.where} refused the connection: {self._refused}")
                     slow = True
                 elif was_up and not self._stop.is_set():
                     log.warning(
-                        "mqtt: connection to %s lost; spooling until it is back", opts.where
+                        "mqtt: connection to %s lost; %s",
+                        opts.where,
+                        "trying the next node" if len(nodes) > 1 else "spooling until it is back",
                     )
                     attempt = 0
+                    left = 0
             if self._stop.is_set():
                 break
-            delay = random.uniform(max(low, high / 2), high) if slow else None
-            if delay is None:
+            index = (index + 1) % len(nodes)
+            left += 1
+            if slow:
+                delay = random.uniform(max(low, high / 2), high)
+            elif left % len(nodes):
+                delay = backoff_delay(1, low, high)  # the next node of this round, soon
+            else:
                 delay = backoff_delay(attempt, low, high)
                 attempt += 1
             until = time.monotonic() + delay
@@ -585,8 +626,8 @@ class MqttLink:
             for topic_filter in self._subs:
                 client.subscribe(topic_filter, qos=1)
         self.connects += 1
-        if self._problem is not None:
-            log.info("mqtt: connected to %s:%d", self.config.mqtt.host, self.config.mqtt.port)
+        if self._problem is not None or len(self.config.mqtt.nodes) > 1:
+            log.info("mqtt: connected to %s", self.node)
             self._problem = None
         else:
             log.debug("mqtt: connected")

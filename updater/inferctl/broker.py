@@ -1,6 +1,7 @@
 """The broker options every ``inferctl`` command shares, and the client options they make.
 
-``--broker [mqtt[s]://]HOST[:PORT]``, ``--prefix``, ``--protocol``, ``--username``,
+``--broker [mqtt[s]://]HOST[:PORT]`` (several nodes of a cluster: comma-separated, tried in
+order, the next one taken when a connection is lost), ``--prefix``, ``--protocol``, ``--username``,
 ``--password-file`` (or the environment variable ``INFERD_MQTT_PASSWORD``; never a password on
 the command line, where ``ps`` shows it), ``--ca-file``, ``--cert-file``, ``--key-file``.
 """
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from runtime.errors import MqttError
-from telemetry.broker import DEFAULT_BROKER, PASSWORD_ENV, PROTOCOLS, BrokerOptions, parse_broker
+from telemetry.broker import DEFAULT_BROKER, PASSWORD_ENV, PROTOCOLS, BrokerOptions, parse_brokers
 
 
 def add_broker_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_BROKER) -> None:
@@ -28,9 +29,9 @@ def add_broker_args(parser: argparse.ArgumentParser, default: str | None = DEFAU
     g.add_argument(
         "--broker",
         default=default,
-        metavar="[mqtts://]HOST[:PORT]",
-        help="MQTT broker; mqtts:// or a CA/cert file means TLS (port 8883 unless given)"
-        + (" (default %(default)s)" if default else ""),
+        metavar="[mqtts://]HOST[:PORT][,...]",
+        help="MQTT broker, or the nodes of a cluster comma-separated; mqtts:// or a CA/cert "
+        "file means TLS (port 8883 unless given)" + (" (default %(default)s)" if default else ""),
     )
     g.add_argument("--prefix", default="inferd", help="topic prefix (mqtt.topic_prefix)")
     g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="5", help="MQTT version")
@@ -49,7 +50,7 @@ def broker_from_args(
     args: argparse.Namespace, client: str = "inferctl", environ: Mapping[str, str] = os.environ
 ) -> BrokerOptions:
     """The :class:`BrokerOptions` of a command that took :func:`add_broker_args`."""
-    host, port, tls = parse_broker(args.broker)
+    nodes, tls = parse_brokers(args.broker)
     password = environ.get(PASSWORD_ENV)
     if args.password_file:
         if args.username is None:
@@ -59,9 +60,11 @@ def broker_from_args(
         except OSError as err:
             raise MqttError(f"--password-file {args.password_file}: {err.strerror}") from err
     tls = tls or bool(args.ca_file or args.cert_file)
+    hosts = tuple((host, port or (8883 if tls else 1883)) for host, port in nodes)
     return BrokerOptions(
-        host=host,
-        port=port or (8883 if tls else 1883),
+        host=hosts[0][0],
+        port=hosts[0][1],
+        hosts=hosts if len(hosts) > 1 else (),
         protocol=args.protocol,
         client_id=f"{client}-{os.getpid()}-{int(time.time() * 1000) % 10**6}",
         username=args.username,
