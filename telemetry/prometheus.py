@@ -6,8 +6,11 @@ functions, so every label value is escaped the same way and each family appears 
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 CONTENT_TYPE = "text/plain; version=0.0.4"
@@ -51,3 +54,25 @@ def render(families: Iterable[Family]) -> str:
             lines += [f"# HELP {f.name} {f.help}", f"# TYPE {f.name} {f.kind}"]
             lines += [f"{f.name}{lab} {value}" for lab, value in f.samples]
     return "\n".join(lines) + "\n" if lines else ""
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def process_families(thermal: Path | None) -> list[Family]:
+    """The process's CPU time and RSS (the standard ``process_*`` names) and the CPU temperature
+    (from ``thermal``, a sysfs ``temp`` file in millidegrees; absent when there is none)."""
+    cpu = Family("process_cpu_seconds_total", "counter", "User and system CPU time of inferd.")
+    t = os.times()
+    cpu.add(f"{t.user + t.system:.2f}")
+    rss = Family("process_resident_memory_bytes", "gauge", "Resident memory of inferd.")
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            rss.add(int(f.read().split()[1]) * _PAGE)
+    except (OSError, ValueError, IndexError):
+        pass  # not Linux: the family is left out
+    temp = Family("inferd_cpu_temperature_celsius", "gauge", "CPU temperature of the device.")
+    if thermal is not None:
+        with contextlib.suppress(OSError, ValueError):
+            temp.add(int(thermal.read_text(encoding="ascii").strip()) / 1000.0)
+    return [cpu, rss, temp]

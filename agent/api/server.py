@@ -29,8 +29,9 @@ from agent.api.http1 import HttpServer, Limits, Request, Response
 from agent.config import ApiConfig, listen_address
 from agent.slots import ModelSlot
 from runtime.errors import BackendError, InferdError, InputError, ModelNotFoundError, NotReadyError
-from telemetry.prometheus import CONTENT_TYPE, Family, render
+from telemetry.prometheus import CONTENT_TYPE, Family, process_families, render
 from telemetry.request_histogram import RequestHistograms, Totals, add_histogram
+from telemetry.resources import THERMAL_ROOT, thermal_zone
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ class ApiServer:
         """Per-request counts and latency histogram for /metrics, fed as a slot listener."""
         for slot in slots.values():
             slot.listeners.append(self.request_histograms.listener)
+        self._thermal = thermal_zone() if THERMAL_ROOT.is_dir() else None
         self.ready_checks: list[Callable[[], str | None]] = []
         """Other parts' readiness: each returns None when fine, else what is wrong (e.g. the
         MQTT link's telemetry forwarder being restarted)."""
@@ -452,6 +454,7 @@ class ApiServer:
         refused.add(http.rejected_connections)
         models = [ready, served, errors, latency, runs, seconds]
         out = render([*models, requests, bad, conns, timeouts, refused])
+        out += render(process_families(self._thermal))
         for extra in self.metrics_text:
             out += extra()
         return out
