@@ -304,7 +304,10 @@ class SlotJob:
     def _step_failed(self, state: State, err: UpdateError) -> None:
         rec = self.machine.record
         log.warning("%s: update %s failed: %s", self.name, state.value, err)
-        if isinstance(err, ValidationError):
+        # A candidate that hangs in its load or the gate is refused like one that fails there:
+        # tried again at every check, each try would leave one more run spinning on a core.
+        hung = state == S.VALIDATING and isinstance(err, StepTimeoutError)
+        if isinstance(err, ValidationError) or hung:
             self._mark_failed(rec)
         if S.FAILED in TRANSITIONS[state]:
             self.machine.transition(S.FAILED, str(err))
