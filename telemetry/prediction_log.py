@@ -264,7 +264,8 @@ class PredictionLogger:
         self.dropped = 0
         """Records dropped because the queue was full (the thread fell behind) or because they
         could not be built or queued in the spool."""
-        self._queue: deque[Prediction] = deque()
+        self._queue: deque[tuple[Prediction, int]] = deque()
+        """Queued predictions with their tensor bytes (counted once, on the request path)."""
         self._wake = threading.Event()
         self._full = threading.Event()
         self._stop = threading.Event()
@@ -292,7 +293,7 @@ class PredictionLogger:
         if not room:
             self.dropped += 1
             return
-        q.append(p)
+        q.append((p, size))
         n = len(q)
         # Only the first record and a full batch wake the thread: an Event.set() per record
         # would cost more than the rest of this call when the thread is behind.
@@ -359,9 +360,12 @@ class PredictionLogger:
         q = self._queue
         while q:
             # Only this thread takes from the queue, so len(q) items are there to pop.
-            batch = [q.popleft() for _ in range(min(self.batch_size, len(q)))]
-            taken = sum(a.nbytes for p in batch for a in p.feeds.values())
-            taken += sum(a.nbytes for p in batch for a in (p.outputs or {}).values())
+            taken = 0
+            batch = []
+            for _ in range(min(self.batch_size, len(q))):
+                p, size = q.popleft()
+                batch.append(p)
+                taken += size
             with self._bytes_lock:
                 self._queued_bytes -= taken
             try:
