@@ -12,11 +12,11 @@ import sys
 from collections.abc import Sequence
 
 from runtime.errors import run_command
-from updater.inferctl import lifecycle, repo, rollout, watch
+from updater.inferctl import console, lifecycle, repo, rollout, watch
 
 # Modules that provide inferctl commands, each with ``register(subparsers) -> None``.
 # A command's parser sets ``func`` to a callable taking the parsed args and returning an exit code.
-COMMAND_MODULES = (lifecycle, repo, rollout, watch)
+COMMAND_MODULES = (console, lifecycle, repo, rollout, watch)
 
 
 def build_parser() -> argparse.ArgumentParser:

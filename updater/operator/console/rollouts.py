@@ -1,0 +1,409 @@
+"""The console drives staged rollouts by itself: advance after a soak when healthy, halt above
+the failure ratio, resume when the operator asks.
+
+:func:`decide` is the policy, a pure function of a tally's summary, the signed rollout and the
+time since it last changed. :class:`Autopilot` applies it to the newest published version of
+every slot, once per tick: it follows each with a :class:`~telemetry.fleet.rollout.RolloutTally`
+and signs every decision through :class:`~updater.operator.rollout.RolloutDriver` with the
+:func:`~updater.operator.rollout.raised` and :func:`~updater.operator.rollout.halted` rollouts,
+the code ``inferctl rollout`` signs with. Each decision is also an ``Event`` (kind
+``rollout``) published on ``{prefix}/{console id}/events`` and kept for the page.
+
+Two consoles may watch one repository: a decision is taken under an exclusive lock on
+``{repo}/.console.lock`` and against the metadata read again under it, so the second console
+sees the first one's decision instead of signing its own on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import paho.mqtt.client as mqtt
+
+from runtime.errors import InferdError, MqttError, OperatorError
+from telemetry.broker import BrokerOptions
+from telemetry.fleet.rollout import IN_PROGRESS, RolloutSummary, RolloutTally
+from telemetry.payloads import Event
+from telemetry.shares import ALL, FULL, shares_text
+from updater.meta import ModelMeta, Rollout
+from updater.operator.repository import OperatorRepository
+from updater.operator.rollout import RolloutDriver, halt_reason, halted, raised, tally_for
+
+log = logging.getLogger(__name__)
+
+Action = Literal["advance", "halt", "resume"]
+MAX_DEVICES = 10_000
+DEFAULT_STEPS = (100, 1000, 2500, 5000, FULL)
+"""1 %, 10 %, 25 %, 50 %, 100 % of the devices (basis points)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    soak_s: float = 300.0
+    """How long a share must run with no failure over the ratio before the next step."""
+    halt_ratio: float = 0.05
+    min_attempted: int = 5
+    steps: tuple[int, ...] = DEFAULT_STEPS
+    drive: bool = True
+    """False: show the rollouts, decide nothing (halt and resume buttons still work)."""
+
+    def __post_init__(self) -> None:
+        if not self.steps or list(self.steps) != sorted(set(self.steps)):
+            raise ValueError("steps must be increasing shares")
+        if self.steps[0] <= 0 or self.steps[-1] > FULL:
+            raise ValueError("steps must be shares between 0 and 100 %, exclusive of 0")
+        if not 0 <= self.halt_ratio < 1:
+            raise ValueError("the halt ratio must be in [0, 1)")
+        if self.soak_s < 0 or self.min_attempted < 1:
+            raise ValueError("soak must be >= 0 s and min attempted >= 1")
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    rollout: Rollout
+
+
+def next_step(policy: Policy, share: int) -> int | None:
+    """The first step above ``share``, or None at the last one."""
+    return next((s for s in policy.steps if s > share), None)
+
+
+def since_resume(s: RolloutSummary, failed: int, attempted: int) -> RolloutSummary:
+    """The summary counting only what happened after a resume (at ``failed`` of ``attempted``).
+
+    The operator who resumes a halted rollout has judged the failures so far; judging them
+    again would halt it at once.
+    """
+    return dataclasses.replace(
+        s, failed=max(0, s.failed - failed), attempted=max(0, s.attempted - attempted)
+    )
+
+
+def decide(
+    s: RolloutSummary, rollout: Rollout | None, soaked_s: float, policy: Policy
+) -> Decision | None:
+    """What to do with a rollout now: halt, advance one step, or nothing (None).
+
+    A version published without shares goes to every device (nothing to drive); a halted one
+    waits for the operator. Above the failure ratio it halts; otherwise it advances the share of
+    all groups to the next step once ``soak_s`` has passed since the last change and no device
+    is still in the middle of an update.
+    """
+    if rollout is None or rollout.halted:
+        return None
+    reason = halt_reason(s, policy.halt_ratio, policy.min_attempted)
+    if reason is not None:
+        return Decision("halt", reason, halted(rollout, reason))
+    share = rollout.shares.get(ALL, 0)
+    step = next_step(policy, share)
+    if step is None or soaked_s < policy.soak_s:
+        return None
+    busy = sum(s.states.get(state, 0) for state in IN_PROGRESS)
+    if busy:
+        return None
+    return Decision(
+        "advance",
+        f"{s.succeeded} of {s.attempted} devices updated, {s.failed} failed, over "
+        f"{soaked_s:.0f} s at {shares_text(rollout.shares)}",
+        raised(rollout, step, None),
+    )
+
+
+@dataclass
+class _Followed:
+    """One slot's newest version as the console follows it."""
+
+    meta: ModelMeta
+    tally: RolloutTally
+    changed_at: float
+    """When the signed rollout last changed (or the console first saw it)."""
+    before_halt: int | None = None
+    """The share of all groups before the console halted it: where a resume starts again."""
+    forgiven: tuple[int, int] = (0, 0)
+    """(failed, attempted) when the operator last resumed."""
+    last: Decision | None = None
+
+
+def _rollout_key(meta: ModelMeta) -> tuple[Any, ...]:
+    r = meta.rollout
+    return (
+        meta.version,
+        meta.seq,
+        None if r is None else (tuple(sorted(r.shares.items())), r.halted),
+    )
+
+
+class Autopilot:
+    """Follows the newest version of each published slot and drives its staged rollout."""
+
+    def __init__(
+        self,
+        repo: OperatorRepository,
+        policy: Policy,
+        *,
+        prefix: str,
+        console_id: str,
+        client: Callable[[], mqtt.Client | None],
+        broker: Callable[[], BrokerOptions],
+        on_event: Callable[[Event], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.repo = repo
+        self.policy = policy
+        self.prefix = prefix
+        self.console_id = console_id
+        self._client = client
+        self._broker = broker
+        self.on_event = on_event
+        self.clock = clock
+        self.followed: dict[str, _Followed] = {}
+        self.error: str | None = None
+        """The last tick's failure (e.g. the repository cannot be read), shown on the page."""
+        self._lock = threading.RLock()  # the tick thread and the HTTP handlers' halt/resume
+        self._feed_lock = threading.Lock()
+        """Guards which tallies exist for the MQTT thread, which must never wait for a decision:
+        signing one waits for the broker to acknowledge its poke, which that thread delivers."""
+        self._statuses: dict[str, bytes] = {}
+        """The latest status of each device (bounded), replayed to a tally made later."""
+
+    # -- input ------------------------------------------------------------------------------
+
+    def feed(self, topic: str, payload: bytes) -> None:
+        """Give a broker message to every followed slot's tally."""
+        with self._feed_lock:
+            tallies = [f.tally for f in self.followed.values()]
+            if topic.endswith("/status") and (
+                topic in self._statuses or len(self._statuses) < MAX_DEVICES
+            ):
+                # retained statuses arrive once, at subscribe: a slot published later needs them
+                self._statuses[topic] = payload
+        for tally in tallies:
+            tally.feed(topic, payload)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def tick(self) -> list[Decision]:
+        """Follow what the repository publishes now and apply the policy; the decisions taken."""
+        try:
+            with self._lock:
+                self._refresh()
+                if not self.policy.drive:
+                    return []
+                return [d for slot in sorted(self.followed) if (d := self._drive(slot))]
+        except InferdError as err:
+            if str(err) != self.error:
+                log.error("rollouts: %s", err)
+            self.error = str(err)
+            return []
+
+    def _refresh(self) -> None:
+        newest: dict[str, ModelMeta] = {}
+        for _path, _target, meta in self.repo.models():
+            newest[meta.name] = meta  # models() is in publishing order: the last one wins
+        now = self.clock()
+        with self._feed_lock:
+            self._follow(newest, now)
+        self.error = None
+
+    def _follow(self, newest: dict[str, ModelMeta], now: float) -> None:
+        for name, meta in newest.items():
+            f = self.followed.get(name)
+            if f is None:
+                tally = tally_for(meta, self.prefix)
+                for topic, payload in self._statuses.items():
+                    tally.feed(topic, payload)
+                self.followed[name] = _Followed(meta, tally, now)
+                continue
+            if _rollout_key(meta) == _rollout_key(f.meta):
+                continue
+            if (meta.version, meta.seq) != (f.meta.version, f.meta.seq):
+                f.tally = tally_for(meta, self.prefix)
+                for topic, payload in self._statuses.items():
+                    f.tally.feed(topic, payload)
+                f.before_halt, f.forgiven, f.last = None, (0, 0), None
+            else:
+                r = meta.rollout
+                f.tally.set_rollout(
+                    None if r is None else r.shares, None if r is None else r.halted
+                )
+            f.meta, f.changed_at = meta, now
+        for name in set(self.followed) - set(newest):
+            del self.followed[name]
+
+    def _summary(self, f: _Followed) -> RolloutSummary:
+        return since_resume(f.tally.summary(), *f.forgiven)
+
+    def _drive(self, slot: str) -> Decision | None:
+        f = self.followed[slot]
+        decision = decide(
+            self._summary(f), f.meta.rollout, self.clock() - f.changed_at, self.policy
+        )
+        if decision is None:
+            return None
+        return self._apply(slot, decision, expect=_rollout_key(f.meta))
+
+    # -- the operator's buttons -------------------------------------------------------------
+
+    def halt(self, slot: str, reason: str = "halted by the operator") -> Decision:
+        """Halt ``slot``'s rollout now (OperatorError when there is none to halt)."""
+        with self._lock:
+            self._refresh()
+            f = self._staged(slot)
+            if f.meta.rollout is not None and f.meta.rollout.halted:
+                raise OperatorError(f"{slot} {f.meta.version}: the rollout is already halted")
+            decision = Decision("halt", reason, halted(f.meta.rollout, reason))
+            return self._apply(slot, decision, expect=None) or decision
+
+    def resume(self, slot: str) -> Decision:
+        """Resume a halted rollout at the share it had (the first step when unknown)."""
+        with self._lock:
+            self._refresh()
+            f = self._staged(slot)
+            r = f.meta.rollout
+            if r is None or not r.halted:
+                raise OperatorError(f"{slot} {f.meta.version}: the rollout is not halted")
+            share = f.before_halt or self.policy.steps[0]
+            summary = f.tally.summary()
+            decision = Decision(
+                "resume",
+                f"resumed by the operator at {shares_text({ALL: share})} "
+                f"({summary.failed} failures so far set aside)",
+                raised(r, share, None),
+            )
+            applied = self._apply(slot, decision, expect=None) or decision
+            f.forgiven = (summary.failed, summary.attempted)
+            return applied
+
+    def _staged(self, slot: str) -> _Followed:
+        f = self.followed.get(slot)
+        if f is None:
+            raise OperatorError(f"{slot} is not published")
+        if f.meta.rollout is None:
+            raise OperatorError(f"{slot} {f.meta.version} is not staged: it goes to every device")
+        return f
+
+    # -- signing ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _repo_lock(self) -> Iterator[None]:
+        path = Path(self.repo.path) / ".console.lock"
+        with path.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _apply(
+        self, slot: str, decision: Decision, expect: tuple[Any, ...] | None
+    ) -> Decision | None:
+        """Sign ``decision`` unless the metadata changed (``expect``); publish its event."""
+        f = self.followed[slot]
+        with self._repo_lock():
+            if expect is not None:
+                _p, _t, now_meta = self.repo.model(slot, f.meta.version)
+                if _rollout_key(now_meta) != expect:
+                    log.info("%s: the rollout changed elsewhere; deciding again", slot)
+                    return None  # another console or inferctl got there first: next tick
+            driver = RolloutDriver(
+                self.repo, slot, f.meta.version, broker=self._broker, prefix=self.prefix
+            )
+            driver.client = self._client()  # the console's one client, not a second
+            share = (f.meta.rollout.shares.get(ALL) if f.meta.rollout else None) or None
+            unsigned = driver.meta
+            try:
+                driver.sign(decision.rollout)
+            except (MqttError, RuntimeError) as err:
+                if driver.meta is unsigned:
+                    raise OperatorError(f"{slot}: {decision.action} not signed: {err}") from err
+                # signed; only the poke failed (paho raises RuntimeError when disconnected):
+                # devices see the change at their next poll
+                driver.notes.append(f"the groups were not poked: {err}")
+        if decision.action == "halt":
+            f.before_halt = share
+        f.meta, f.changed_at, f.last = driver.meta, self.clock(), decision
+        r = driver.meta.rollout
+        f.tally.set_rollout(None if r is None else r.shares, None if r is None else r.halted)
+        self._event(driver.meta, decision, driver.notes)
+        return decision
+
+    def _event(self, meta: ModelMeta, decision: Decision, notes: list[str]) -> None:
+        level: Literal["info", "warning"] = "warning" if decision.action == "halt" else "info"
+        event = Event(
+            device=self.console_id,
+            kind="rollout",
+            level=level,
+            message=f"{decision.action} {meta.name} {meta.version}: {decision.reason}",
+            model=meta.name,
+            version=meta.version,
+            details={
+                "action": decision.action,
+                "seq": meta.seq,
+                "shares": None if meta.rollout is None else meta.rollout.shares,
+                "halted": None if meta.rollout is None else meta.rollout.halted,
+                "notes": notes,
+            },
+        )
+        log.info("%s", event.message)
+        self.on_event(event)
+        client = self._client()
+        if client is not None:
+            topic = f"{self.prefix}/{self.console_id}/events"
+            client.publish(topic, msgspec.json.encode(event), qos=1)
+
+    # -- output -----------------------------------------------------------------------------
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Each followed slot's rollout: the tally, the signed shares and what comes next."""
+        out = []
+        with self._lock:
+            now = self.clock()
+            for slot in sorted(self.followed):
+                f = self.followed[slot]
+                summary = f.tally.summary()
+                r = f.meta.rollout
+                row = summary.to_json()
+                share = None if r is None else r.shares.get(ALL, 0)
+                step = (
+                    None
+                    if share is None or r is None or r.halted
+                    else next_step(self.policy, share)
+                )
+                row |= {
+                    "staged": r is not None,
+                    "share_all": share,
+                    "next_step": step,
+                    "soak_left_s": (
+                        None
+                        if step is None or not self.policy.drive
+                        else max(0.0, self.policy.soak_s - (now - f.changed_at))
+                    ),
+                    "last_decision": None
+                    if f.last is None
+                    else {"action": f.last.action, "reason": f.last.reason},
+                    "state": _state(r, share),
+                }
+                out.append(row)
+        return out
+
+
+def _state(r: Rollout | None, share: int | None) -> str:
+    if r is None:
+        return "not staged"
+    if r.halted:
+        return "halted"
+    if share is not None and share >= FULL:
+        return "complete"
+    return "rolling out"
