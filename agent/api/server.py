@@ -13,6 +13,7 @@ preflight. Off loopback a bearer token is required as well, unless ``api.insecur
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
@@ -147,7 +148,10 @@ class ApiServer:
         """Per-request counts and latency histogram for /metrics, fed as a slot listener."""
         for slot in slots.values():
             slot.listeners.append(self.request_histograms.listener)
-        self._thermal = thermal_zone() if THERMAL_ROOT.is_dir() else None
+        self.thermal: Path | None = None
+        """The sysfs ``temp`` file read for ``inferd_cpu_temperature_celsius`` (tests set one)."""
+        with contextlib.suppress(OSError):  # an unreadable zone costs the gauge, not the start
+            self.thermal = thermal_zone() if THERMAL_ROOT.is_dir() else None
         self.ready_checks: list[Callable[[], str | None]] = []
         """Other parts' readiness: each returns None when fine, else what is wrong (e.g. the
         MQTT link's telemetry forwarder being restarted)."""
@@ -454,7 +458,7 @@ class ApiServer:
         refused.add(http.rejected_connections)
         models = [ready, served, errors, latency, runs, seconds]
         out = render([*models, requests, bad, conns, timeouts, refused])
-        out += render(process_families(self._thermal))
+        out += render(process_families(self.thermal))
         for extra in self.metrics_text:
             out += extra()
         return out

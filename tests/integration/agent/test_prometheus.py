@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from tests.support.daemon import DaemonProc
 
 ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "examples" / "models" / "demo.onnx"
+DASHBOARD = ROOT / "examples" / "grafana" / "inferd.json"
 FEATURES, CLASSES, CLIENTS = 6, 4, 8
 P99 = "histogram_quantile(0.99, sum by (le) (rate(inferd_inference_duration_seconds_bucket[30s])))"
 
@@ -184,6 +186,16 @@ def test_real_prometheus_answers_histogram_quantile(agent: DaemonProc, tmp_path:
         assert 0 < p50 <= p99
         rps = server.query('sum(rate(inferd_inference_requests_total{model="demo"}[30s]))')
         assert float(rps[0]["value"][1]) > 0
+        # The Grafana dashboard's queries parse and answer (its variables as "All").
+        dashboard = json.loads(DASHBOARD.read_text())
+        exported = agent.request("GET", "/metrics")[1]
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = re.sub(r"=~\"\$\w+\"", '=~".*"', target["expr"])
+                expr = expr.replace("$__rate_interval", "30s")
+                answer = server.query(expr)  # asserts that it parsed
+                if "inferd_cpu_temperature_celsius" not in expr or "temperature" in exported:
+                    assert answer, f"{panel['title']}: no data for {expr}"
     finally:
         server.stop()
     assert server.proc.returncode is not None
