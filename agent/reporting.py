@@ -37,7 +37,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_RUNTIMES = ("onnxruntime", "onnxruntime-gpu", "ai-edge-litert", "tflite-runtime", "numpy")
+_RUNTIMES = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-openvino",
+    "ai-edge-litert",
+    "tflite-runtime",
+    "numpy",
+)
 
 
 @cache

@@ -1,10 +1,11 @@
 """``inferd tune``: find the fastest runtime options for one model on this very device.
 
-Searches execution providers (those this onnxruntime build offers), intra- and inter-op
-threads and graph optimisation level -- a full grid, or a random sample of it -- timing the
-model on its golden inputs (or generated inputs matching its signature when it has none).
-The configured options are measured first, as the baseline. When the batch axis is dynamic,
-the best options are then timed at growing batch sizes. Everything stops at ``--budget-s``.
+Searches execution providers (those this onnxruntime build offers: CPU, CUDA, TensorRT,
+OpenVINO), intra- and inter-op threads and graph optimisation level -- a full grid, or a random
+sample of it -- timing the model on its golden inputs (or generated inputs matching its
+signature when it has none). The configured options are measured first, as the baseline. When
+the batch axis is dynamic, the best options are then timed at growing batch sizes. Everything
+stops at ``--budget-s``.
 
 The result is a table on stdout and a drop-in YAML (``<config>.d/tune-<model>.yaml`` unless
 ``--out`` says otherwise) that ``load_config`` merges over the main file, so the operator
@@ -145,6 +146,9 @@ def space(
         chains.append(("cuda", "cpu"))
     if "tensorrt" in providers:
         chains.append(("tensorrt", "cuda", "cpu") if "cuda" in providers else ("tensorrt", "cpu"))
+    if "openvino" in providers:
+        # its threads become OpenVINO's num_of_threads (see runtime.backends.onnx)
+        chains.append(("openvino", "cpu"))
     inter = sorted({1, min(2, cpus)})
     return [
         Candidate(p, t, i, g)

@@ -18,15 +18,19 @@ RUNTIME_BY_SUFFIX: dict[str, Literal["onnxruntime", "tflite"]] = {
     ".tflite": "tflite",
 }
 """Model file suffix -> the runtime that reads it."""
-PROVIDERS = ("tensorrt", "cuda", "cpu")
+PROVIDERS = ("tensorrt", "cuda", "openvino", "cpu")
 """ONNX Runtime execution providers inferd knows, in the order a GPU device prefers them."""
+Provider = Literal["tensorrt", "cuda", "openvino", "cpu"]
+OPENVINO_DEVICES = ("CPU", "GPU", "NPU")
+"""OpenVINO devices an ``openvino_device_type`` names (``GPU.1`` picks one of several), alone or
+in a virtual device over a list of them (``AUTO:GPU,CPU``, ``HETERO:NPU,CPU``, ``MULTI:...``)."""
 
 
 class RuntimeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Runtime settings of one model; the defaults serve on a CPU."""
 
     runtime: Literal["onnxruntime", "tflite"] = "onnxruntime"
-    providers: tuple[Literal["tensorrt", "cuda", "cpu"], ...] = ("cpu",)
+    providers: tuple[Provider, ...] = ("cpu",)
     threads: int = 1
     inter_op_threads: int = 1
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
@@ -34,6 +38,12 @@ class RuntimeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     device_id: int = 0
     tensorrt_fp16: bool = False
     tensorrt_int8: bool = False
+    openvino_device_type: str = "CPU"
+    """The OpenVINO device: CPU, GPU (an Intel iGPU or Arc; GPU.0, GPU.1 when several), NPU, or
+    AUTO:/HETERO:/MULTI: over a comma-separated list of them."""
+    openvino_precision: Literal["FP32", "FP16", "ACCURACY"] | None = None
+    """OpenVINO inference precision; unset: the device's default (CPU FP32, GPU and NPU FP16).
+    ACCURACY keeps the model's own precision."""
     provider_options: dict[str, dict[str, Scalar]] = {}
     warmup_runs: int = 1
     warmup_inputs: str | None = None
@@ -53,11 +63,20 @@ class RuntimeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
 
     def __post_init__(self) -> None:
         if not self.providers:
-            raise ValueError("providers must name at least one of tensorrt, cuda, cpu")
+            raise ValueError(f"providers must name at least one of {', '.join(PROVIDERS)}")
         if len(set(self.providers)) != len(self.providers):
             raise ValueError("providers must not repeat")
         for bad in set(self.provider_options) - set(PROVIDERS):
             raise ValueError(f"provider_options key {bad!r} is not one of {', '.join(PROVIDERS)}")
+        if not _openvino_device_ok(self.openvino_device_type):
+            raise ValueError(
+                f"openvino_device_type {self.openvino_device_type!r} is not a device: CPU, GPU,"
+                " GPU.<n>, NPU, or AUTO:/HETERO:/MULTI: with a comma-separated list of them"
+            )
+        if self.openvino_precision == "FP16" and self.openvino_device_type.startswith("CPU"):
+            raise ValueError(
+                "openvino_precision FP16 needs a GPU or NPU: an OpenVINO CPU runs FP32 or ACCURACY"
+            )
         if self.threads < 0 or self.inter_op_threads < 0:
             raise ValueError("threads must be >= 0 (0 lets the runtime choose)")
         if self.warmup_runs < 0:
@@ -73,6 +92,18 @@ class RuntimeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
             raise ValueError("max_batch must be >= 0 (0 or 1: no batching)")
         if not 0 <= self.batch_window_us <= 1_000_000:
             raise ValueError("batch_window_us must be 0-1000000 (at most a second)")
+
+
+def _openvino_device_ok(text: str) -> bool:
+    kind, colon, rest = text.partition(":")
+    if kind in ("AUTO", "HETERO", "MULTI"):
+        return not colon or all(_plain_device(d) for d in rest.split(","))
+    return not colon and _plain_device(kind)
+
+
+def _plain_device(text: str) -> bool:
+    name, dot, index = text.partition(".")
+    return name in OPENVINO_DEVICES and (not dot or index.isdigit())
 
 
 def runtime_for(path: str | Path) -> Literal["onnxruntime", "tflite"] | None:

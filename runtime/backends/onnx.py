@@ -1,20 +1,24 @@
 """ONNX Runtime backend: execution providers in priority order with a clean fallback to CPU.
 
 The TensorRT and CUDA paths are built from onnxruntime's documented provider options and have
-not yet been run on a GPU here; on a machine without them the session falls back to what is
-available, with one warning naming what was skipped.
+not yet been run on a GPU here (``make check-gpu`` is the script that does). The OpenVINO path
+runs in the tests on this machine's CPU, in a venv with ``onnxruntime-openvino`` (which replaces
+``onnxruntime``). On a machine without a provider the session falls back to what is available,
+with one warning naming what was skipped and the extra that brings it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from runtime.backends.base import Backend, TensorSpec, one_line
 from runtime.errors import BackendUnavailableError, ModelLoadError
+from runtime.options import RuntimeOptions
 
 try:
     import onnxruntime as ort
@@ -28,8 +32,11 @@ log = logging.getLogger(__name__)
 ORT_PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
     "cuda": "CUDAExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
+PROVIDER_EXTRAS = {"tensorrt": "gpu", "cuda": "gpu", "openvino": "openvino"}
+"""The pip extra (and requirements/device-<extra>.txt) that brings each accelerated provider."""
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -60,6 +67,44 @@ def available_providers() -> list[str]:
     return [name for name, ort_name in ORT_PROVIDERS.items() if ort_name in have]
 
 
+def provider_options(name: str, opts: RuntimeOptions, cache_dir: Path | None) -> dict[str, Any]:
+    """The documented onnxruntime options of one execution provider for a model, with the
+    model's ``provider_options[name]`` over them; caches go under ``cache_dir`` (the slot's
+    folder in the state dir), created here."""
+    out: dict[str, Any] = {}
+    if name == "tensorrt":
+        out = {
+            "device_id": opts.device_id,
+            "trt_fp16_enable": opts.tensorrt_fp16,
+            "trt_int8_enable": opts.tensorrt_int8,
+        }
+        if cache_dir is not None:
+            # built engines are kept across restarts: the first load of a model takes
+            # seconds to minutes on a Jetson, later ones read the engine back
+            engine_dir = cache_dir / "trt"
+            engine_dir.mkdir(parents=True, exist_ok=True)
+            out["trt_engine_cache_enable"] = True
+            out["trt_engine_cache_path"] = str(engine_dir)
+            out["trt_timing_cache_enable"] = True
+            out["trt_timing_cache_path"] = str(engine_dir)
+    elif name == "cuda":
+        out = {"device_id": opts.device_id}
+    elif name == "openvino":
+        out = {"device_type": opts.openvino_device_type}
+        if opts.openvino_precision is not None:
+            out["precision"] = opts.openvino_precision
+        if opts.threads > 0:
+            # OpenVINO runs the graph on its own thread pool, not ORT's intra-op one
+            out["num_of_threads"] = opts.threads
+        if cache_dir is not None:
+            # compiled blobs, so that a restart skips OpenVINO's model compilation
+            blob_dir = cache_dir / "openvino"
+            blob_dir.mkdir(parents=True, exist_ok=True)
+            out["cache_dir"] = str(blob_dir)
+    out.update(opts.provider_options.get(name, {}))
+    return out
+
+
 class OnnxBackend(Backend):
     runtime = "onnxruntime"
 
@@ -73,32 +118,19 @@ class OnnxBackend(Backend):
             if ort_name not in have:
                 skipped.append(name)
                 continue
-            provider_opts: dict[str, Any] = {}
-            if name == "tensorrt":
-                provider_opts = {
-                    "device_id": opts.device_id,
-                    "trt_fp16_enable": opts.tensorrt_fp16,
-                    "trt_int8_enable": opts.tensorrt_int8,
-                }
-                if self.cache_dir is not None:
-                    engine_dir = self.cache_dir / "trt"
-                    engine_dir.mkdir(parents=True, exist_ok=True)
-                    provider_opts["trt_engine_cache_enable"] = True
-                    provider_opts["trt_engine_cache_path"] = str(engine_dir)
-                    provider_opts["trt_timing_cache_enable"] = True
-                    provider_opts["trt_timing_cache_path"] = str(engine_dir)
-            elif name == "cuda":
-                provider_opts = {"device_id": opts.device_id}
-            provider_opts.update(opts.provider_options.get(name, {}))
-            chosen.append((ort_name, provider_opts))
+            chosen.append((ort_name, provider_options(name, opts, self.cache_dir)))
         if not any(n == ORT_PROVIDERS["cpu"] for n, _ in chosen):
             # CPU is always the last resort: a device without its GPU keeps serving, slower.
-            chosen.append((ORT_PROVIDERS["cpu"], dict(opts.provider_options.get("cpu", {}))))
+            chosen.append((ORT_PROVIDERS["cpu"], provider_options("cpu", opts, self.cache_dir)))
         if skipped:
+            extras = sorted({PROVIDER_EXTRAS[n] for n in skipped if n in PROVIDER_EXTRAS})
             log.warning(
-                "%s: execution provider(s) %s not available in this onnxruntime build; using %s",
+                "%s: execution provider(s) %s not available in this onnxruntime build (%s); "
+                "using %s",
                 opts.name,
                 ", ".join(skipped),
+                ", ".join(f"install inferd[{e}] from requirements/device-{e}.txt" for e in extras)
+                or "see the README's Hardware acceleration section",
                 ", ".join(n for n, _ in chosen),
             )
         return chosen
@@ -117,19 +149,47 @@ class OnnxBackend(Backend):
 
     def _load(self) -> None:
         providers = self._provider_list()
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path),
-                sess_options=self._session_options(),
-                providers=[n for n, _ in providers],
-                provider_options=[o for _, o in providers],
-            )
-        except Exception as err:
-            raise ModelLoadError(f"{self.path}: cannot load ONNX model: {one_line(err)}") from err
+        reverse = {v: k for k, v in ORT_PROVIDERS.items()}
+        while True:
+            try:
+                self.session = ort.InferenceSession(
+                    str(self.path),
+                    sess_options=self._session_options(),
+                    providers=[n for n, _ in providers],
+                    provider_options=[o for _, o in providers],
+                )
+                break
+            except Exception as err:
+                if len(providers) == 1:
+                    raise ModelLoadError(
+                        f"{self.path}: cannot load ONNX model: {one_line(err)}"
+                    ) from err
+                # An accelerator that cannot compile this model (OpenVINO's CPU plugin refuses
+                # silero-vad's If with a dynamic-rank branch) fails the whole session: the
+                # model is served by the next provider in the list rather than not at all.
+                log.warning(
+                    "%s: execution provider %s cannot run %s (%s); trying %s",
+                    self.options.name,
+                    reverse[providers[0][0]],
+                    self.path.name,
+                    _last_line(err),
+                    ", ".join(reverse[n] for n, _ in providers[1:]),
+                )
+                providers = providers[1:]
         self.inputs = tuple(_spec(i) for i in self.session.get_inputs())
         self.outputs = tuple(_spec(o) for o in self.session.get_outputs())
-        reverse = {v: k for k, v in ORT_PROVIDERS.items()}
         self.providers = tuple(reverse.get(p, p) for p in self.session.get_providers())
+        dropped = [reverse[n] for n, _ in providers if reverse[n] not in self.providers]
+        if dropped:
+            # onnxruntime skips a provider it offers but cannot start (no such OpenVINO device,
+            # a precision the device lacks, no CUDA driver) and says so only on stderr
+            log.warning(
+                "%s: execution provider(s) %s failed to start (see onnxruntime's message above); "
+                "serving with %s",
+                self.options.name,
+                ", ".join(dropped),
+                ", ".join(self.providers),
+            )
         self._all_outputs = [o.name for o in self.outputs]
 
     def _run(
@@ -146,6 +206,14 @@ class OnnxBackend(Backend):
 
     def close(self) -> None:
         self.__dict__.pop("session", None)
+
+
+def _last_line(err: BaseException, limit: int = 300) -> str:
+    """The last line of a runtime's multi-line error, where OpenVINO and TensorRT say why (the
+    first is a C++ stack frame)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _spec(node: Any) -> TensorSpec:
