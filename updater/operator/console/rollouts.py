@@ -320,7 +320,8 @@ class Autopilot:
             driver = RolloutDriver(
                 self.repo, slot, f.meta.version, broker=self._broker, prefix=self.prefix
             )
-            driver.client = self._client()  # the console's one client, not a second
+            driver.client = self._client()  # the console's one client, never a second
+            driver.poke = driver.client is not None  # not connected: devices see it at a poll
             share = (f.meta.rollout.shares.get(ALL) if f.meta.rollout else None) or None
             unsigned = driver.meta
             try:

@@ -142,6 +142,8 @@ class ConsoleState:
         self.series: OrderedDict[str, Series] = OrderedDict()
         self.quality: dict[tuple[str, str], dict[str, Any]] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=self.limits.max_events)
+        self.last_online: dict[str, dict[str, Any]] = {}
+        """Each device's latest online status (bounded by the fleet's device cap)."""
         self.ignored = 0
         """Messages that did not parse or were over a bound (counted, not kept)."""
         self._lock = threading.Lock()
@@ -166,6 +168,8 @@ class ConsoleState:
                     self._bump(ignored=True)
                     return
                 self.fleet.feed(topic, payload)
+                if leaf == "status":
+                    self._keep_last_online(device)
                 if leaf == "metrics":
                     self._metrics(device, msgspec.json.decode(payload, type=Metrics))
             elif leaf == "quality":
@@ -184,6 +188,16 @@ class ConsoleState:
             self.ignored += ignored
             self.generation += 1
             self.changed.notify_all()
+
+    def _keep_last_online(self, device: str) -> None:
+        # The watch model replaces a status with the offline will, which names no model; the
+        # page still shows what an offline device served last.
+        with self.fleet.lock:
+            entry = self.fleet.devices.get(device)
+            status = None if entry is None else entry.status
+        if status is not None and status.get("state") == "online":
+            with self._lock:
+                self.last_online[device] = status
 
     def _metrics(self, device: str, m: Metrics) -> None:
         now = self.clock()
@@ -236,13 +250,19 @@ class ConsoleState:
     def devices(self) -> list[dict[str, Any]]:
         """The watch rows, with each device's groups and each slot's last update outcome."""
         rows = self.fleet.rows()
-        with self.fleet.lock:
-            statuses = {n: d.status or {} for n, d in self.fleet.devices.items()}
+        with self._lock:
+            statuses = dict(self.last_online)
         for row in rows:
             status = statuses.get(row["device"], {})
             row["groups"] = status.get("groups", [])
             row["agent_version"] = status.get("agent_version")
             slots = {m.get("name"): m for m in status.get("models", [])}
+            if not row["online"]:  # last known versions; no live figures
+                row["models"] = {
+                    n: {"version": m.get("version"), "update_state": m.get("update_state")}
+                    | dict.fromkeys(("p50_ms", "p99_ms", "rps"))
+                    for n, m in slots.items()
+                }
             for name, m in row["models"].items():
                 m["last_update"] = slots.get(name, {}).get("last_update")
         return rows
