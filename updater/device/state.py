@@ -215,7 +215,13 @@ class StateMachine:
         self.path = path
         self.clock = clock
         self.listener = listener
-        self.record = self._load()
+        self.load_error: StorageError | None = None
+        """Why the record on disk could not be read (the record is then a blank one, never
+        saved over the file: :meth:`resume` raises this)."""
+        try:
+            self.record = self._load()
+        except StorageError as err:
+            self.load_error, self.record = err, Record()
 
     def _load(self) -> Record:
         try:
@@ -234,6 +240,8 @@ class StateMachine:
 
     def save(self) -> None:
         """Write the record durably (fsync + atomic rename)."""
+        if self.load_error is not None:  # never over a file that could not be read
+            raise self.load_error
         try:
             write_atomic(self.path, msgspec.json.encode(self.record))
         except OSError as err:
@@ -284,6 +292,8 @@ class StateMachine:
         work is repeated, the job moves to ``failed`` (before activation) or ``rolled_back``
         (after) and the action of that state is returned instead.
         """
+        if self.load_error is not None:
+            raise self.load_error
         rec = self.record
         action = RESUME[rec.state]
         if action is OnRestart.NOTHING:

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 from runtime import bundle
 from runtime.errors import (
     CancelledError,
+    InferdError,
     StepTimeoutError,
     StorageError,
     UpdateError,
@@ -736,6 +737,7 @@ class DeviceUpdater:
             log.error("updates: %s", err)
         self._stop = threading.Event()
         self._booted = False
+        self._boot_error: InferdError | None = None
         self.jobs = {
             name: SlotJob(self, name, slot, jobs_dir / f"{name}.json")
             for name, slot in self.slots.items()
@@ -751,21 +753,35 @@ class DeviceUpdater:
         """
         if not self._booted:
             self._booted = True
-            for job in self.jobs.values():
-                job.resume()
-            # what a killed download left behind, except what resumed jobs still need
-            needed = [
-                path
-                for job in self.jobs.values()
-                if (rec := job.machine.record).job is not None and rec.state not in TERMINAL
-                for path in _job_paths(rec.job)
-            ]
-            self.client.clear_downloads(keep=needed)
+            try:
+                for job in self.jobs.values():
+                    job.resume()
+            except InferdError as err:  # kept: start() must not run jobs it could not resume
+                self._boot_error = err
+            else:
+                # what a killed download left behind, except what resumed jobs still need
+                needed = [
+                    path
+                    for job in self.jobs.values()
+                    if (rec := job.machine.record).job is not None and rec.state not in TERMINAL
+                    for path in _job_paths(rec.job)
+                ]
+                self.client.clear_downloads(keep=needed)
+        if self._boot_error is not None:
+            raise self._boot_error
         return {name: e for name in self.slots if (e := self.store.active(name)) is not None}
 
     def start(self) -> None:
-        """Start one thread per slot (resuming interrupted jobs first)."""
-        self.boot_plan()
+        """Start one thread per slot (resuming interrupted jobs first).
+
+        With update state it cannot read (:meth:`boot_plan` fails), no job runs: the daemon
+        serves its config's models and says why, and nothing on disk is touched until fixed.
+        """
+        try:
+            self.boot_plan()
+        except InferdError as err:
+            log.error("updates: not started until the update state is readable: %s", err)
+            return
         self._stop.clear()
         for job in self.jobs.values():
             if self.settings.check_on_start:
