@@ -1,0 +1,92 @@
+"""Durable writes when the disk fails: the old file stays, no temp file is left behind, and the
+error reaches the caller. A full disk is a real small tmpfs; a failing ``os.replace`` or
+``os.fsync`` (an I/O error no test can provoke on a healthy disk) is injected."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime import durable
+from runtime.durable import write_atomic
+from tests.support.tmpfs import can_mount, tmpfs
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs: writes past it fail with ENOSPC from the kernel."""
+    reason = can_mount()
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        with tmpfs(tmp_path / "disk", "256k") as disk:
+            yield disk
+    except RuntimeError as err:
+        pytest.skip(str(err))
+
+
+def _leftovers(folder: Path, keep: set[str]) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+def _fail(name: str, err: int):  # type: ignore[no-untyped-def]
+    calls: list[object] = []
+
+    def boom(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        raise OSError(err, os.strerror(err))
+
+    boom.calls = calls  # type: ignore[attr-defined]
+    return boom
+
+
+def test_a_full_disk_keeps_the_old_file_and_leaves_no_temp_file(small_disk: Path) -> None:
+    target = small_disk / "state.json"
+    write_atomic(target, b"old")
+    with pytest.raises(OSError) as caught:
+        write_atomic(target, b"x" * (1024 * 1024))
+    assert caught.value.errno == errno.ENOSPC
+    assert target.read_bytes() == b"old"
+    assert _leftovers(small_disk, {"state.json"}) == []
+    write_atomic(target, b"new")  # the space the failed write took is free again
+    assert target.read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("call", ["replace", "fsync"])
+def test_a_failing_replace_or_fsync_keeps_the_old_file_and_removes_the_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    target = tmp_path / "state.json"
+    write_atomic(target, b"old")
+    boom = _fail(call, errno.EIO)
+    monkeypatch.setattr(durable.os, call, boom)
+    with pytest.raises(OSError) as caught:
+        write_atomic(target, b"new")
+    assert caught.value.errno == errno.EIO and boom.calls
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert _leftovers(tmp_path, {"state.json"}) == []
+
+
+def test_a_failing_folder_fsync_after_the_rename_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename happened, but it is not known to be durable: the caller must hear it."""
+    target = tmp_path / "state.json"
+    write_atomic(target, b"old")
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(durable.os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_atomic(target, b"new")
+    monkeypatch.undo()
+    assert _leftovers(tmp_path, {"state.json"}) == []
