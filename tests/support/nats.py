@@ -12,9 +12,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support.net import free_port
 
@@ -156,3 +161,63 @@ def mqtt_ready(node: NatsNode) -> bool:
     except OSError:
         return False
     return len(reply) == 4 and reply[0] == 0x20 and reply[3] == 0
+
+
+@dataclass
+class Seen:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Watcher:
+    """An MQTT 3.1.1 subscriber (what a dashboard on a NATS node is) recording what arrives."""
+
+    def __init__(self, host: str, port: int, *topics: str) -> None:
+        self.messages: list[Seen] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"watch-{os.getpid()}-{id(self)}",
+            protocol=mqtt.MQTTv311,
+        )
+        wanted = list(topics) or ["#"]
+
+        def on_connect(c: mqtt.Client, *_: object) -> None:
+            c.subscribe([(t, 1) for t in wanted])
+
+        def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+            with self._cond:
+                self.messages.append(Seen(msg.topic, bytes(msg.payload), bool(msg.retain)))
+                self._cond.notify_all()
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_message = on_message
+        self.client.connect(host, port, keepalive=10)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            self.close()
+            raise RuntimeError(f"no SUBACK from {host}:{port}")
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+        return True
+
+    def on(self, suffix: str) -> list[Seen]:
+        with self._cond:
+            return [m for m in self.messages if m.topic.endswith(suffix)]
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
