@@ -1,5 +1,5 @@
 """A small tmpfs mounted for a test: a disk that really fills up (ENOSPC from the kernel, not a
-mock) or is remounted read-only, as ext4 does after I/O errors. Needs root and ``mount``."""
+mock). Needs root and ``mount``."""
 
 from __future__ import annotations
 
@@ -40,11 +40,6 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-
-
-def remount(path: Path, option: str) -> None:
-    """``mount -o remount,<option>`` (``ro``, ``rw``) a tmpfs from :func:`tmpfs`."""
-    subprocess.run(["mount", "-o", f"remount,{option}", str(path)], check=True)
 
 
 def fill(path: Path) -> Path:
