@@ -29,6 +29,7 @@ from updater.inferctl.broker import add_broker_args, broker_from_args
 from updater.operator.console.app import ConsoleSettings, run
 from updater.operator.console.rollouts import DEFAULT_STEPS, Policy
 from updater.operator.console.server import is_loopback, parse_listen, read_token
+from updater.operator.console.state import Limits
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ def _cmd_console(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise OperatorError(f"console: {err}") from None
+    if not 0.1 <= args.plot_bucket <= 600:
+        raise OperatorError("--plot-bucket must be between 0.1 and 600 s")
     settings = ConsoleSettings(
         broker=broker_from_args(args, "inferctl-console"),
         repo=str(args.repo),
@@ -59,6 +62,7 @@ def _cmd_console(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         console_id=args.id,
         policy=policy,
+        limits=Limits(bucket_s=args.plot_bucket),
     )
     if settings.token is None and not is_loopback(parse_listen(args.listen)[0]):
         log.warning("--insecure: the console on %s takes requests without a token", args.listen)
@@ -118,6 +122,13 @@ def register(sub: Any) -> None:
         "--steps",
         default=",".join(f"{s / 100:g}" for s in DEFAULT_STEPS),
         help="the shares (percent) a rollout advances through (default %(default)s)",
+    )
+    p.add_argument(
+        "--plot-bucket",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds per plotted point; the plots cover the last hour (default %(default)s)",
     )
     p.add_argument(
         "--no-drive", action="store_true", help="show rollouts only; never advance or halt"

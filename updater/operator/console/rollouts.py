@@ -395,6 +395,7 @@ class Autopilot:
                     if f.last is None
                     else {"action": f.last.action, "reason": f.last.reason},
                     "state": _state(r, share),
+                    "halted_at": f.before_halt,
                 }
                 out.append(row)
         return out

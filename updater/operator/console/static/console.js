@@ -161,10 +161,11 @@
       const halted = r.state === "halted";
       const next = r.next_step !== null && r.soak_left_s !== null
         ? `next: ${pct(r.next_step)} in ${Math.ceil(r.soak_left_s)} s if healthy` : "";
-      return el("div", { class: "card rollout " + r.state.replace(" ", "-"), "data-slot": r.slot, "data-state": r.state },
+      return el("div", { class: "card rollout state-" + r.state.replace(" ", "-"), "data-slot": r.slot, "data-state": r.state },
         el("h3", {}, `${r.slot} ${r.version || "-"}`, el("small", {}, r.seq === null ? "" : ` seq ${r.seq}`),
           " ", el("span", { class: "pill state" }, r.state)),
-        el("p", {}, "share: ", el("b", { class: "shares" }, sharesText(r.shares)), next ? " · " + next : ""),
+        el("p", {}, "share: ", el("b", { class: "shares" }, sharesText(r.shares)), next ? " · " + next : "",
+          halted && r.halted_at !== null ? ` · halted at ${pct(r.halted_at)}` : ""),
         bar(r),
         el("p", { class: "counts" },
           `${r.joined} in the rollout · ${r.attempted} attempted · ${r.succeeded} succeeded · ` +

@@ -1,0 +1,195 @@
+"""``inferctl console`` end to end in a real headless Chromium: three real agents on a private
+broker, a signed repository, and a staged rollout that the console advances by itself and halts
+on the device where the candidate fails validation; the page shows it all with no console error.
+
+Screenshots are kept in the test's tmp dir and copied to ``build/artifacts/console-*.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from telemetry.shares import ALL
+from tests.support.broker import Broker
+from tests.support.chromium import CHROMIUM, Browser, Page
+from tests.support.daemon import DaemonProc, start_daemon
+from tests.support.models import classifier
+from tests.support.net import free_port
+from tests.support.tuf_repo import TufRepo
+from tests.system.test_rollout import ids_by_bucket
+from updater.meta import Rollout
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "build" / "artifacts"
+PREFIX = "inferd-console-test"
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="needs Debian's chromium: apt-get install -y chromium chromium-driver",
+)
+
+
+def _agent(tmp: Path, name: str, model: Path, broker: Broker, tuf: TufRepo) -> DaemonProc:
+    (tmp / name).mkdir()
+    return start_daemon(
+        tmp / name,
+        {
+            "device_id": name,
+            "groups": ["fleet"],
+            "models": [{"name": "classifier", "path": str(model)}],
+            "mqtt": {
+                "enabled": True,
+                "host": broker.host,
+                "port": broker.port,
+                "topic_prefix": PREFIX,
+            },
+            "telemetry": {"metrics_interval_s": 1},
+            "updates": {
+                "repository_url": tuf.url,
+                "trusted_root": str(tuf.trusted_root),
+                "poll_interval_s": 3600,  # only the console's pokes make them look
+                "check_on_start": False,
+                "trial_window_s": 0.5,
+                "validation_runs": 3,
+            },
+        },
+    )
+
+
+class Traffic:
+    """A few requests per second to each agent, so the page has latency and throughput."""
+
+    def __init__(self, agents: list[DaemonProc], features: dict[str, int]) -> None:
+        self.agents, self.features = agents, features
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="test-console-traffic")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.1):
+            for a in self.agents:
+                n = self.features[a.config["device_id"]]
+                with contextlib.suppress(OSError):
+                    a.infer("classifier", [{"name": "x", "shape": [1, n], "datatype": "FP32",
+                                            "data": [0.5] * n}])  # fmt: skip
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    b = Browser(tmp_path, width=1400, height=1500)
+    yield b
+    b.close()
+
+
+def _console(tmp: Path, broker: Broker, tuf: TufRepo) -> tuple[subprocess.Popen[str], str]:
+    log = (tmp / "console.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "updater.inferctl", "console",
+         "--repo", str(tuf.repo.path), "--listen", f"127.0.0.1:{free_port()}",
+         "--broker", f"{broker.host}:{broker.port}", "--prefix", PREFIX,
+         "--soak", "3", "--steps", "50,100", "--halt-ratio", "0.2", "--min-attempted", "1",
+         "--plot-bucket", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    log.close()
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("inferd console: http://"), (tmp / "console.log").read_text()
+    return proc, line.split(": ", 1)[1].strip()
+
+
+def _shot(page: Page, tmp: Path, name: str) -> Path:
+    path = page.screenshot(tmp / f"console-{name}.png")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    kept = shutil.copy(path, ARTIFACTS / path.name)
+    print(f"screenshot: {path} (copied to {kept})")
+    return path
+
+
+def _card(page: Page, attr: str) -> str:
+    return f"document.querySelector('[data-slot=\"classifier\"]')?.getAttribute('{attr}')"
+
+
+@pytest.mark.timeout(180)
+def test_the_page_shows_three_agents_and_a_rollout_that_halts_by_itself(
+    tmp_path: Path, broker: Broker, tuf_repo: TufRepo, browser: Browser
+) -> None:
+    healthy = ids_by_bucket("classifier", "2", 5000, n=2)  # in at 50 %
+    (failing,) = ids_by_bucket("classifier", "2", 5000, above=True)  # in at 100 % only
+    v1 = classifier(tmp_path / "v1.onnx", seed=0)
+    v1_wide = classifier(tmp_path / "v1-wide.onnx", n_features=5, seed=0)  # v2 will not fit it
+    agents = [_agent(tmp_path, n, v1, broker, tuf_repo) for n in healthy]
+    agents.append(_agent(tmp_path, failing, v1_wide, broker, tuf_repo))
+    traffic = Traffic(agents, {**dict.fromkeys(healthy, 4), failing: 5})
+    console, url = _console(tmp_path, broker, tuf_repo)
+    try:
+        page = browser.page()
+        page.navigate(url)
+        rows = "[...document.querySelectorAll('#devices tr[data-device]')]"
+        online = f"{rows}.filter(r => r.querySelector('.pill.ok')).map(r => r.dataset.device)"
+        shown = page.wait_for(f"{online}.length === 3 && {online}", 30, "three agents online")
+        assert sorted(shown) == sorted([*healthy, failing])
+        page.wait_for("document.querySelectorAll('#charts .uplot').length === 1", 30, "a chart")
+        page.wait_for(
+            "[...document.querySelectorAll('#devices td.num')].some(td => td.textContent !== '-')",
+            30,
+            "latency figures",
+        )
+        assert page.evaluate("document.querySelector('#conn').textContent") == "broker connected"
+        _shot(page, tmp_path, "fleet")
+
+        # published staged at 0 %: the console takes it to 50 % and, healthy, to 100 %, where
+        # the wide device fails validation and the console halts the rollout
+        tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2", groups=("fleet",),
+                         rollout=Rollout(shares={ALL: 0}))  # fmt: skip
+        page.wait_for(f"{_card(page, 'data-state')} === 'halted'", 90, "the halt on the page")
+        meta = tuf_repo.repo.model("classifier")[2]
+        assert meta.rollout is not None and meta.rollout.halted is not None
+        assert "1 of 3 devices failed (33.3% > 20.0%)" in meta.rollout.halted
+        card = page.evaluate("document.querySelector('[data-slot=\"classifier\"]').innerText")
+        assert "HALTED: 1 of 3 devices failed" in card
+        assert failing in card  # named among the failures, with the reason
+        events = page.evaluate("document.querySelector('#events').innerText")
+        assert "advance classifier 2" in events and "halt classifier 2" in events
+        versions = page.evaluate(
+            f"Object.fromEntries({rows}.map(r => [r.dataset.device, "
+            "r.querySelector('.version').textContent]))"
+        )
+        assert versions == {**dict.fromkeys(healthy, "2"), failing: "1"}
+        page.wait_for(
+            f"{rows}.some(r => r.dataset.device === '{failing}' "
+            "&& r.innerText.includes('failed 2'))",
+            10,
+            "the failing device's last update outcome",
+        )
+        _shot(page, tmp_path, "halted")
+
+        # the operator resumes from the page; the failed device does not retry this version
+        page.evaluate("document.querySelector('[data-slot=\"classifier\"] button.resume').click()")
+        page.wait_for(f"{_card(page, 'data-state')} === 'complete'", 20, "the resume")
+        resumed = tuf_repo.repo.model("classifier")[2].rollout
+        assert resumed == Rollout(shares={ALL: 10_000})
+        assert page.errors == [], page.errors
+    finally:
+        traffic.close()
+        console.terminate()
+        console.communicate(timeout=20)
+        for a in agents:
+            assert a.stop() == 0, a.stderr()
+    assert console.returncode == 0, (tmp_path / "console.log").read_text()
+    log = (tmp_path / "console.log").read_text()
+    assert "Traceback" not in log, log
