@@ -161,6 +161,11 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """An inference request larger than this gets 413 (None: ``api.max_body_bytes``)."""
     inbox_max_bytes: int = 32 * 1024 * 1024
     """Received messages waiting for their handler, in bytes; beyond it new ones are dropped."""
+    homeassistant_discovery: bool = False
+    """Publish Home Assistant MQTT discovery configs (retained) on every connect, so each
+    device's latency, requests/s, CPU, temperature and model versions appear in HA."""
+    homeassistant_prefix: str = "homeassistant"
+    """Home Assistant's discovery prefix (a setting of its MQTT integration)."""
 
     def __post_init__(self) -> None:
         if self.port is not None and not 0 < self.port < 65536:
@@ -188,6 +193,8 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
             raise ValueError("max_payload_bytes must be >= 1024")
         if self.inbox_max_bytes < 64 * 1024:
             raise ValueError("inbox_max_bytes must be >= 65536")
+        if not self.homeassistant_prefix or _TOPIC_BAD.search(self.homeassistant_prefix):
+            raise ValueError("homeassistant_prefix must be non-empty and free of '#', '+'")
 
     def __repr__(self) -> str:  # never show the password
         return f"MqttConfig(nodes={self.nodes!r}, username={self.username!r})"

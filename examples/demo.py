@@ -11,6 +11,9 @@ Run it through ``bash scripts/demo.sh`` (which prepares .venv). Everything lives
  5. the device's telemetry, read back from the broker (status, metrics, predictions, events)
  6. version 2 signed into the repository and pushed (``inferctl model add`` + ``inferctl push``)
  7. the device verifying, validating and swapping it in while requests keep flowing
+
+From step 3 on, the operator's console (``inferctl console``) serves a live page of the fleet;
+its URL is printed (open it while the demo runs).
 """
 
 from __future__ import annotations
@@ -256,6 +259,26 @@ def main() -> int:
         wait_for("the agent to be ready", ready)
         print(f"agent ready on {base} (log: {state / 'agent.log'})")
 
+        console_port = free_port()
+        console = f"http://127.0.0.1:{console_port}"
+        stack.enter_context(
+            process(
+                [str(BIN / "inferctl"), "console", *on_broker, "--repo", str(repo),
+                 "--listen", f"127.0.0.1:{console_port}", "--plot-bucket", "2"],
+                state / "console.log",
+            )
+        )  # fmt: skip
+
+        def console_sees_the_agent() -> bool:
+            try:
+                _, seen = http_json(console + "/api/state")
+            except OSError:
+                return False
+            return any(d["device"] == DEVICE and d["online"] for d in seen["devices"])
+
+        wait_for("the console to show the agent", console_sees_the_agent)
+        print(f"operator console: {console}/ (open it while the demo runs)")
+
         say("4. inference over the local v2 API")
         golden = np.load(MODELS / "demo.golden.npz")
         x = golden["x"]
@@ -390,6 +413,13 @@ def main() -> int:
             print(f"  event update: {message}")
         print(f"version 2 committed after its trial; failed requests throughout: {failures}")
         print(inferctl("status", *on_broker))
+        _, seen = http_json(console + "/api/state")
+        (row,) = [d for d in seen["devices"] if d["device"] == DEVICE]
+        model = row["models"]["classifier"]
+        print(
+            f"the console ({console}/) shows {DEVICE}: online {row['online']}, classifier "
+            f"{model['version']} {model['update_state']}, p50 {model['p50_ms']} ms"
+        )
         print("\ndemo complete: everything it started is being stopped")
     return 0
 

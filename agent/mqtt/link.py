@@ -82,6 +82,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import Config
+from agent.mqtt.homeassistant import publish_discovery
 from runtime.errors import InferdError, MqttError
 from telemetry.broker import V5_REFUSED, BrokerOptions, make_client
 from telemetry.payloads import CommandReply, Event, Level, Offline, Status, utc_now
@@ -615,6 +616,7 @@ class MqttLink:
             return
         receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
         self.publish_status()  # the birth goes before the backlog: forwarder sends latest first
+        publish_discovery(self.config, self.spool.put_latest)  # mqtt.homeassistant_discovery
         with self._pub_lock:
             # The spool is the only store: paho must not replay its own copies after a reconnect.
             client.drop_out_messages()

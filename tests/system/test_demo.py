@@ -37,6 +37,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, broker: str) -> None:
     out = res.stdout
     assert res.returncode == 0, f"{out[-3000:]}\n{res.stderr[-3000:]}"
     assert "matches the golden output" in out
+    assert re.search(r"operator console: http://127\.0\.0\.1:\d+/", out), "no console URL"
+    assert re.search(r"the console \(.*\) shows demo-device: online True, classifier 2", out)
     for leaf in ("status", "metrics", "predictions", "events"):
         assert re.search(rf"inferd/demo-device/{leaf}: \{{", out), f"no {leaf} payload shown"
     assert "trial -> committed" in out
