@@ -13,11 +13,25 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
+from telemetry.broker import BrokerOptions
+from telemetry.payloads import (
+    HostFacts,
+    Metrics,
+    ModelMetrics,
+    SpoolMetrics,
+    Status,
+    SystemMetrics,
+    utc_now,
+)
 from telemetry.shares import ALL
 from tests.support.broker import Broker
 from tests.support.chromium import CHROMIUM, Browser, Page
@@ -27,12 +41,14 @@ from tests.support.net import free_port
 from tests.support.tuf_repo import TufRepo
 from tests.system.test_rollout import ids_by_bucket
 from updater.meta import Rollout
+from updater.operator.console.app import ConsoleApp, ConsoleSettings
+from updater.operator.console.rollouts import Policy
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "build" / "artifacts"
 PREFIX = "inferd-console-test"
 
-pytestmark = pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(),
     reason="needs Debian's chromium: apt-get install -y chromium chromium-driver",
 )
@@ -124,6 +140,7 @@ def _card(page: Page, attr: str) -> str:
     return f"document.querySelector('[data-slot=\"classifier\"]')?.getAttribute('{attr}')"
 
 
+@needs_chromium
 @pytest.mark.timeout(180)
 def test_the_page_shows_three_agents_and_a_rollout_that_halts_by_itself(
     tmp_path: Path, broker: Broker, tuf_repo: TufRepo, browser: Browser
@@ -193,3 +210,90 @@ def test_the_page_shows_three_agents_and_a_rollout_that_halts_by_itself(
     assert console.returncode == 0, (tmp_path / "console.log").read_text()
     log = (tmp_path / "console.log").read_text()
     assert "Traceback" not in log, log
+
+
+# -- two consoles on one broker ----------------------------------------------------------------
+
+
+def _publisher(b: Broker) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect(b.host, b.port)
+    c.loop_start()
+    return c
+
+
+def _wait(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} not seen after {timeout} s"
+        time.sleep(0.02)
+
+
+def test_two_consoles_split_the_metrics_but_each_sees_every_device(
+    broker: Broker, tuf_repo: TufRepo
+) -> None:
+    apps = []
+    for i in range(2):
+        opts = BrokerOptions(host=broker.host, port=broker.port, client_id=f"console-{i}")
+        apps.append(
+            ConsoleApp(
+                ConsoleSettings(
+                    broker=opts,
+                    repo=str(tuf_repo.repo.path),
+                    listen="127.0.0.1:0",
+                    prefix=PREFIX,
+                    policy=Policy(drive=False),
+                )
+            )
+        )
+    pub = _publisher(broker)
+    try:
+        for app in apps:
+            app.start()
+        devices = [f"pi-{i}" for i in range(3)]
+        for d in devices:
+            pub.publish(f"{PREFIX}/{d}/status", _status(d), qos=1, retain=True).wait_for_publish(5)
+        for app in apps:
+            _wait(lambda app=app: len(app.state.fleet.devices) == 3, "three devices")
+
+        def taken() -> list[int]:
+            return [app.state.received["metrics"] for app in apps]
+
+        def send(n: int) -> None:
+            for i in range(n):
+                m = _metrics(devices[i % 3])
+                pub.publish(f"{PREFIX}/{devices[i % 3]}/metrics", m, qos=1).wait_for_publish(5)
+
+        while min(taken()) == 0:  # until both shared subscriptions are live
+            send(1)
+            time.sleep(0.05)
+        before = taken()
+        send(40)
+        _wait(lambda: sum(taken()) - sum(before) == 40, "all 40 metrics")
+        split = [a - b for a, b in zip(taken(), before, strict=True)]
+        assert min(split) >= 10, split  # each console took a share of the stream ...
+        for app in apps:  # ... and still shows every device: status is not shared
+            assert [d["device"] for d in app.snapshot()["devices"]] == devices
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        for app in apps:
+            app.stop()
+
+
+def _status(device: str) -> bytes:
+    return msgspec.json.encode(
+        Status(device=device, groups=["fleet"], agent_version="t", started_at=utc_now(),
+               host=HostFacts(hostname=device, arch="x", os="Linux", python="3"), models=[])
+    )  # fmt: skip
+
+
+def _metrics(device: str) -> bytes:
+    mm = ModelMetrics(count=1, errors=0, interval_count=1, interval_errors=0, rps=1.0,
+                      p50_ms=1.0, p99_ms=2.0)  # fmt: skip
+    spool = SpoolMetrics(queued_messages=0, queued_bytes=0, dropped_records=0,
+                         dropped_records_total=0)  # fmt: skip
+    return msgspec.json.encode(
+        Metrics(device=device, interval_s=1, models={"classifier": mm}, system=SystemMetrics(),
+                spool=spool)
+    )  # fmt: skip

@@ -144,6 +144,8 @@ class ConsoleState:
         self.events: deque[dict[str, Any]] = deque(maxlen=self.limits.max_events)
         self.last_online: dict[str, dict[str, Any]] = {}
         """Each device's latest online status (bounded by the fleet's device cap)."""
+        self.received: Counter[str] = Counter()
+        """Messages taken, per topic leaf (status, metrics, quality, events)."""
         self.ignored = 0
         """Messages that did not parse or were over a bound (counted, not kept)."""
         self._lock = threading.Lock()
@@ -181,6 +183,8 @@ class ConsoleState:
         except (msgspec.DecodeError, msgspec.ValidationError):
             self._bump(ignored=True)
             return
+        with self._lock:
+            self.received[leaf] += 1
         self._bump()
 
     def _bump(self, ignored: bool = False) -> None:
@@ -290,6 +294,7 @@ class ConsoleState:
             quality = [self.quality[k] for k in sorted(self.quality)]
             events = list(self.events)
             ignored, generation = self.ignored, self.generation
+            received = dict(self.received)
         return {
             "ts": now,
             "generation": generation,
@@ -298,5 +303,6 @@ class ConsoleState:
             "series": series,
             "quality": quality,
             "events": events,
+            "received_messages": received,
             "ignored_messages": ignored,
         }
