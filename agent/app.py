@@ -42,7 +42,7 @@ def build_daemon(config: Config, config_path: str | Path | None = None) -> Daemo
     quality = QualityService(config, slots, link)
     api.feedback = quality.http_feedback
     api.metrics_text.append(lambda: prometheus_text(quality.monitor.payloads()))
-    updates = UpdateComponent(config, slots, link)
+    updates = UpdateComponent(config, slots, link, api.request_histograms)
     components += [quality, updates]
     daemon = Daemon(
         config,

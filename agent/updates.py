@@ -21,6 +21,7 @@ from agent.config import Config
 from agent.slots import LoadedModel, ModelSlot
 from runtime.errors import InferdError
 from telemetry.payloads import LastUpdate, Rollback, UpdateState
+from telemetry.request_histogram import RequestHistograms
 from updater.device.client import RepositoryClient
 from updater.device.updater import DeviceUpdater, RunCounts, Serving
 
@@ -54,23 +55,40 @@ class LoadedCandidate:
 class SlotAdapter:
     """:class:`updater.device.updater.SlotPort` over a ``ModelSlot``."""
 
-    def __init__(self, slot: ModelSlot, on_state: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        slot: ModelSlot,
+        on_state: Callable[[], None] | None = None,
+        requests: RequestHistograms | None = None,
+    ) -> None:
         self.slot = slot
         self.name = slot.name
         self.runtime: str = slot.config.runtime
         self.on_state = on_state
+        self.requests = requests
+        """Per-request counts (the API's /metrics ones): the trial judges requests. Without
+        them it counts backend runs, and a batched model runs once per batch."""
 
     def serving(self) -> Serving | None:
         if not self.slot.ready:
             return None
         model = self.slot.current
         stats = model.backend.stats
+        counts = RunCounts(stats.runs, stats.errors, stats.total_ns)
+        if self.requests is not None:
+            served = self.requests.totals().get((self.name, model.version))
+            # the latency sum covers the successful requests, which failed ones have no latency of
+            counts = (
+                RunCounts(served.requests, served.errors, served.sum_ns)
+                if served is not None
+                else RunCounts(0, 0, 0)
+            )
         return Serving(
             version=model.version,
             path=str(model.path),
             sha256=model.digest,
             signature=model.backend.signature(),
-            stats=RunCounts(stats.runs, stats.errors, stats.total_ns),
+            stats=counts,
         )
 
     def load(self, path: Path, version: str) -> LoadedCandidate:
@@ -110,6 +128,7 @@ class UpdateComponent:
         config: Config,
         slots: Mapping[str, ModelSlot],
         link: CommandLink,
+        requests: RequestHistograms | None = None,
     ) -> None:
         self.config = config
         self.enabled = config.updates.enabled
@@ -120,7 +139,9 @@ class UpdateComponent:
                 u.trusted_root,
             )
             self.enabled = False
-        self.adapters = {name: SlotAdapter(s, link.publish_status) for name, s in slots.items()}
+        self.adapters = {
+            name: SlotAdapter(s, link.publish_status, requests) for name, s in slots.items()
+        }
         client = RepositoryClient(
             u.repository_url,
             u.trusted_root,
