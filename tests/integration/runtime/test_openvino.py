@@ -10,7 +10,6 @@ independent build of the runtime, not the same session asked twice.
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -105,61 +104,18 @@ def test_demo_and_zoo_models_on_openvino_match_cpu(
             )
 
 
-GATE = textwrap.dedent(
-    """
-    import json, sys
-    from pathlib import Path
-    import numpy as np
-    from agent.config import ModelConfig
-    from runtime import bundle
-    from agent.slots import ModelSlot
-    from agent.updates import LoadedCandidate
-    from runtime.errors import ValidationError
-    from runtime.tensors import Signature
-    from updater.device.validation import validate
-    from updater.meta import ModelMeta
-
-    models, state = Path(sys.argv[1]), Path(sys.argv[2])
-    cfg = ModelConfig(name="classifier", path=str(models / "demo.onnx"),
-                      providers=("openvino", "cpu"))
-    slot = ModelSlot(cfg, cache_dir=state / "cache" / "classifier")
-    slot.swap(slot.load(cfg.path, "1"))
-    out = {"serving": list(slot.current.backend.providers)}
-    serving_sig = Signature.from_json(slot.current.backend.signature())
-
-    def gate(model, golden):
-        cand = LoadedCandidate(slot.load(models / model, "2"))
-        meta = ModelMeta(name="classifier", version="2", seq=2, runtime="onnxruntime",
-                         signature=Signature.from_json(cand.signature()))
-        try:
-            published = bundle.read_golden(models / golden, ["x"], ["probs"])
-            report = validate(cand, meta, serving_sig, bundle.golden_bytes(published))
-        except ValidationError as err:
-            cand.close()
-            return None, str(err)
-        return cand, report.to_json()
-
-    _, out["wrong_golden"] = gate("demo-v2.onnx", "demo.golden.npz")
-    cand, out["report"] = gate("demo-v2.onnx", "demo-v2.golden.npz")
-    out["candidate"] = list(cand.model.backend.providers)
-    slot.swap(cand.model)
-    with np.load(models / "demo-v2.golden.npz") as z:
-        x = z["x"]
-    out["after_swap"] = {"version": slot.current.version,
-                         "probs": slot.current.backend.run({"x": x})["probs"].tolist()}
-    print(json.dumps(out))
-    """
-)
-
-
 def test_validation_gate_and_hot_swap_run_on_openvino(ov_python: Path, tmp_path: Path) -> None:
-    out = json.loads(_ov(["-c", GATE, str(DEMO.parent), str(tmp_path / "state")]))
+    state = tmp_path / "state"
+    out = json.loads(_ov(["-m", "tests.support.gate_probe", "--providers", "openvino,cpu",
+                          "--state", str(state)]))  # fmt: skip
     assert out["serving"] == OPENVINO and out["candidate"] == OPENVINO
     # the gate is not a formality on this provider: other golden outputs are refused ...
     assert "differs beyond" in out["wrong_golden"]
     # ... and the right ones pass within the signed tolerance, timed
     assert out["report"]["golden_checked"] == 1 and out["report"]["runs"] > 0
     golden = _golden("demo-v2.golden.npz")
+    # swapped under load: requests before and after, none failed
+    assert out["swap"]["ok"] > 0 and out["swap"]["failed"] == 0, out["swap"]
     assert out["after_swap"]["version"] == "2"
     np.testing.assert_allclose(
         np.array(out["after_swap"]["probs"]), golden.expected["probs"], rtol=RTOL, atol=ATOL

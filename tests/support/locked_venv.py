@@ -1,0 +1,165 @@
+"""A throwaway virtual environment installed from one of the committed hashed lock exports.
+
+Some runtimes cannot share the development venv: ``onnxruntime-openvino`` and
+``onnxruntime-gpu`` ship the same ``onnxruntime`` import package as ``onnxruntime``. A
+:class:`LockedVenv` builds a venv from ``requirements/<name>.txt`` (what a device installs) once,
+under ``~/.cache/inferd/<name>-<digest>`` keyed by that file, the Python version and ``extra``
+(more pip arguments: packages outside the lock), and runs this checkout's code in it (``cwd``
+and ``PYTHONPATH`` at the repository root; inferd itself is not installed there). A build that
+fails for want of a network raises :class:`RegistryUnreachableError`; any other failure raises
+:class:`VenvBuildError`. Imports no pytest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.daemon import DaemonProc, write_config
+from tests.support.zoo import _NETWORK_WORDS, RegistryUnreachableError
+
+ROOT = Path(__file__).resolve().parents[2]
+PIP_TIMEOUT_S = 1800
+"""One pip install: the GPU set is about 2 GB of CUDA libraries."""
+
+
+class VenvBuildError(Exception):
+    """The venv could not be built for a reason other than the network."""
+
+
+def cache_base() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "inferd"
+
+
+@dataclass(frozen=True)
+class LockedVenv:
+    """A venv from ``requirements`` (a hashed export), then ``extra`` pip installs, if any."""
+
+    name: str
+    requirements: Path
+    extra: tuple[tuple[str, ...], ...] = ()
+    """Further ``pip install`` argument lists run after the locked set (not hash-checked)."""
+    base: Path = field(default_factory=cache_base)
+
+    @property
+    def path(self) -> Path:
+        h = hashlib.sha256(self.requirements.read_bytes())
+        h.update(f"{sys.version_info.major}.{sys.version_info.minor}".encode())
+        h.update(repr(self.extra).encode())
+        return self.base / f"{self.name}-{h.hexdigest()[:16]}"
+
+    def ready(self) -> bool:
+        return (self.path / ".complete").exists() and (self.path / "bin" / "python").exists()
+
+    def python(self) -> Path:
+        """The venv's interpreter, built on first use (under a lock: two runs at once must not
+        build it twice)."""
+        venv = self.path
+        if self.ready():
+            return venv / "bin" / "python"
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        with open(venv.parent / f".{self.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self.ready():
+                self._build(venv)
+        return venv / "bin" / "python"
+
+    def _build(self, venv: Path) -> None:
+        shutil.rmtree(venv, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=venv.parent, prefix=f".{self.name}-build-"))
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True
+            )
+            pip = [str(tmp / "bin" / "python"), "-m", "pip", "install",
+                   "--disable-pip-version-check", "--no-input", "--retries", "1",
+                   "--timeout", "30"]  # fmt: skip
+            _pip([*pip, "--require-hashes", "-r", str(self.requirements)], self.requirements.name)
+            for args in self.extra:
+                _pip([*pip, *args], " ".join(args))
+            (tmp / ".complete").write_text(self.requirements.name + "\n")
+            # the venv's python is a symlink and is always run as `python -m`: it can move
+            os.replace(tmp, venv)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment to run this checkout's code in the venv."""
+        return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+    def run(
+        self,
+        args: Sequence[str],
+        timeout: float = 300,
+        env: Mapping[str, str] | None = None,
+        **kw: Any,
+    ) -> subprocess.CompletedProcess[str]:
+        """``python args...`` in the venv, from the repository root; output captured."""
+        return subprocess.run(
+            [str(self.python()), *args],
+            cwd=ROOT,
+            env=self.env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            **kw,
+        )
+
+    def start_daemon(
+        self,
+        tmp: Path,
+        config: dict[str, Any],
+        env: Mapping[str, str] | None = None,
+        timeout: float = 60,
+    ) -> DaemonProc:
+        """``inferd run`` in the venv (as tests.support.daemon.start_daemon does in .venv),
+        ready; its output goes to ``tmp/daemon.log``."""
+        path, cfg = write_config(tmp, config)
+        log = open(tmp / "daemon.log", "ab")  # noqa: SIM115 - the child keeps it open
+        proc = subprocess.Popen(
+            [str(self.python()), "-m", "agent.cli", "run", "--config", str(path)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env(env),
+        )
+        log.close()
+        daemon = DaemonProc(proc, path, cfg, tmp / "daemon.log")
+        try:
+            daemon.wait_ready(timeout=timeout)
+        except AssertionError:
+            with contextlib.suppress(AssertionError):
+                daemon.stop()
+            raise
+        return daemon
+
+
+def _pip(cmd: list[str], what: str) -> None:
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise RegistryUnreachableError(
+            f"registry unreachable: pip install {what} took over {PIP_TIMEOUT_S}s"
+        ) from None
+    out = done.stdout + done.stderr
+    if done.returncode != 0:
+        last = next((ln for ln in reversed(out.splitlines()) if ln.strip()), "")
+        message = f"pip install {what}: {last.strip()}"
+        if any(word in out for word in _NETWORK_WORDS):
+            raise RegistryUnreachableError(f"registry unreachable: {message}")
+        raise VenvBuildError(message)
