@@ -91,6 +91,13 @@ def request(
     return out
 
 
+def _until(check: Any, what: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
 def test_page_and_vendored_files_are_served_with_a_strict_policy(make):
     srv, _ = make()
     status, headers, body = request(srv, "GET", "/")
@@ -135,8 +142,10 @@ def test_bodies_and_connections_are_bounded(make):
     srv, _ = make(max_connections=2, max_body_bytes=1024)
     status, _, _ = request(srv, "POST", "/api/rollouts/x/halt", {"pad": "x" * 2000})
     assert status == 413
+    _until(lambda: not srv.httpd.open, "the refused request's connection closed")
     idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
     try:
+        _until(lambda: len(srv.httpd.open) == 2, "two idle connections held")
         # both slots are held by idle connections: the next one is told to come back
         status, headers, _ = request(srv, "GET", "/healthz")
         assert status == 503 and headers["retry-after"] == "1"
