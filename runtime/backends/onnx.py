@@ -9,6 +9,11 @@ with one warning naming what was skipped and the extra that brings it.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import importlib.util
+import io
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -67,6 +72,44 @@ def available_providers() -> list[str]:
     return [name for name, ort_name in ORT_PROVIDERS.items() if ort_name in have]
 
 
+TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10")
+"""What onnxruntime-gpu's TensorRT provider links (TensorRT 10), loaded from ``tensorrt_libs``."""
+
+
+@functools.cache
+def preload_gpu_libraries(tensorrt: bool) -> list[str]:
+    """Load the CUDA, cuDNN (and TensorRT) libraries that pip installed beside onnxruntime-gpu,
+    once per process; returns the TensorRT files loaded.
+
+    Those wheels put the libraries under site-packages (nvidia/cu13/lib, tensorrt_libs/), where
+    the dynamic linker does not look: without this the CUDA provider fails on libcublasLt and
+    the session silently runs on the CPU. onnxruntime's ``preload_dlls`` covers CUDA and cuDNN;
+    TensorRT's libraries are loaded by path, so that the provider's own ``dlopen`` by soname
+    finds them already there. A system install (JetPack, CUDA from apt) needs neither and is
+    left alone: whatever fails to load here is only a debug line.
+    """
+    quiet = io.StringIO()  # preload_dlls prints what it could not load
+    with contextlib.redirect_stdout(quiet):
+        try:
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()
+        except Exception as err:  # noqa: BLE001 - best effort: the session says what is missing
+            log.debug("preload_dlls: %s", err)
+    if quiet.getvalue().strip():
+        log.debug("preload_dlls: %s", quiet.getvalue().strip())
+    loaded: list[str] = []
+    spec = importlib.util.find_spec("tensorrt_libs") if tensorrt else None
+    if spec is not None and spec.submodule_search_locations:
+        where = Path(next(iter(spec.submodule_search_locations)))
+        for name in TENSORRT_LIBRARIES:
+            try:
+                ctypes.CDLL(str(where / name), mode=ctypes.RTLD_GLOBAL)
+                loaded.append(name)
+            except OSError as err:
+                log.debug("cannot preload %s: %s", where / name, err)
+    return loaded
+
+
 def provider_options(name: str, opts: RuntimeOptions, cache_dir: Path | None) -> dict[str, Any]:
     """The documented onnxruntime options of one execution provider for a model, with the
     model's ``provider_options[name]`` over them; caches go under ``cache_dir`` (the slot's
@@ -119,6 +162,8 @@ class OnnxBackend(Backend):
                 skipped.append(name)
                 continue
             chosen.append((ort_name, provider_options(name, opts, self.cache_dir)))
+        if any(n in (ORT_PROVIDERS["cuda"], ORT_PROVIDERS["tensorrt"]) for n, _ in chosen):
+            preload_gpu_libraries(tensorrt=any(n == ORT_PROVIDERS["tensorrt"] for n, _ in chosen))
         if not any(n == ORT_PROVIDERS["cpu"] for n, _ in chosen):
             # CPU is always the last resort: a device without its GPU keeps serving, slower.
             chosen.append((ORT_PROVIDERS["cpu"], provider_options("cpu", opts, self.cache_dir)))
