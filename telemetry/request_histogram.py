@@ -24,6 +24,8 @@ from telemetry.prediction import Prediction
 from telemetry.prometheus import Family
 
 BUCKETS_S: tuple[float, ...] = (
+    0.00001,
+    0.000025,
     0.00005,
     0.0001,
     0.00025,
@@ -42,8 +44,8 @@ BUCKETS_S: tuple[float, ...] = (
     5.0,
     10.0,
 )
-"""Upper bounds (seconds) of the latency buckets: 50 us (a small model in process) to 10 s (a
-large one on a slow board), about 2.5x apart, so ``histogram_quantile`` is within a bucket."""
+"""Upper bounds (seconds) of the latency buckets: 10 us (a small model runs in 5-10 us here) to
+10 s (a large one on a slow board), 2-2.5x apart; ``histogram_quantile`` interpolates within one."""
 
 _BOUNDS_NS = tuple(round(b * 1e9) for b in BUCKETS_S)
 _LE = (*(f"{b:.6f}".rstrip("0").rstrip(".") for b in BUCKETS_S), "+Inf")

@@ -79,8 +79,9 @@ def test_exposition_is_a_cumulative_histogram_per_version() -> None:
     counts = [int(ln.rsplit(" ", 1)[1]) for ln in buckets]
     assert counts == sorted(counts), "buckets are cumulative"
     assert buckets[0].startswith(
-        'inferd_inference_duration_seconds_bucket{model="clf",version="7",le="0.00005"} 1'
+        'inferd_inference_duration_seconds_bucket{model="clf",version="7",le="0.00001"} 0'
     )
+    assert 'inferd_inference_duration_seconds_bucket{model="clf",version="7",le="0.00005"} 1' in v7
     assert buckets[-1].endswith('le="+Inf"} 4')
     assert 'inferd_inference_duration_seconds_count{model="clf",version="7"} 4' in v7
     total = (40_000 + 6_000_000 + 2_000_000_000) / 1e9
