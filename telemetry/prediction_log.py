@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from runtime.errors import InferdError
 from telemetry.payloads import (
     ClassScore,
     OutputSummary,
@@ -264,6 +265,7 @@ class PredictionLogger:
         self.dropped = 0
         """Records dropped because the queue was full (the thread fell behind) or because they
         could not be built or queued in the spool."""
+        self._refused = False
         self._queue: deque[tuple[Prediction, int]] = deque()
         """Queued predictions with their tensor bytes (counted once, on the request path)."""
         self._wake = threading.Event()
@@ -377,9 +379,23 @@ class PredictionLogger:
                 continue
             try:
                 self.publish_records(records)
-            except Exception:  # e.g. the spool's disk failed: count, keep the thread alive
+            except InferdError as err:  # the spool refused (a full or failing disk): count
+                self.dropped += len(records)
+                if not self._refused:  # one line, not one per batch for as long as it lasts
+                    self._refused = True
+                    log.error(
+                        "predictions: cannot queue %d records: %s (records are dropped and "
+                        "counted until the spool takes them again)",
+                        len(records),
+                        err,
+                    )
+            except Exception:  # a bug: keep the thread alive, show where
                 log.exception("predictions: cannot queue %d records", len(records))
                 self.dropped += len(records)
+            else:
+                if self._refused:
+                    self._refused = False
+                    log.info("predictions: the spool takes records again")
 
     def _records_one_by_one(self, batch: list[Prediction]) -> list[PredictionRecord]:
         records = []
