@@ -33,7 +33,9 @@ PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 PASSWORD_ENV = "INFERD_MQTT_PASSWORD"  # noqa: S105 - where the password is, not one
 DEFAULT_BROKER = "127.0.0.1:1883"
 V5_REFUSED = "Unsupported protocol version"
-"""How paho reads the CONNACK of a 3.1.1-only broker (NATS, RabbitMQ) to an MQTT 5 CONNECT."""
+"""How paho reads the CONNACK of a 3.1.1-only broker (NATS) to an MQTT 5 CONNECT."""
+UNANSWERED = "connection closed before the broker answered"
+"""A TLS refusal, or RabbitMQ 3.x's answer to an MQTT 5 CONNECT."""
 
 
 @dataclass(frozen=True)
@@ -183,8 +185,9 @@ def connect(
                     nodes[i + 1 :] + nodes[: i + 1],
                 )
             except MqttError as err:
-                if V5_REFUSED in str(err) and protocol == "5":
-                    log.info("broker %s refused MQTT 5; using 3.1.1", opts.at(node).where)
+                # NATS refuses MQTT 5 with a return code; RabbitMQ 3.x closes the connection
+                if protocol == "5" and (V5_REFUSED in str(err) or UNANSWERED in str(err)):
+                    log.info("broker %s refused MQTT 5; trying 3.1.1", opts.at(node).where)
                     continue
                 errors.append(str(err))
                 break
@@ -229,7 +232,7 @@ def _connect_node(
         # Under TLS 1.3 a broker that rejects the client certificate just closes the
         # connection: no CONNACK ever comes, so say so now instead of after the timeout.
         if not connected.is_set():
-            refused.append(f"connection closed before the broker answered ({reason})")
+            refused.append(f"{UNANSWERED} ({reason})")
             connected.set()
         else:
             advance(c)

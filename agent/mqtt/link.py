@@ -55,9 +55,9 @@ answers and, when its node goes away, to the next one, round-robin, without wait
 lost node; only a full round of failed nodes backs off. The spool does not care which node
 takes it: after the move it sends the birth status, then its backlog from the oldest row, in
 order. ``status`` names the node (``broker``). A broker that refuses MQTT 5 (NATS and RabbitMQ
-speak 3.1.1 only) is spoken to in 3.1.1 from then on: no response topics (MQTT inference
-replies go to ``{request topic}/reply``, commands are answered only by events) and no
-Maximum Packet Size.
+speak 3.1.1 only) is spoken to in 3.1.1 (see :meth:`MqttLink._v311_fallback`): no response
+topics (MQTT inference replies go to ``{request topic}/reply``, commands are answered only by
+events) and no Maximum Packet Size.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import paho.mqtt.client as mqtt
@@ -241,6 +241,10 @@ class MqttLink:
         """``host:port`` of the broker node the link is on (or trying); ``broker`` in status."""
         self._protocol = config.mqtt.protocol
         """MQTT 5 until a broker refuses it (then 3.1.1 from then on)."""
+        self._guessed_v311 = False
+        """This connection is 3.1.1 because the broker closed an MQTT 5 one unanswered."""
+        self._answered = False
+        """The broker answered the CONNECT of the current connection (CONNACK, any code)."""
         self.subscribe(f"{self.root}/cmd/#", self._on_command_message)
         for group in config.groups:
             self.subscribe(f"{self.prefix}/groups/{group}/#", self._on_command_message)
@@ -510,6 +514,7 @@ class MqttLink:
             opts = replace(base.at(nodes[index]), protocol=self._protocol)
             self.node = f"{opts.host}:{opts.port}"
             self._refused = None
+            self._answered = False
             slow = False
             connects_before = self.connects
             try:
@@ -539,17 +544,7 @@ class MqttLink:
                         self._supervise()
                 was_up = self.connects > connects_before
                 self._connected = False
-                if self._refused == V5_REFUSED and self._protocol == "5":
-                    # A 3.1.1-only broker (NATS, RabbitMQ): what needs MQTT 5 (response
-                    # topics, the packet size bound) is off; everything else works.
-                    log.warning(
-                        "mqtt: %s does not speak MQTT 5; using MQTT 3.1.1 (replies to MQTT "
-                        "requests go to {request topic}/reply, commands are answered by events)",
-                        opts.where,
-                    )
-                    self._protocol = "3.1.1"
-                    with self._pub_lock:
-                        self._client = None
+                if self._v311_fallback(opts):
                     continue
                 if self._refused is not None:
                     self._report(f"{opts.where} refused the connection: {self._refused}")
@@ -580,6 +575,46 @@ class MqttLink:
                     break
         self._connected = False
 
+    def _v311_fallback(self, opts: BrokerOptions) -> bool:
+        """After a connection ended: True when the next attempt is to be MQTT 3.1.1, at once.
+
+        NATS answers an MQTT 5 CONNECT with "unsupported protocol version": the link speaks
+        3.1.1 to it from then on. RabbitMQ 3.x closes the connection without a word, but so
+        does a broker going down or a TCP load balancer without a backend: then 3.1.1 is tried
+        at once, for that connection only, and the next one starts with MQTT 5 again.
+        """
+        unanswered = not self._answered and not self._stop.is_set()
+        if self._protocol == "5" and self._refused == V5_REFUSED:
+            self._v311_chosen(opts.where)
+            return self._renew("3.1.1")
+        if self._protocol == "5" and unanswered:
+            self._guessed_v311 = True
+            if self._due("v311-probe"):
+                log.info(
+                    "mqtt: %s closed an MQTT 5 connection unanswered; trying 3.1.1", opts.where
+                )
+            return self._renew("3.1.1")
+        if self._guessed_v311:
+            self._guessed_v311 = False
+            self._renew("5")
+        return False
+
+    def _renew(self, protocol: Literal["5", "3.1.1"]) -> bool:
+        """Speak ``protocol`` from the next connection on (a new paho client)."""
+        self._protocol = protocol
+        with self._pub_lock:
+            self._client = None
+        return True
+
+    def _v311_chosen(self, where: str) -> None:
+        # What needs MQTT 5 (response topics, the packet size bound) is off; the rest works.
+        if self._due("v311"):
+            log.warning(
+                "mqtt: %s does not speak MQTT 5; using MQTT 3.1.1 (replies to MQTT requests go "
+                "to {request topic}/reply, commands are answered by events)",
+                where,
+            )
+
     def _make_client(self, opts: BrokerOptions) -> mqtt.Client:
         client = make_client(opts)
         client.connect_timeout = min(10.0, float(opts.keepalive_s))
@@ -609,6 +644,9 @@ class MqttLink:
         reason: ReasonCode,
         props: Properties | None,
     ) -> None:
+        self._answered = True
+        if self._guessed_v311 and not reason.is_failure:
+            self._v311_chosen(str(self.node))
         if reason.is_failure:
             self._refused = str(reason)
             if str(reason) in _REFUSED_AUTH:

@@ -118,7 +118,7 @@ class NatsCluster:
             node.start()
         deadline = time.monotonic() + timeout
         for node in self.nodes:
-            while not mqtt_ready(node):
+            while not mqtt_ready(node.host, node.mqtt_port):
                 if not node.alive:
                     raise RuntimeError(f"{node.name} exited: {node.log.read_text()[-3000:]}")
                 if time.monotonic() > deadline:
@@ -141,8 +141,8 @@ class NatsCluster:
         raise KeyError(where)
 
 
-def mqtt_ready(node: NatsNode) -> bool:
-    """True once the node accepts an MQTT 3.1.1 CONNECT (its JetStream assets exist).
+def mqtt_ready(host: str, port: int) -> bool:
+    """True once ``host:port`` accepts an MQTT 3.1.1 CONNECT (on NATS: its JetStream assets exist).
 
     A raw CONNECT/CONNACK exchange: NATS answers only once the account's MQTT streams are
     made, which in a cluster waits for a JetStream meta leader.
@@ -153,7 +153,7 @@ def mqtt_ready(node: NatsNode) -> bool:
     body = var + payload
     packet = b"\x10" + bytes([len(body)]) + body
     try:
-        with socket.create_connection((node.host, node.mqtt_port), timeout=3) as s:
+        with socket.create_connection((host, port), timeout=3) as s:
             s.sendall(packet)
             s.settimeout(3)
             reply = s.recv(4)
