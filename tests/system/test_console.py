@@ -69,6 +69,7 @@ def _agent(tmp: Path, name: str, model: Path, broker: Broker, tuf: TufRepo) -> D
                 "topic_prefix": PREFIX,
             },
             "telemetry": {"metrics_interval_s": 1},
+            "quality": {"publish_interval_s": 1},
             "updates": {
                 "repository_url": tuf.url,
                 "trusted_root": str(tuf.trusted_root),
@@ -82,7 +83,8 @@ def _agent(tmp: Path, name: str, model: Path, broker: Broker, tuf: TufRepo) -> D
 
 
 class Traffic:
-    """A few requests per second to each agent, so the page has latency and throughput."""
+    """A few requests per second to each agent, each followed by its label, so the page has
+    latency, throughput and quality to show."""
 
     def __init__(self, agents: list[DaemonProc], features: dict[str, int]) -> None:
         self.agents, self.features = agents, features
@@ -91,12 +93,17 @@ class Traffic:
         self.thread.start()
 
     def _run(self) -> None:
+        i = 0
         while not self.stop.wait(0.1):
+            i += 1
             for a in self.agents:
                 n = self.features[a.config["device_id"]]
+                x = [((i * 7 + k) % 10) / 10 for k in range(n)]
                 with contextlib.suppress(OSError):
                     a.infer("classifier", [{"name": "x", "shape": [1, n], "datatype": "FP32",
-                                            "data": [0.5] * n}])  # fmt: skip
+                                            "data": x}], id=f"r{i}")  # fmt: skip
+                    a.request("POST", "/v2/models/classifier/feedback",
+                              {"id": f"r{i}", "label": i % 3})  # fmt: skip
 
     def close(self) -> None:
         self.stop.set()
@@ -167,6 +174,13 @@ def test_the_page_shows_three_agents_and_a_rollout_that_halts_by_itself(
             "latency figures",
         )
         assert page.evaluate("document.querySelector('#conn').textContent") == "broker connected"
+        quality = "[...document.querySelectorAll('#quality tbody tr')]"
+        page.wait_for(
+            f"{quality}.length === 3 && "
+            f"{quality}.every(r => /\\d\\.\\d{{3}} \\/ /.test(r.innerText))",
+            30,
+            "accuracy / F1 of three devices",
+        )
         _shot(page, tmp_path, "fleet")
 
         # published staged at 0 %: the console takes it to 50 % and, healthy, to 100 %, where

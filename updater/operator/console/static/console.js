@@ -187,6 +187,13 @@
 
   const charts = new Map();
 
+  function xRange(u) {
+    const t = u.data[0];
+    const hi = t.length ? t[t.length - 1] : Date.now() / 1000;
+    const lo = t.length ? t[0] : hi;
+    return [Math.min(lo, hi - 60), hi + 2];
+  }
+
   function renderCharts(series) {
     const box = $("#charts");
     const names = Object.keys(series).filter((n) => series[n].t.length > 0);
@@ -204,7 +211,8 @@
           title: name,
           width: width,
           height: 220,
-          scales: { x: { time: true }, rps: { auto: true } },
+          // at least the last minute: one point alone would make uPlot span years
+          scales: { x: { time: true, range: xRange }, rps: { auto: true } },
           series: [
             {},
             { label: "p50 ms", stroke: "#2f7ed8", width: 2, spanGaps: true },
