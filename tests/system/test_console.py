@@ -117,10 +117,12 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
     b.close()
 
 
-def _console(tmp: Path, broker: Broker, tuf: TufRepo) -> tuple[subprocess.Popen[str], str]:
+def _console(
+    tmp: Path, broker: Broker, tuf: TufRepo, *extra: str
+) -> tuple[subprocess.Popen[str], str]:
     log = (tmp / "console.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "updater.inferctl", "console",
+        [sys.executable, "-m", "updater.inferctl", "console", *extra,
          "--repo", str(tuf.repo.path), "--listen", f"127.0.0.1:{free_port()}",
          "--broker", f"{broker.host}:{broker.port}", "--prefix", PREFIX,
          "--soak", "3", "--steps", "50,100", "--halt-ratio", "0.2", "--min-attempted", "1",
@@ -224,6 +226,42 @@ def test_the_page_shows_three_agents_and_a_rollout_that_halts_by_itself(
     assert console.returncode == 0, (tmp_path / "console.log").read_text()
     log = (tmp_path / "console.log").read_text()
     assert "Traceback" not in log, log
+
+
+@needs_chromium
+@pytest.mark.timeout(60)
+def test_with_a_token_the_browser_signs_in_once(
+    tmp_path: Path, broker: Broker, tuf_repo: TufRepo, browser: Browser
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("e3b0c44298fc1c149afbf4c8996fb924\n")
+    token.chmod(0o600)
+    console, url = _console(tmp_path, broker, tuf_repo, "--token-file", str(token))
+    try:
+        page = browser.page()
+        page.navigate(url)
+        page.wait_for("document.querySelector('#login') !== null", 10, "the sign-in form")
+        assert page.evaluate("document.querySelector('#rollouts')") is None  # nothing else
+
+        def sign_in(value: str) -> None:
+            page.evaluate(f"document.querySelector('#token').value = {value!r}")
+            page.evaluate("document.querySelector('#login').requestSubmit()")
+
+        sign_in("not-the-token-at-all")
+        page.wait_for("document.querySelector('#login-error').textContent === 'wrong token'", 10)
+        assert len(page.errors) == 1 and "401" in page.errors[0], page.errors  # the refusal
+        page.errors.clear()
+        sign_in(token.read_text().strip())
+        page.wait_for("document.querySelector('#rollouts') !== null", 10, "the console")
+        page.wait_for("document.body.dataset.generation !== undefined", 10, "the live state")
+        page.navigate(url)  # the cookie keeps it signed in
+        page.wait_for("document.querySelector('#rollouts') !== null", 10, "the console again")
+        page.wait_for("document.querySelector('#conn').textContent === 'broker connected'", 10)
+        assert page.errors == [], page.errors
+    finally:
+        console.terminate()
+        console.communicate(timeout=20)
+    assert console.returncode == 0, (tmp_path / "console.log").read_text()
 
 
 # -- two consoles on one broker ----------------------------------------------------------------
