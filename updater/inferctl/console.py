@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 import threading
@@ -52,6 +53,8 @@ def _cmd_console(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise OperatorError(f"console: {err}") from None
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", args.id):
+        raise OperatorError(f"--id {args.id!r}: letters, digits, '.', '_' and '-' only")
     if not 0.1 <= args.plot_bucket <= 600:
         raise OperatorError("--plot-bucket must be between 0.1 and 600 s")
     settings = ConsoleSettings(

@@ -69,6 +69,8 @@ def test_advances_one_step_after_the_soak_when_nobody_is_mid_update():
     assert d is not None and d.action == "advance"
     assert d.rollout.shares == {ALL: 1000} and d.rollout.halted is None
     assert "3 of 3 devices updated, 0 failed, over 60 s at 1 %" in d.reason
+    early_failure = _summary(attempted=2, succeeded=1, failed=1)  # too few to halt on
+    assert decide(early_failure, r, 600, POLICY) is None  # ... but no step further either
     busy = _summary(attempted=3, succeeded=2, states={"committed": 2, "downloading": 1})
     assert decide(busy, r, 600, POLICY) is None
     assert decide(healthy, Rollout(shares={ALL: FULL}), 600, POLICY) is None  # complete

@@ -179,6 +179,9 @@ def test_inferctl_console_refuses_an_open_listen_in_one_line(tmp_path: Path, cap
     code = inferctl(["console", "--repo", str(tmp_path), "--steps", "10,5"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and err == ["inferctl: console: steps must be increasing shares"]
+    code = inferctl(["console", "--repo", str(tmp_path), "--id", "a/#"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "--id 'a/#'" in err[0], err
 
 
 def test_the_token_by_header_or_by_the_login_cookie(make):

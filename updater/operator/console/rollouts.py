@@ -97,15 +97,18 @@ def decide(
     """What to do with a rollout now: halt, advance one step, or nothing (None).
 
     A version published without shares goes to every device (nothing to drive); a halted one
-    waits for the operator. Above the failure ratio it halts; otherwise it advances the share of
-    all groups to the next step once ``soak_s`` has passed since the last change and no device
-    is still in the middle of an update.
+    waits for the operator. Above the failure ratio it halts (once ``min_attempted`` devices
+    tried; before that it only stops advancing); otherwise it advances the share of all groups
+    to the next step once ``soak_s`` has passed since the last change and no device is still in
+    the middle of an update.
     """
     if rollout is None or rollout.halted:
         return None
     reason = halt_reason(s, policy.halt_ratio, policy.min_attempted)
     if reason is not None:
         return Decision("halt", reason, halted(rollout, reason))
+    if s.failure_ratio > policy.halt_ratio:
+        return None  # too few attempts to judge a halt, too many failures to go further
     share = rollout.shares.get(ALL, 0)
     step = next_step(policy, share)
     if step is None or soaked_s < policy.soak_s:
