@@ -1,4 +1,4 @@
-.PHONY: setup test lint demo bench bench-peers schemas clean lock check-latest check-oldest check-arm64 install uninstall
+.PHONY: setup test lint demo bench bench-peers schemas clean lock check-latest check-oldest check-arm64 check-gpu install uninstall
 
 setup:
 	bash scripts/setup.sh
@@ -54,3 +54,10 @@ check-oldest:
 # trixie/Python 3.13): install from the lock, serve, infer, status on MQTT, a signed update.
 check-arm64:
 	bash scripts/check-arm64.sh
+
+# On an NVIDIA GPU host or a Jetson, by hand (never in CI; not yet run on a GPU): the gpu extra
+# from the lock plus TensorRT, the demo and zoo models on [tensorrt, cuda, cpu] and [cuda, cpu]
+# against the CPU, the TensorRT engine cache, the validation gate and a hot swap, one table.
+# Pass options through, e.g. make check-gpu CHECK_GPU_ARGS="--jetson-index URL" (or --dry-run).
+check-gpu:
+	bash scripts/check-gpu.sh $(CHECK_GPU_ARGS)

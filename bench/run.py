@@ -33,7 +33,7 @@ def benchmarks() -> list[str]:
     return sorted(
         p.stem
         for p in HERE.glob("*.py")
-        if p.stem not in ("run", "peers") and not p.stem.startswith("_")
+        if p.stem not in ("run", "peers", "check_gpu") and not p.stem.startswith("_")
     )
 
 
