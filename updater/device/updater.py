@@ -255,6 +255,9 @@ class SlotJob:
         while not self._stop.is_set():
             try:
                 self.run_pending()
+            except InferdError as err:  # e.g. its state cannot be saved (a full disk)
+                log.error("%s: update job stopped until the next check: %s", self.name, err)
+                self._stop.wait(1.0)
             except Exception:
                 log.exception("%s: update loop error", self.name)
                 self._stop.wait(1.0)
