@@ -10,6 +10,7 @@ golden or warm-up inputs with a large count make a load or the gate run for seco
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ import pytest
 from onnx import TensorProto
 
 from tests.support.models import classifier, elementwise, failing, spin
+from tests.support.tmpfs import can_mount, fill, tmpfs
 from tests.support.tuf_repo import Device, TufRepo
 
 SLOT = "classifier"  # the slot name tests.support.tuf_repo's devices use
@@ -406,3 +408,67 @@ def test_a_failed_trial_with_no_previous_version_on_disk_reports_and_keeps_servi
     device.events.clear()
     device.check()
     assert device.states() == ["checking", "idle"], "no loop, and the failed version stays out"
+
+
+# -- a state dir that fills up during a job ----------------------------------------------------
+
+
+@pytest.fixture
+def small_state_dir(tmp_path: Path) -> Iterator[Path]:
+    reason = can_mount()
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        with tmpfs(tmp_path / "state", "2m") as disk:
+            yield disk
+    except RuntimeError as err:
+        pytest.skip(str(err))
+
+
+def test_a_job_whose_state_cannot_be_saved_stops_with_one_line_and_finishes_once_it_can(
+    tuf_repo: TufRepo,
+    update_device: Callable[..., Device],
+    tmp_path: Path,
+    small_state_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The disk fills up (other files) while a version downloads: the download fails, and so
+    does saving the ``failed`` state. The job goes no further on a state it could not save,
+    v1 serves throughout, the log says why in one line; once space is freed, the next check
+    finishes the job's clean-up and installs the next version."""
+    device = update_device(classifier(tmp_path / "v1.onnx"), state_dir=small_state_dir)
+    watch = Watch(device)
+    big = classifier(tmp_path / "v2.onnx", seed=2)
+    model = onnx.load(str(big))
+    model.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.ones(512 * 1024, np.float32), "pad")
+    )
+    onnx.save(model, str(big))
+    tuf_repo.publish(big, "2")
+    fillers: list[Path] = []
+    original = device.updater.emit
+    assert original is not None
+
+    def fill_in_downloading(kind: str, message: str, **fields: Any) -> None:
+        original(kind, message, **fields)
+        if fields.get("state") == "downloading" and not fillers:
+            fillers.append(fill(small_state_dir))
+
+    device.updater.emit = fill_in_downloading
+    caplog.set_level(logging.INFO, logger="updater")
+    device.updater.start()
+    watch.wait("downloading")
+    deadline = time.monotonic() + 20
+    while not [r for r in caplog.records if r.levelno >= logging.ERROR]:
+        assert time.monotonic() < deadline, device.states()
+        time.sleep(0.05)
+    (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.exc_info is None, "one line, no traceback"
+    assert "cannot save update state: No space left on device" in error.getMessage()
+    assert _record(device)["state"] == "downloading", "the file keeps the last saved state"
+    assert device.version == "1"
+    fillers[0].unlink()
+    tuf_repo.publish(classifier(tmp_path / "v3.onnx", seed=3), "3")
+    device.updater.request_check("space freed")
+    watch.wait("committed")
+    assert device.version == "3"
