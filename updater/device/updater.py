@@ -842,5 +842,7 @@ class DeviceUpdater:
             return
         try:
             emit(kind, message, **fields)
+        except InferdError as err:  # the spool refused it (a full disk): the job goes on
+            log.error("cannot emit update event %s (%s): %s", kind, message, err)
         except Exception:
             log.exception("cannot emit update event %s", kind)
