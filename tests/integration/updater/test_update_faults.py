@@ -24,6 +24,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
+from telemetry.spool import Spool
 from tests.support.models import classifier, elementwise, failing, spin
 from tests.support.tmpfs import can_mount, fill, tmpfs
 from tests.support.tuf_repo import Device, TufRepo
@@ -472,3 +473,33 @@ def test_a_job_whose_state_cannot_be_saved_stops_with_one_line_and_finishes_once
     device.updater.request_check("space freed")
     watch.wait("committed")
     assert device.version == "3"
+
+
+def test_update_events_a_full_spool_refuses_are_one_line_each_and_the_update_goes_on(
+    tuf_repo: TufRepo,
+    update_device: Callable[..., Device],
+    tmp_path: Path,
+    small_state_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The events go to a real spool whose disk is full: each refused event is one log line
+    naming it, and the update installs all the same (serving matters more than telemetry)."""
+    spool = Spool(small_state_dir / "spool.sqlite", 1 << 30)
+    fill(small_state_dir)
+    device = update_device(classifier(tmp_path / "v1.onnx"))
+
+    def emit(kind: str, message: str, **fields: Any) -> None:
+        device.emit(kind, message, **fields)
+        spool.put("inferd/d/events", msgspec.json.encode({"kind": kind, "m": message}))
+
+    device.updater.emit = emit
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    caplog.set_level(logging.INFO, logger="updater")
+    try:
+        device.check()
+    finally:
+        spool.close()
+    assert device.version == "2"
+    refused = [r for r in caplog.records if r.getMessage().startswith("cannot emit update event")]
+    assert len(refused) == len(device.events) > 5
+    assert all(r.exc_info is None and "the disk is full" in r.getMessage() for r in refused)
