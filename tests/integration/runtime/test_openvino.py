@@ -183,3 +183,26 @@ def test_daemon_serves_and_reports_openvino(
     finally:
         assert daemon.stop() == 0, daemon.stderr()
     assert list((tmp_path / "state" / "cache" / "classifier" / "openvino").iterdir())
+
+
+def test_an_openvino_device_this_machine_lacks_falls_back_to_cpu(
+    ov_python: Path, tmp_path: Path
+) -> None:
+    """No Intel GPU here: OpenVINO refuses device GPU, onnxruntime drops the provider (saying so
+    only on stderr) and inferd serves on the CPU with one warning of its own."""
+    golden = _golden("demo.golden.npz")
+    npz = tmp_path / "demo.inputs.npz"
+    np.savez(npz, **golden.inputs)
+    job = {
+        "models": [{"name": "demo", "path": str(DEMO), "feeds": str(npz)}],
+        "providers": [OPENVINO],
+        "options": {"openvino_device_type": "GPU"},
+        "out": str(tmp_path / "out"),
+    }
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    result = json.loads(_ov(["-m", "tests.support.openvino_probe", str(tmp_path / "job.json")]))
+    entry = result["demo"]["openvino+cpu"]
+    assert entry["providers"] == ["cpu"]
+    assert len(entry["warnings"]) == 1 and "openvino failed to start" in entry["warnings"][0]
+    got = _outputs(tmp_path, "demo", "openvino+cpu")
+    np.testing.assert_allclose(got["probs"], golden.expected["probs"], rtol=RTOL, atol=ATOL)

@@ -183,3 +183,11 @@ def test_the_shell_script_says_it_has_not_run_on_a_gpu_and_hands_over() -> None:
     assert "has not yet run on a GPU" in script
     assert "bench.check_gpu" in script
     assert "check-gpu:" in (ROOT / "Makefile").read_text()
+
+
+def test_preloading_gpu_libraries_is_harmless_without_them() -> None:
+    """The CPU build has no CUDA to preload and no tensorrt_libs: nothing loaded, nothing raised
+    (a venv from device-gpu.txt was seen to get the CUDA provider as far as the driver)."""
+    from runtime.backends.onnx import preload_gpu_libraries
+
+    assert preload_gpu_libraries(tensorrt=True) == []
