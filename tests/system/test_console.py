@@ -196,6 +196,11 @@ def test_the_page_shows_three_agents_and_a_rollout_that_halts_by_itself(
         card = page.evaluate("document.querySelector('[data-slot=\"classifier\"]').innerText")
         assert "HALTED: 1 of 3 devices failed" in card
         assert failing in card  # named among the failures, with the reason
+        decisions = page.evaluate(
+            "[...document.querySelectorAll('[data-slot=\"classifier\"] .decisions li')]"
+            ".map(li => li.dataset.action)"
+        )
+        assert decisions == ["halt", "advance", "advance"]  # 0 -> 50 % -> 100 %, halted
         events = page.evaluate("document.querySelector('#events').innerText")
         assert "advance classifier 2" in events and "halt classifier 2" in events
         versions = page.evaluate(

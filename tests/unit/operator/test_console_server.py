@@ -34,8 +34,8 @@ class App:
         self.cond = threading.Condition()
         self.actions: list[tuple[str, str]] = []
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"generation": self.generation, "devices": []}
+    def snapshot_json(self) -> bytes:
+        return json.dumps({"generation": self.generation, "devices": []}).encode()
 
     def wait(self, generation: int, timeout: float) -> int:
         with self.cond:

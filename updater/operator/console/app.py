@@ -60,6 +60,8 @@ class ConsoleApp:
         """The console's own events as published: shown at once, skipped when they come back."""
         self.server = ConsoleServer(self, settings.listen, settings.token, settings.server)
         self._stop = threading.Event()
+        self._cache_lock = threading.Lock()
+        self._cache: tuple[int, float, bytes] = (-1, 0.0, b"")
         self._ticker = threading.Thread(target=self._tick_loop, name="console-rollouts")
 
     @property
@@ -112,6 +114,17 @@ class ConsoleApp:
             self.client.loop_stop()
 
     # -- what the server asks -----------------------------------------------------------------
+
+    def snapshot_json(self) -> bytes:
+        """The snapshot as JSON, made once for every open page and reused for up to 0.5 s
+        while nothing changed (1000 devices with an hour of plots take ~0.1 s to make)."""
+        with self._cache_lock:
+            generation, made, data = self._cache
+            if generation == self.state.generation and time.monotonic() - made < 0.5:
+                return data
+            data = msgspec.json.encode(self.snapshot())
+            self._cache = (self.state.generation, time.monotonic(), data)
+            return data
 
     def snapshot(self) -> dict[str, Any]:
         snap = self.state.snapshot()

@@ -22,8 +22,9 @@ import fcntl
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,7 +137,8 @@ class _Followed:
     """The share of all groups before the console halted it: where a resume starts again."""
     forgiven: tuple[int, int] = (0, 0)
     """(failed, attempted) when the operator last resumed."""
-    last: Decision | None = None
+    decisions: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
+    """The latest decisions on this version, newest first (for the page)."""
 
 
 def _rollout_key(meta: ModelMeta) -> tuple[Any, ...]:
@@ -235,7 +237,8 @@ class Autopilot:
                 f.tally = tally_for(meta, self.prefix)
                 for topic, payload in self._statuses.items():
                     f.tally.feed(topic, payload)
-                f.before_halt, f.forgiven, f.last = None, (0, 0), None
+                f.before_halt, f.forgiven = None, (0, 0)
+                f.decisions.clear()
             else:
                 r = meta.rollout
                 f.tally.set_rollout(
@@ -337,7 +340,10 @@ class Autopilot:
                 driver.notes.append(f"the groups were not poked: {err}")
         if decision.action == "halt":
             f.before_halt = share
-        f.meta, f.changed_at, f.last = driver.meta, self.clock(), decision
+        f.meta, f.changed_at = driver.meta, self.clock()
+        f.decisions.appendleft(
+            {"ts": time.time(), "action": decision.action, "reason": decision.reason}
+        )
         r = driver.meta.rollout
         f.tally.set_rollout(None if r is None else r.shares, None if r is None else r.halted)
         self._event(driver.meta, decision, driver.notes)
@@ -394,9 +400,7 @@ class Autopilot:
                         if step is None or not self.policy.drive
                         else max(0.0, self.policy.soak_s - (now - f.changed_at))
                     ),
-                    "last_decision": None
-                    if f.last is None
-                    else {"action": f.last.action, "reason": f.last.reason},
+                    "decisions": list(f.decisions),
                     "state": _state(r, share),
                     "halted_at": f.before_halt,
                 }

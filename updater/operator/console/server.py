@@ -122,7 +122,7 @@ def load_static() -> dict[str, bytes]:
 class Console(Protocol):
     """What the server asks of the application (see :class:`~.app.ConsoleApp`)."""
 
-    def snapshot(self) -> dict[str, Any]: ...
+    def snapshot_json(self) -> bytes: ...
     def wait(self, generation: int, timeout: float) -> int: ...
     def halt(self, slot: str) -> str: ...
     def resume(self, slot: str) -> str: ...
@@ -363,7 +363,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.UNAUTHORIZED, "this console needs its token")
             return
         if path == "/api/state":
-            self._json(HTTPStatus.OK, srv.console.snapshot())
+            self._send(HTTPStatus.OK, srv.console.snapshot_json())
         elif path == "/api/stream":
             self._stream()
         else:
@@ -434,8 +434,8 @@ class _Handler(BaseHTTPRequestHandler):
                 generation = srv.console.wait(generation, srv.limits.refresh_s)
                 if srv.stopping.is_set():
                     break
-                data = json.dumps(srv.console.snapshot(), separators=(",", ":"))
-                self.wfile.write(b"event: state\ndata: " + data.encode() + b"\n\n")
+                data = srv.console.snapshot_json()
+                self.wfile.write(b"event: state\ndata: " + data + b"\n\n")
                 self.wfile.flush()
                 last_sent = time.monotonic()
         except OSError:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -59,49 +59,62 @@ class Limits:
     max_events: int = 200
 
 
-@dataclass
-class _Bucket:
-    start: float
-    samples: dict[str, tuple[float | None, float | None, float]] = field(default_factory=dict)
-    """device -> (p50 ms, p99 ms, requests/s): the device's latest sample in the bucket."""
+Point = tuple[float, float | None, float | None, float]
+"""(bucket start, p50 ms, p99 ms, requests/s)."""
 
 
 class Series:
     """One model's latency and throughput over the window, one point per bucket.
 
     A point combines the devices that reported in its bucket: p50 is the median of their p50s,
-    p99 the largest p99 (the fleet's worst tail), requests/s the sum of their rates.
+    p99 the largest p99 (the fleet's worst tail), requests/s the sum of their rates (each
+    device's latest in the bucket). Only the open bucket keeps a sample per device; a closed
+    one is four numbers, so an hour of a large fleet is a few kilobytes per model.
     """
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.buckets: deque[_Bucket] = deque(maxlen=int(limits.window_s // limits.bucket_s) + 1)
+        self.closed: deque[Point] = deque(maxlen=int(limits.window_s // limits.bucket_s))
+        self.start: float | None = None
+        self.samples: dict[str, tuple[float | None, float | None, float]] = {}
+        """device -> (p50 ms, p99 ms, requests/s) in the open bucket."""
 
     def add(
         self, now: float, device: str, p50: float | None, p99: float | None, rps: float
     ) -> None:
         start = now - now % self.limits.bucket_s
-        if not self.buckets or self.buckets[-1].start < start:
-            self.buckets.append(_Bucket(start))
-        elif self.buckets[-1].start > start:
+        if self.start is not None and start < self.start:
             return  # the clock went back: drop the sample rather than reorder the plot
-        bucket = self.buckets[-1]
-        if device in bucket.samples or len(bucket.samples) < self.limits.max_devices:
-            bucket.samples[device] = (p50, p99, rps)
+        if self.start is not None and start > self.start:
+            self.closed.append(self._point())
+            self.samples = {}
+        self.start = start
+        if device in self.samples or len(self.samples) < self.limits.max_devices:
+            self.samples[device] = (p50, p99, rps)
+
+    def _point(self) -> Point:
+        assert self.start is not None
+        p50s = [s[0] for s in self.samples.values() if s[0] is not None]
+        p99s = [s[1] for s in self.samples.values() if s[1] is not None]
+        return (
+            self.start,
+            round(statistics.median(p50s), 3) if p50s else None,
+            round(max(p99s), 3) if p99s else None,
+            round(sum(s[2] for s in self.samples.values()), 3),
+        )
 
     def to_json(self, now: float) -> dict[str, list[float | None]]:
         """Columns for the plot (uPlot's layout): t (unix s), p50, p99 (ms), rps."""
         oldest = now - self.limits.window_s
+        points = [*self.closed, self._point()] if self.start is not None else []
         out: dict[str, list[float | None]] = {"t": [], "p50": [], "p99": [], "rps": []}
-        for b in self.buckets:
-            if b.start < oldest:
+        for t, p50, p99, rps in points:
+            if t < oldest:
                 continue
-            p50s = [s[0] for s in b.samples.values() if s[0] is not None]
-            p99s = [s[1] for s in b.samples.values() if s[1] is not None]
-            out["t"].append(b.start)
-            out["p50"].append(round(statistics.median(p50s), 3) if p50s else None)
-            out["p99"].append(round(max(p99s), 3) if p99s else None)
-            out["rps"].append(round(sum(s[2] for s in b.samples.values()), 3))
+            out["t"].append(t)
+            out["p50"].append(p50)
+            out["p99"].append(p99)
+            out["rps"].append(rps)
         return out
 
 

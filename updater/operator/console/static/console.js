@@ -116,7 +116,7 @@
   }
 
   function renderEvents(events) {
-    const items = events.slice(0, 60).map((e) =>
+    const items = events.map((e) =>
       el("li", { class: "level-" + e.level },
         el("time", {}, e.ts.replace("T", " ").slice(0, 19)), " ",
         el("b", {}, e.device), " ", el("span", { class: "kind" }, e.kind), " ",
@@ -173,7 +173,9 @@
         halted ? el("p", { class: "halted" }, "HALTED: ", r.halted) : null,
         r.failures.length ? el("ul", { class: "failures" },
           ...r.failures.slice(0, 5).map((f) => el("li", {}, el("b", {}, f.device), ": ", f.reason))) : null,
-        r.last_decision ? el("p", { class: "decision" }, `last decision: ${r.last_decision.action}: ${r.last_decision.reason}`) : null,
+        r.decisions.length ? el("ol", { class: "decisions" },
+          ...r.decisions.map((d) => el("li", { "data-action": d.action },
+            el("time", {}, new Date(d.ts * 1000).toLocaleTimeString()), " ", el("b", {}, d.action), ": ", d.reason))) : null,
         el("div", { class: "actions" },
           el("button", { class: "halt", disabled: !r.staged || halted, onclick: (ev) => act(r.slot, "halt", ev.target) }, "Halt"),
           el("button", { class: "resume", disabled: !halted, onclick: (ev) => act(r.slot, "resume", ev.target) }, "Resume"),
