@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -642,6 +643,322 @@ def checks(r: dict[str, Any], args: argparse.Namespace) -> list[Check]:
     ]
 
 
+# -- scale: thousands of lightweight simulated devices ------------------------------------------
+
+
+class SimWorkers:
+    """``--procs`` processes of :mod:`bench._fleet_sim` devices, driven over their stdin."""
+
+    def __init__(self, tmp: Path, args: argparse.Namespace, spec: dict[str, Any]) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        devices = spec.pop("devices")
+        for w in range(args.procs):
+            wspec = spec | {"devices": devices[w :: args.procs], "log": str(tmp / f"sim{w}.log")}
+            spec_file = tmp / f"sim{w}.json"
+            spec_file.write_text(json.dumps(wspec))
+            cmd = [sys.executable, "-m", "bench.fleet", "--sim-worker", str(spec_file)]
+            pipe = subprocess.PIPE
+            self.procs.append(subprocess.Popen(cmd, cwd=ROOT, stdin=pipe, stdout=pipe, text=True))
+        for p in self.procs:
+            if "ready" not in self._read(p):
+                raise SystemExit(f"a simulated-device worker did not start; see {tmp}/sim*.log")
+
+    @staticmethod
+    def _read(p: subprocess.Popen[str]) -> dict[str, Any]:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if not line:
+            raise SystemExit("a simulated-device worker died")
+        return dict(json.loads(line))
+
+    def send(self, cmd: dict[str, Any]) -> list[dict[str, Any]]:
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.write(json.dumps(cmd) + "\n")
+            p.stdin.flush()
+        return [self._read(p) for p in self.procs]
+
+    def report(self) -> dict[str, Any]:
+        total: dict[str, Any] = {"pokes": []}
+        for r in self.send({"report": True}):
+            for k, v in r.items():
+                total[k] = total.get(k, 0) + v if k != "pokes" else total[k] + v
+        return total
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None and p.stdin is not None:
+                with contextlib.suppress(OSError):
+                    p.stdin.write(json.dumps({"stop": True}) + "\n")
+                    p.stdin.flush()
+        for p in self.procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _watch_json(node: str, wait_s: float) -> dict[str, Any]:
+    """``inferctl watch --json`` in its own process: rows seen, wall and CPU seconds."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_before = usage.ru_utime + usage.ru_stime
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "updater.inferctl", "watch", "--json", "--wait", str(wait_s),
+         "--broker", node, "--prefix", PREFIX],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=wait_s + 120)
+    wall = time.monotonic() - start
+    try:
+        rows = json.loads(out)
+    except ValueError:
+        return {"error": (err or out)[-300:], "wall_s": wall}
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "wait_s": wait_s,
+        "rows": len(rows),
+        "online": sum(1 for r in rows if r.get("online")),
+        "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime - cpu_before, 2),
+    }
+
+
+def run_scale(args: argparse.Namespace, tmp: Path, kind: str) -> dict[str, Any]:
+    """One broker kind (``mosquitto`` or ``nats``): storm, steady load, poke, watch."""
+    from bench._fleet_sim import raise_fd_limit
+    from tests.support.nats import NatsCluster
+
+    n = args.devices
+    raise_fd_limit()  # the broker inherits it: one socket per device
+    cluster: NatsCluster | None = None
+    broker: Broker | None = None
+    if kind == "nats":
+        cluster = NatsCluster(tmp / "nats", size=3)
+        cluster.start()
+        nodes = [node.where for node in cluster.nodes]
+        broker_pids = [node.proc.pid for node in cluster.nodes if node.proc]
+        protocol = "3.1.1"
+    else:
+        # mosquitto's default max_queued_messages (1000) drops the retained statuses beyond it
+        # that a dashboard joining a large fleet is sent at once (measured: --mosquitto-queue)
+        broker = Broker(tmp, f"max_queued_messages {args.mosquitto_queue}\n")
+        broker.start()
+        nodes = [f"{broker.host}:{broker.port}"]
+        broker_pids = [broker.proc.pid] if broker.proc else []
+        protocol = "5"
+    operator_node = nodes[-1]
+    repo = OperatorRepository.init(tmp / "repo")
+    repo_log = RepoLog(repo, free_port())
+    mon = Monitor(int(operator_node.rpartition(":")[2]))
+    workers: SimWorkers | None = None
+    out: dict[str, Any] = {"broker": kind, "nodes": len(nodes), "devices": n}
+    if kind == "mosquitto":
+        out["max_queued_messages"] = args.mosquitto_queue
+    try:
+        wait_for("the repository server", lambda: bool(_get(repo_log.url)), 10)
+        devices = [
+            {
+                "id": f"sim-{i:05d}",
+                "groups": ["fleet", f"g{i % 10}"],
+                "nodes": nodes[i % len(nodes) :] + nodes[: i % len(nodes)],
+            }
+            for i in range(n)
+        ]
+        spec = {
+            "prefix": PREFIX, "protocol": protocol, "metrics_s": args.sim_metrics_s,
+            "batch_s": args.sim_batch_s, "rps": args.sim_rps, "repo_url": repo_log.url,
+            "devices": devices, "check_threads": 4,
+        }  # fmt: skip
+        workers = SimWorkers(tmp, args, spec)
+        cpu = CpuMeter({"broker": broker_pids, "devices": [p.pid for p in workers.procs]})
+        before = cpu.read()
+        t0 = time.monotonic()
+        workers.send({"go": True})
+        reached: dict[int, float] = {}
+        deadline = t0 + args.timeout
+        while time.monotonic() < deadline:
+            online = len(mon.online)
+            for pct in (50, 99, 100):
+                if pct not in reached and online >= math.ceil(n * pct / 100):
+                    reached[pct] = time.monotonic() - t0
+            if 100 in reached:
+                break
+            time.sleep(0.05)
+        storm_cpu = CpuMeter.used(before, cpu.read())
+        rep = workers.report()
+        out["storm"] = {
+            "t50_s": reached.get(50), "t99_s": reached.get(99), "t100_s": reached.get(100),
+            "online_seen": len(mon.online), "connected": rep["connected"],
+            "refused": rep["refused"], "lost": rep["lost"],
+            "connects_per_s": n / reached[100] if 100 in reached else None,
+            "cpu_s": storm_cpu,
+        }  # fmt: skip
+        time.sleep(2.0)
+        # steady: metrics (QoS 0) and prediction batches (QoS 1), nothing else going on
+        before, sent0 = cpu.read(), workers.report()["sent"]
+        start = time.monotonic()
+        time.sleep(args.steady_s)
+        end = time.monotonic()
+        used = CpuMeter.used(before, cpu.read())
+        rep = workers.report()
+        got = mon.window(start, end)
+        span = end - start
+        out["steady"] = {
+            "seconds": round(span, 1),
+            "published_per_s": (rep["sent"] - sent0) / span,
+            "delivered_to_monitor_per_s": len(got) / span,
+            "delivered_bytes_per_s": sum(m[2] for m in got) / span,
+            "connected": rep["connected"], "lost": rep["lost"],
+            "broker_cpu_percent": 100 * used["broker"] / span,
+            "devices_cpu_percent": 100 * used["devices"] / span,
+            "broker_cpu_us_per_msg": 1e6 * used["broker"] / max(1, rep["sent"] - sent0 + len(got)),
+        }  # fmt: skip
+        # a group poke (retained) reaching the devices, and the checks it asks for
+        before = cpu.read()
+        checked0 = rep["checked"]
+        pushed = mon.poke("fleet", push_payload())
+        arrivals: list[float] = []
+        checked = 0
+        deadline = pushed + args.timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            rep = workers.report()
+            arrivals += [t - pushed for _, t, _ in rep["pokes"]]
+            checked = rep["checked"] - checked0
+            if len(arrivals) >= n and checked >= n:
+                break
+        arrivals.sort()
+        checks_done = time.monotonic() - pushed
+        gets = repo_log.window(pushed, time.monotonic() + 1)
+        used = CpuMeter.used(before, cpu.read())
+        out["poke"] = {
+            "reached": len(arrivals),
+            "t50_s": percentile_time(arrivals, n, 50),
+            "t99_s": percentile_time(arrivals, n, 99),
+            "t100_s": percentile_time(arrivals, n, 100),
+            "checks_done": checked,
+            "checks_all_done_s": checks_done if checked >= n else None,
+            "repo_requests": len(gets),
+            "repo_requests_per_s": len(gets) / max(1e-9, checks_done),
+            "repo_requests_peak_per_s": peak_per_s([g[0] for g in gets]),
+            "check_errors": rep["check_errors"],
+            "cpu_s": used,
+        }
+        # the operator's view: inferctl watch --json on another node (or the one broker)
+        out["watch"] = [_watch_json(operator_node, wait) for wait in args.watch_wait_s]
+    finally:
+        if workers is not None:
+            workers.stop()
+        mon.close()
+        repo_log.stop()
+        if broker is not None:
+            broker.stop()
+        if cluster is not None:
+            cluster.kill()
+    return out
+
+
+def scale_checks(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Check]:
+    rows: list[Check] = []
+
+    def s(x: float | None) -> str:
+        return "never" if x is None else f"{x:.2f} s"
+
+    for r in runs:
+        who = f"{r['devices']} sim devices, {r['broker']} x{r['nodes']}"
+        st, sd, pk = r["storm"], r["steady"], r["poke"]
+        if "max_queued_messages" in r:
+            who += f", max_queued_messages {r['max_queued_messages']}"
+        rows += [
+            info(
+                f"connect storm ({who})",
+                f"50 % {s(st['t50_s'])}, 99 % {s(st['t99_s'])}, 100 % {s(st['t100_s'])}"
+                f" ({st['online_seen']} online)",
+                f"broker CPU {st['cpu_s']['broker']:.1f} s",
+            ),
+            info(
+                f"steady broker load ({who})",
+                f"{sd['published_per_s']:.0f} msgs/s in, {sd['delivered_to_monitor_per_s']:.0f}"
+                f" msgs/s to one dashboard, broker {sd['broker_cpu_percent']:.0f} % of a core",
+                f"metrics every {args.sim_metrics_s:g} s, predictions every"
+                f" {args.sim_batch_s:g} s per device",
+            ),
+            gated(
+                f"group poke reaches 99 % of devices ({who})",
+                f"within {args.timeout:g} s",
+                f"50 % {s(pk['t50_s'])}, 99 % {s(pk['t99_s'])}, 100 % {s(pk['t100_s'])}",
+                f"{pk['repo_requests']} repository GETs,"
+                f" peak {pk['repo_requests_peak_per_s']:.0f}/s",
+                pk["t99_s"] is not None,
+            ),
+        ]
+        rows += [
+            info(
+                f"inferctl watch --json keeps up ({who})",
+                f"{w.get('online', 0)} of {r['devices']} online after --wait {w.get('wait_s')} s"
+                f" ({w.get('wall_s')} s wall)",
+                "retained statuses, one per device",
+            )
+            for w in r["watch"]
+        ]
+    return rows
+
+
+def record_scale(results: dict[str, Any], rows: list[Check]) -> None:
+    """Merge the rows into bench/results.json and results.md (as bench.peers does)."""
+    from bench import run
+
+    file = ROOT / "bench" / "results.json"
+    try:
+        old = json.loads(file.read_text())
+    except (OSError, ValueError):
+        old = {}
+    machine = old.get("machine") or {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "cpus": os.cpu_count(),
+        "cpu": run._cpu_model(),
+        "python": sys.version.split()[0],
+        "seconds": 0,
+        "did_not_finish": [],
+    }
+    # runs with other settings (broker, fleet size, queue limit) stay: each run adds its rows
+    names = {c["name"] for c in rows}
+    kept = [
+        c for c in old.get("checks", [])
+        if c.get("bench") != "fleet-scale" or c["name"] not in names
+    ]  # fmt: skip
+    for c in rows:
+        c["bench"] = "fleet-scale"
+    merged = old.get("results", {})
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (r["broker"], r["devices"], r.get("max_queued_messages"))
+
+    new_keys = {key(r) for r in results["runs"]}
+    earlier = merged.get("fleet-scale", {}).get("runs", [])
+    runs = [r for r in earlier if key(r) not in new_keys] + results["runs"]
+    merged["fleet-scale"] = {**results, "runs": runs}
+    run.write_tables(machine, kept + rows, merged)
+
+
+def main_scale(args: argparse.Namespace) -> int:
+    runs = []
+    for kind in args.brokers:
+        tmp = Path(tempfile.mkdtemp(prefix=f"inferd-fleet-{kind}-"))
+        try:
+            runs.append(run_scale(args, tmp, kind))
+        finally:
+            if not os.environ.get("INFERD_BENCH_KEEP"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        print(json.dumps(runs[-1], indent=2), file=sys.stderr, flush=True)
+    rows = scale_checks(runs, args)
+    results = {"runs": runs, "procs": args.procs}
+    record_scale(results, rows)
+    return report(results, rows, args.json)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=100)
@@ -662,9 +979,33 @@ def main() -> int:
     parser.add_argument("--after-halt-s", type=float, default=3.0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    scale = parser.add_argument_group("scale (--devices N: lightweight simulated devices)")
+    scale.add_argument("--devices", type=int, help="simulated devices (bench._fleet_sim)")
+    scale.add_argument(
+        "--brokers", type=lambda t: t.split(","), default=["mosquitto", "nats"],
+        help="mosquitto (one, private) and/or nats (a private 3-node cluster)",
+    )  # fmt: skip
+    scale.add_argument("--sim-metrics-s", type=float, default=10.0, help="metrics period")
+    scale.add_argument("--sim-batch-s", type=float, default=10.0, help="predictions period")
+    scale.add_argument("--sim-rps", type=float, default=0.2, help="requests/s per device")
+    scale.add_argument("--steady-s", type=float, default=20.0, help="steady-load window")
+    scale.add_argument(
+        "--watch-wait-s", type=lambda t: [float(x) for x in t.split(",")], default=[1.0, 5.0],
+        help="inferctl watch --wait, one run each",
+    )  # fmt: skip
+    scale.add_argument(
+        "--mosquitto-queue", type=int, default=0, help="max_queued_messages (0: no limit)"
+    )
+    scale.add_argument("--sim-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.sim_worker:
+        from bench import _fleet_sim
+
+        return _fleet_sim.main(json.loads(Path(args.sim_worker).read_text()))
+    if args.devices:
+        return main_scale(args)
     tmp = Path(tempfile.mkdtemp(prefix="inferd-fleet-"))
     try:
         results = run(args, tmp)
