@@ -338,6 +338,37 @@ def test_two_consoles_split_the_metrics_but_each_sees_every_device(
             app.stop()
 
 
+@pytest.mark.timeout(60)
+def test_the_console_rides_out_a_broker_restart(broker: Broker, tuf_repo: TufRepo) -> None:
+    opts = BrokerOptions(host=broker.host, port=broker.port, client_id="console-restart")
+    app = ConsoleApp(
+        ConsoleSettings(
+            broker=opts,
+            repo=str(tuf_repo.repo.path),
+            listen="127.0.0.1:0",
+            prefix=PREFIX,
+            policy=Policy(drive=False),
+        )
+    )
+    pub = None
+    try:
+        app.start()
+        connected = lambda: app.snapshot()["console"]["connected"]  # noqa: E731
+        assert connected()
+        broker.stop()  # a broker without persistence: it comes back with nothing retained
+        _wait(lambda: not connected(), "the page saying the broker is gone")
+        broker.start()
+        _wait(connected, "the reconnect", timeout=30)
+        pub = _publisher(broker)
+        pub.publish(f"{PREFIX}/pi-9/status", _status("pi-9"), qos=1, retain=True)
+        _wait(lambda: "pi-9" in app.state.fleet.devices, "a status after the restart")
+    finally:
+        if pub is not None:
+            pub.disconnect()
+            pub.loop_stop()
+        app.stop()
+
+
 def _status(device: str) -> bytes:
     return msgspec.json.encode(
         Status(device=device, groups=["fleet"], agent_version="t", started_at=utc_now(),

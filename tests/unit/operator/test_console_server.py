@@ -113,6 +113,10 @@ def test_page_and_vendored_files_are_served_with_a_strict_policy(make):
         assert request(srv, "GET", path)[0] == 404, path
     status, _, body = request(srv, "GET", "/api/state")
     assert status == 200 and json.loads(body) == {"generation": 0, "devices": []}
+    status, headers, body = request(srv, "HEAD", "/")
+    assert status == 200 and body == b"" and int(headers["content-length"]) > 0
+    assert request(srv, "HEAD", "/api/stream")[0] == 405
+    assert request(srv, "DELETE", "/api/state")[0] == 501
 
 
 def test_a_foreign_host_or_origin_and_form_posts_are_refused(make):

@@ -338,6 +338,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- routes -----------------------------------------------------------------------------
 
     def do_HEAD(self) -> None:
+        if self.path.split("?", 1)[0] == "/api/stream":
+            self._error(HTTPStatus.METHOD_NOT_ALLOWED, "the event stream needs GET")
+            return
         self.do_GET()
 
     def do_GET(self) -> None:
