@@ -66,7 +66,8 @@ class HostFacts(msgspec.Struct, kw_only=True, omit_defaults=True):
     runtimes: dict[str, str] = {}
     """Installed runtime name -> version (onnxruntime, ai-edge-litert, numpy, ...)."""
     providers: list[str] = []
-    """Execution providers this onnxruntime build offers (inferd names: tensorrt, cuda, cpu)."""
+    """Execution providers this onnxruntime build offers (inferd names: tensorrt, cuda, openvino,
+    cpu)."""
 
 
 class UpdateState(str, enum.Enum):
