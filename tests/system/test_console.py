@@ -38,11 +38,13 @@ from tests.support.chromium import CHROMIUM, Browser, Page
 from tests.support.daemon import DaemonProc, start_daemon
 from tests.support.models import classifier
 from tests.support.net import free_port
+from tests.support.signer import Signer
 from tests.support.tuf_repo import TufRepo
 from tests.system.test_rollout import ids_by_bucket
 from updater.meta import Rollout
 from updater.operator.console.app import ConsoleApp, ConsoleSettings
 from updater.operator.console.rollouts import Policy
+from updater.operator.repository import OperatorRepository
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "build" / "artifacts"
@@ -385,3 +387,41 @@ def _metrics(device: str) -> bytes:
         Metrics(device=device, interval_s=1, models={"classifier": mm}, system=SystemMetrics(),
                 spool=spool)
     )  # fmt: skip
+
+
+# -- one signer at a time ------------------------------------------------------------------------
+
+
+def test_inferctl_rollout_waits_for_another_signer_and_keeps_its_change(
+    tmp_path: Path, tuf_repo: TufRepo
+) -> None:
+    """An operator's ``inferctl rollout`` while a console (here: another process holding the
+    same lock) signs: it waits, then changes the shares as they are signed by then."""
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2", groups=("fleet",),
+                     rollout=Rollout(shares={ALL: 0}))  # fmt: skip
+    before = tuf_repo.repo.targets().version
+    other = Signer(tuf_repo.repo.path, "classifier", {ALL: 1000, "canary": 5000})
+    try:
+        rollout = subprocess.Popen(
+            [sys.executable, "-m", "updater.inferctl", "rollout", "classifier",
+             "--repo", str(tuf_repo.repo.path), "--percent", "20", "--group", "kitchen",
+             "--window", "0", "--no-poke"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert rollout.stderr is not None
+        seen = []
+        for line in rollout.stderr:  # until it says it waits (EOF: it did not wait)
+            seen.append(line)
+            if "waiting for" in line:
+                break
+        assert "waiting for" in seen[-1] and ".signing.lock" in seen[-1], seen
+        assert rollout.poll() is None
+        assert OperatorRepository(tuf_repo.repo.path).targets().version == before  # unsigned
+        other.sign_and_release()
+        out, err = rollout.communicate(timeout=30)
+        assert rollout.returncode == 0, err
+    finally:
+        other.close()
+    signed = OperatorRepository(tuf_repo.repo.path).model("classifier")[2].rollout
+    assert signed == Rollout(shares={ALL: 1000, "canary": 5000, "kitchen": 2000})
+    assert "rollout 10 %" in out, out  # it read the other signer's shares under the lock

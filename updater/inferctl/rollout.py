@@ -1,6 +1,7 @@
 """``inferctl rollout``: stage a published model version across the fleet, watch it, halt it.
 
-See :mod:`updater.operator.rollout` for what each option does.
+See :mod:`updater.operator.rollout` for what each option does. Every change is signed under
+the repository's signing lock, the one a running ``inferctl console`` takes.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from runtime.errors import OperatorError
 from telemetry.fleet.rollout import RolloutSummary, render
 from telemetry.shares import basis_points, shares_text
 from updater.inferctl.broker import add_broker_args, broker_from_args
+from updater.meta import Rollout
 from updater.operator.repository import OperatorRepository
 from updater.operator.rollout import (
     EXIT_HALTED,
@@ -59,7 +62,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
                 bp = basis_points(args.percent)
             except ValueError as err:
                 raise OperatorError(str(err)) from None
-            ro.sign(raised(ro.meta.rollout, bp, args.group))
+            ro.change(lambda now: raised(now, bp, args.group))
         if not args.json:
             for note in ro.notes:
                 _out(note)
@@ -83,6 +86,15 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return EXIT_HALTED if summary.halted else 0
 
 
+def _halting(reason: str) -> Callable[[Rollout | None], Rollout | None]:
+    """The halt, unless a console or another operator halted the rollout meanwhile."""
+
+    def halt(now: Rollout | None) -> Rollout | None:
+        return None if now is not None and now.halted else halted(now, reason)
+
+    return halt
+
+
 def _watch(ro: RolloutDriver, args: argparse.Namespace) -> tuple[RolloutSummary, bool]:
     """Tally for the window (or until settled with --follow); halt when the ratio is breached."""
     tally = tally_for(ro.meta, args.prefix)
@@ -99,10 +111,10 @@ def _watch(ro: RolloutDriver, args: argparse.Namespace) -> tuple[RolloutSummary,
             None if summary.halted else halt_reason(summary, args.halt_ratio, args.min_attempted)
         )
         if reason is not None:
-            ro.sign(halted(ro.meta.rollout, reason))
-            tally.set_rollout(ro.meta.rollout.shares if ro.meta.rollout else None, reason)
+            halted_now = ro.change(_halting(reason))
+            r = ro.meta.rollout
+            tally.set_rollout(r.shares if r else None, r.halted if r else None)
             summary = tally.summary()
-            halted_now = True
             break
         if args.follow:
             if summary.halted or (summary.settled and summary.devices > 0):

@@ -16,6 +16,10 @@ in the rollout has finished. When failures / attempted exceeds ``--halt-ratio`` 
 the reason, and the groups are poked so devices still downloading give up. A halted rollout
 does not take back devices that installed the version; raising the percentage resumes it.
 Exit code 3 when the rollout is halted.
+
+Every change is signed under the repository's signing lock
+(:mod:`updater.operator.signing_lock`, the one ``inferctl console`` takes), against the metadata
+read again under it: an operator and a console never sign over each other's change.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import msgspec
 import paho.mqtt.client as mqtt
@@ -34,6 +39,7 @@ from telemetry.shares import ALL, FULL, shares_text
 from updater.meta import ModelMeta, Rollout
 from updater.operator.push import poke, poke_topic
 from updater.operator.repository import OperatorRepository
+from updater.operator.signing_lock import signing_lock
 
 EXIT_HALTED = 3
 
@@ -146,9 +152,29 @@ class RolloutDriver:
             self.client = connect(self._broker_options())
         return self.client
 
+    def locked(self) -> AbstractContextManager[None]:
+        """The repository's signing lock (reentrant in this thread)."""
+        return signing_lock(self.repo.path, who=f"{self.meta.name} {self.meta.version}")
+
+    def reread(self) -> ModelMeta:
+        """The version's metadata as signed now (another signer may have changed it)."""
+        _path, _target, self.meta = self.repo.model(self.meta.name, self.meta.version)
+        return self.meta
+
+    def change(self, new: Callable[[Rollout | None], Rollout | None]) -> bool:
+        """Sign ``new(rollout as signed now)`` under the lock; False when it returns None."""
+        with self.locked():
+            rollout = new(self.reread().rollout)
+            if rollout is None:
+                return False
+            self.sign(rollout)
+            return True
+
     def sign(self, rollout: Rollout) -> None:
+        """Sign ``rollout`` for this version (under the signing lock) and poke its groups."""
         before = self.meta.rollout
-        self.meta = self.repo.set_rollout(self.meta.name, self.meta.version, rollout)
+        with self.locked():
+            self.meta = self.repo.set_rollout(self.meta.name, self.meta.version, rollout)
         was = "100 % (not staged)" if before is None else shares_text(before.shares)
         self.notes.append(
             f"{self.meta.name} {self.meta.version}: rollout {was} -> "

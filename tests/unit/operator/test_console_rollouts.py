@@ -3,6 +3,9 @@ them into a real repository (advance after the soak, halt above the ratio, resum
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from pathlib import Path
 
 import msgspec
@@ -13,8 +16,16 @@ from telemetry.fleet.rollout import RolloutSummary
 from telemetry.payloads import Event, HostFacts, SlotStatus, Status, utc_now
 from telemetry.shares import ALL, FULL
 from tests.support.models import classifier
+from tests.support.signer import Signer
 from updater.meta import Rollout
-from updater.operator.console.rollouts import Autopilot, Policy, decide, next_step, since_resume
+from updater.operator.console.rollouts import (
+    Autopilot,
+    Decision,
+    Policy,
+    decide,
+    next_step,
+    since_resume,
+)
 from updater.operator.repository import OperatorRepository
 
 PREFIX = "inferd"
@@ -217,3 +228,32 @@ def test_a_broken_repository_is_one_line_on_the_page_not_a_dead_loop(
     (repo.metadata_dir / "targets.json").write_text("{not json")
     assert pilot.tick() == []
     assert pilot.error is not None and "\n" not in pilot.error
+
+
+def test_a_decision_waits_for_another_process_signing_and_is_not_signed_over_it(
+    repo: OperatorRepository, caplog: pytest.LogCaptureFixture
+):
+    """An operator's ``inferctl rollout`` (here: another process holding the same lock) signs
+    while the autopilot is about to advance: the autopilot waits, then sees the new shares."""
+    caplog.set_level(logging.INFO, logger="updater.operator.signing_lock")
+    clock = Clock()
+    pilot = _autopilot(repo, clock, [])
+    pilot.tick()
+    clock.now += 61  # soaked: the next tick advances 1 % -> 10 %
+    other = Signer(repo.path, "classifier", {ALL: 5000})
+    decided: list[Decision] = []
+    tick = threading.Thread(target=lambda: decided.extend(pilot.tick()), name="test-tick")
+    try:
+        tick.start()
+        deadline = time.monotonic() + 10
+        while "waiting for" not in caplog.text:
+            assert time.monotonic() < deadline, "the autopilot did not wait for the lock"
+            time.sleep(0.02)
+        other.sign_and_release()
+        tick.join(30)
+    finally:
+        other.close()
+    assert decided == []  # the shares changed under it: it decides again at the next tick
+    assert _shares(repo) == Rollout(shares={ALL: 5000})
+    assert pilot.tick() == []  # and follows 50 % with a fresh soak
+    assert pilot.snapshot()[0]["share_all"] == 5000

@@ -9,23 +9,21 @@ and signs every decision through :class:`~updater.operator.rollout.RolloutDriver
 the code ``inferctl rollout`` signs with. Each decision is also an ``Event`` (kind
 ``rollout``) published on ``{prefix}/{console id}/events`` and kept for the page.
 
-Two consoles may watch one repository: a decision is taken under an exclusive lock on
-``{repo}/.console.lock`` and against the metadata read again under it, so the second console
-sees the first one's decision instead of signing its own on top.
+Two consoles, or a console and an operator's ``inferctl rollout``, may change one repository: a
+decision is taken under the repository's signing lock (:mod:`updater.operator.signing_lock`,
+which ``inferctl rollout`` takes too) and against the metadata read again under it, so the
+second signer sees the first one's change instead of signing its own on top.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -39,6 +37,7 @@ from telemetry.shares import ALL, FULL, shares_text
 from updater.meta import ModelMeta, Rollout
 from updater.operator.repository import OperatorRepository
 from updater.operator.rollout import RolloutDriver, halt_reason, halted, raised, tally_for
+from updater.operator.signing_lock import signing_lock
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,8 @@ Action = Literal["advance", "halt", "resume"]
 MAX_DEVICES = 10_000
 DEFAULT_STEPS = (100, 1000, 2500, 5000, FULL)
 """1 %, 10 %, 25 %, 50 %, 100 % of the devices (basis points)."""
+LOCK_TIMEOUT_S = 15.0
+"""How long a decision waits for another signer (then the tick fails and the next one tries)."""
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,7 @@ class Autopilot:
             if f.meta.rollout is not None and f.meta.rollout.halted:
                 raise OperatorError(f"{slot} {f.meta.version}: the rollout is already halted")
             decision = Decision("halt", reason, halted(f.meta.rollout, reason))
-            return self._apply(slot, decision, expect=None) or decision
+            return self._applied(slot, decision, _rollout_key(f.meta))
 
     def resume(self, slot: str) -> Decision:
         """Resume a halted rollout at the share it had (the first step when unknown)."""
@@ -288,9 +289,18 @@ class Autopilot:
                 f"({summary.failed} failures so far set aside)",
                 raised(r, share, None),
             )
-            applied = self._apply(slot, decision, expect=None) or decision
+            applied = self._applied(slot, decision, _rollout_key(f.meta))
             f.forgiven = (summary.failed, summary.attempted)
             return applied
+
+    def _applied(self, slot: str, decision: Decision, expect: tuple[Any, ...]) -> Decision:
+        """The operator's ``decision``, signed; OperatorError when the rollout just changed."""
+        if self._apply(slot, decision, expect) is None:
+            raise OperatorError(
+                f"{slot}: the rollout was changed by another console or inferctl just now; "
+                "look again and retry"
+            )
+        return decision
 
     def _staged(self, slot: str) -> _Followed:
         f = self.followed.get(slot)
@@ -302,22 +312,12 @@ class Autopilot:
 
     # -- signing ----------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _repo_lock(self) -> Iterator[None]:
-        path = Path(self.repo.path) / ".console.lock"
-        with path.open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
     def _apply(
         self, slot: str, decision: Decision, expect: tuple[Any, ...] | None
     ) -> Decision | None:
         """Sign ``decision`` unless the metadata changed (``expect``); publish its event."""
         f = self.followed[slot]
-        with self._repo_lock():
+        with signing_lock(self.repo.path, timeout=LOCK_TIMEOUT_S, who=self.console_id):
             if expect is not None:
                 _p, _t, now_meta = self.repo.model(slot, f.meta.version)
                 if _rollout_key(now_meta) != expect:
