@@ -8,14 +8,17 @@ Screenshots are kept in the test's tmp dir and copied to ``build/artifacts/conso
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import paho.mqtt.client as mqtt
@@ -122,13 +125,15 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
 def _console(
     tmp: Path, broker: Broker, tuf: TufRepo, *extra: str
 ) -> tuple[subprocess.Popen[str], str]:
+    """A console process (``extra`` arguments override the defaults) and its URL."""
+    tmp.mkdir(parents=True, exist_ok=True)
     log = (tmp / "console.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "updater.inferctl", "console", *extra,
+        [sys.executable, "-m", "updater.inferctl", "console",
          "--repo", str(tuf.repo.path), "--listen", f"127.0.0.1:{free_port()}",
          "--broker", f"{broker.host}:{broker.port}", "--prefix", PREFIX,
          "--soak", "3", "--steps", "50,100", "--halt-ratio", "0.2", "--min-attempted", "1",
-         "--plot-bucket", "2"],
+         "--plot-bucket", "2", *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
@@ -425,3 +430,78 @@ def test_inferctl_rollout_waits_for_another_signer_and_keeps_its_change(
     signed = OperatorRepository(tuf_repo.repo.path).model("classifier")[2].rollout
     assert signed == Rollout(shares={ALL: 1000, "canary": 5000, "kitchen": 2000})
     assert "rollout 10 %" in out, out  # it read the other signer's shares under the lock
+
+
+# -- a restarted console -----------------------------------------------------------------------
+
+
+def _api(url: str, path: str, post: bool = False) -> Any:
+    req = urllib.request.Request(
+        url.rstrip("/") + path,
+        data=b"{}" if post else None,
+        headers={"Content-Type": "application/json"} if post else {},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+
+def _rollout(url: str) -> dict[str, Any]:
+    (row,) = _api(url, "/api/state")["rollouts"]
+    return dict(row)
+
+
+def _stop(console: subprocess.Popen[str], log: Path) -> None:
+    console.terminate()
+    console.communicate(timeout=20)
+    assert console.returncode == 0, log.read_text()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.mark.timeout(120)
+def test_a_restarted_console_goes_on_with_the_soak_and_resumes_at_the_halted_share(
+    tmp_path: Path, broker: Broker, tuf_repo: TufRepo
+) -> None:
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2", groups=("fleet",),
+                     rollout=Rollout(shares={ALL: 0}))  # fmt: skip
+    policy = ("--soak", "8", "--steps", "10,50,100")
+    first, url = _console(tmp_path / "first", broker, tuf_repo, *policy)
+    try:
+        _wait(lambda: (_rollout(url)["soak_left_s"] or 8) <= 5, "3 s of the soak", 15)
+    finally:
+        first.kill()  # a crash: nothing saved on the way out
+        first.communicate(timeout=20)
+
+    second, url = _console(tmp_path / "second", broker, tuf_repo, *policy)
+    try:
+        left = _rollout(url)["soak_left_s"]
+        assert left is not None and left <= 5, left  # the soak goes on; 8 s again without memory
+        _wait(lambda: _shares(tuf_repo) == {ALL: 1000}, "the advance to 10 %", left + 5)
+        # the operator raises it to 30 % by hand; the console follows, then halts it on request
+        done = subprocess.run(
+            [sys.executable, "-m", "updater.inferctl", "rollout", "classifier",
+             "--repo", str(tuf_repo.repo.path), "--percent", "30", "--window", "0",
+             "--no-poke"],
+            check=False, cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        _wait(lambda: _rollout(url)["share_all"] == 3000, "the console following 30 %")
+        _api(url, "/api/rollouts/classifier/halt", post=True)
+        assert _rollout(url)["state"] == "halted"
+    finally:
+        _stop(second, tmp_path / "second" / "console.log")
+
+    third, url = _console(tmp_path / "third", broker, tuf_repo, *policy)
+    try:
+        row = _rollout(url)
+        assert row["state"] == "halted" and row["halted_at"] == 3000
+        assert [d["action"] for d in row["decisions"]] == ["halt", "advance"]
+        answer = _api(url, "/api/rollouts/classifier/resume", post=True)
+        assert "resumed by the operator at 30 %" in answer["message"], answer
+        assert _shares(tuf_repo) == {ALL: 3000}  # where it was halted, not the first step
+    finally:
+        _stop(third, tmp_path / "third" / "console.log")
+
+
+def _shares(tuf: TufRepo) -> dict[str, int] | None:
+    r = OperatorRepository(tuf.repo.path).model("classifier")[2].rollout
+    return None if r is None else dict(r.shares)

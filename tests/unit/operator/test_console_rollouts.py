@@ -18,6 +18,7 @@ from telemetry.shares import ALL, FULL
 from tests.support.models import classifier
 from tests.support.signer import Signer
 from updater.meta import Rollout
+from updater.operator.console.memory import memory_path
 from updater.operator.console.rollouts import (
     Autopilot,
     Decision,
@@ -257,3 +258,96 @@ def test_a_decision_waits_for_another_process_signing_and_is_not_signed_over_it(
     assert _shares(repo) == Rollout(shares={ALL: 5000})
     assert pilot.tick() == []  # and follows 50 % with a fresh soak
     assert pilot.snapshot()[0]["share_all"] == 5000
+
+
+# -- what a restarted console remembers ----------------------------------------------------------
+
+
+class Wall(Clock):
+    def __init__(self) -> None:
+        self.now = 1.7e9
+
+
+def _remembering(
+    repo: OperatorRepository, clock: Clock, wall: Wall, events: list[Event] | None = None
+) -> Autopilot:
+    return Autopilot(
+        OperatorRepository(repo.path), POLICY, prefix=PREFIX, console_id="console-test",
+        client=lambda: None, broker=lambda: pytest.fail("no second client"),
+        on_event=(events if events is not None else []).append, clock=clock, wall=wall,
+        memory=memory_path(repo.path, "console-test"),
+    )  # fmt: skip
+
+
+def test_a_restarted_autopilot_goes_on_with_the_soak(repo: OperatorRepository):
+    wall = Wall()
+    first = _remembering(repo, Clock(), wall)
+    assert first.tick() == []  # the soak of 1 % starts now
+    wall.now += 45
+    clock = Clock()  # a new process: a new monotonic clock
+    clock.now = 3.0
+    again = _remembering(repo, clock, wall)
+    assert again.tick() == []
+    assert again.snapshot()[0]["soak_left_s"] == pytest.approx(15)  # not 60 again
+    clock.now += 15
+    wall.now += 15
+    (d,) = again.tick()
+    assert d.action == "advance" and _shares(repo) == Rollout(shares={ALL: 1000})
+
+
+def test_a_restarted_autopilot_resumes_at_the_halted_share_with_its_decisions(
+    repo: OperatorRepository,
+):
+    wall, clock = Wall(), Clock()
+    first = _remembering(repo, clock, wall)
+    seq = repo.model("classifier")[2].seq
+    first.tick()
+    clock.now += 61
+    wall.now += 61
+    (d,) = first.tick()
+    assert d.action == "advance"  # 1 % -> 10 %
+    for dev in ("d1", "d2", "d3"):
+        first.feed(*_update(dev, seq, "failed"))
+    (d,) = first.tick()
+    assert d.action == "halt" and _shares(repo).shares == {ALL: 0}  # type: ignore[union-attr]
+
+    wall.now += 600
+    again = _remembering(repo, Clock(), wall)
+    again.tick()
+    snap = again.snapshot()[0]
+    assert snap["halted_at"] == 1000
+    assert [x["action"] for x in snap["decisions"]] == ["halt", "advance"]
+    for dev in ("d1", "d2", "d3"):  # the failures, as the devices' retained status tells again
+        again.feed(*_update(dev, seq, "failed"))
+    d = again.resume("classifier")
+    assert "10 %" in d.reason and _shares(repo) == Rollout(shares={ALL: 1000})  # not 1 %
+
+    third = _remembering(repo, Clock(), wall)
+    third.tick()
+    for dev in ("d1", "d2", "d3"):
+        third.feed(*_update(dev, seq, "failed"))
+    assert third.tick() == []  # set aside by the resume before the restart: no halt at once
+    assert [x["action"] for x in third.snapshot()[0]["decisions"]] == [
+        "resume", "halt", "advance"
+    ]  # fmt: skip
+
+
+def test_a_missing_or_unreadable_memory_is_one_line_and_a_fresh_start(
+    repo: OperatorRepository, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="updater.operator.console.memory")
+    path = memory_path(repo.path, "console-test")
+    wall = Wall()
+    _remembering(repo, Clock(), wall).tick()
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert "no saved rollout state" in caplog.text and str(path) in caplog.text
+    for bad in (b"{not json", b'{"schema_version": 99}', b'{"rollouts": {"classifier": 3}}'):
+        caplog.clear()
+        path.write_bytes(bad)
+        pilot = _remembering(repo, Clock(), wall)
+        assert [r.levelname for r in caplog.records] == ["WARNING"], caplog.text
+        assert "unreadable" in caplog.text or "schema version 99" in caplog.text
+        assert "starting fresh" in caplog.text and "\n" not in caplog.records[0].getMessage()
+        pilot.tick()
+        assert pilot.snapshot()[0]["soak_left_s"] == pytest.approx(60)  # fresh
+        assert b"classifier" in path.read_bytes() and path.read_bytes() != bad  # saved anew

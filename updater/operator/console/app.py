@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 
 from telemetry.broker import BrokerOptions, connect
 from telemetry.payloads import Event
+from updater.operator.console.memory import memory_path
 from updater.operator.console.rollouts import Autopilot, Policy
 from updater.operator.console.server import ConsoleServer, ServerLimits
 from updater.operator.console.state import ConsoleState, Limits, topics
@@ -54,6 +55,7 @@ class ConsoleApp:
             client=lambda: self.client,
             broker=lambda: settings.broker,
             on_event=self._own_event,
+            memory=memory_path(settings.repo, settings.console_id),
         )
         self._own_topic = f"{settings.prefix}/{settings.console_id}/events"
         self._echoes: deque[bytes] = deque(maxlen=64)

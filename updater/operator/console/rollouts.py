@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -35,6 +36,7 @@ from telemetry.fleet.rollout import IN_PROGRESS, RolloutSummary, RolloutTally
 from telemetry.payloads import Event
 from telemetry.shares import ALL, FULL, shares_text
 from updater.meta import ModelMeta, Rollout
+from updater.operator.console.memory import Remembered, load, save
 from updater.operator.repository import OperatorRepository
 from updater.operator.rollout import RolloutDriver, halt_reason, halted, raised, tally_for
 from updater.operator.signing_lock import signing_lock
@@ -165,7 +167,11 @@ class Autopilot:
         broker: Callable[[], BrokerOptions],
         on_event: Callable[[Event], None],
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        memory: Path | None = None,
     ) -> None:
+        """``memory``: the file that keeps each rollout's soak start, halted-at share and
+        decisions across a restart (:mod:`.memory`); None keeps them in this process only."""
         self.repo = repo
         self.policy = policy
         self.prefix = prefix
@@ -174,6 +180,12 @@ class Autopilot:
         self._broker = broker
         self.on_event = on_event
         self.clock = clock
+        self.wall = wall
+        self.memory = memory
+        self._remembered = load(memory) if memory is not None else {}
+        """What the last run saved: taken up by each slot when first followed."""
+        self._dirty = False
+        self._save_error: str | None = None
         self.followed: dict[str, _Followed] = {}
         self.error: str | None = None
         """The last tick's failure (e.g. the repository cannot be read), shown on the page."""
@@ -204,10 +216,13 @@ class Autopilot:
         """Follow what the repository publishes now and apply the policy; the decisions taken."""
         try:
             with self._lock:
-                self._refresh()
-                if not self.policy.drive:
-                    return []
-                return [d for slot in sorted(self.followed) if (d := self._drive(slot))]
+                try:
+                    self._refresh()
+                    if not self.policy.drive:
+                        return []
+                    return [d for slot in sorted(self.followed) if (d := self._drive(slot))]
+                finally:
+                    self._persist()
         except InferdError as err:
             if str(err) != self.error:
                 log.error("rollouts: %s", err)
@@ -230,10 +245,12 @@ class Autopilot:
                 tally = tally_for(meta, self.prefix)
                 for topic, payload in self._statuses.items():
                     tally.feed(topic, payload)
-                self.followed[name] = _Followed(meta, tally, now)
+                self.followed[name] = self._recall(name, _Followed(meta, tally, now), now)
+                self._dirty = True
                 continue
             if _rollout_key(meta) == _rollout_key(f.meta):
                 continue
+            self._dirty = True
             if (meta.version, meta.seq) != (f.meta.version, f.meta.seq):
                 f.tally = tally_for(meta, self.prefix)
                 for topic, payload in self._statuses.items():
@@ -248,6 +265,57 @@ class Autopilot:
             f.meta, f.changed_at = meta, now
         for name in set(self.followed) - set(newest):
             del self.followed[name]
+            self._dirty = True
+
+    def _recall(self, slot: str, f: _Followed, now: float) -> _Followed:
+        """``f`` with what the last run remembered of the same version (nothing if another)."""
+        saved = self._remembered.get(slot)
+        if saved is None or (saved.version, saved.seq) != (f.meta.version, f.meta.seq):
+            return f
+        f.before_halt, f.forgiven = saved.halted_at, saved.forgiven
+        f.decisions.extend(saved.decisions)
+        r = f.meta.rollout
+        if (None if r is None else r.shares, None if r is None else r.halted) == (
+            saved.shares,
+            saved.halted,
+        ):  # unchanged while the console was away: its soak goes on
+            f.changed_at = now - max(0.0, self.wall() - saved.changed_ts)
+            log.info(
+                "%s %s: at %s since %.0f s ago (remembered from before the restart)",
+                slot,
+                f.meta.version,
+                "not staged" if r is None else shares_text(r.shares),
+                now - f.changed_at,
+            )
+        return f
+
+    def _persist(self) -> None:
+        """Save what changed to the memory file; a failure is one log line (tried again)."""
+        if not self._dirty or self.memory is None:
+            return
+        now, wall = self.clock(), self.wall()
+        rollouts = {}
+        for slot, f in sorted(self.followed.items()):
+            r = f.meta.rollout
+            rollouts[slot] = Remembered(
+                version=f.meta.version,
+                seq=f.meta.seq,
+                shares=None if r is None else dict(r.shares),
+                halted=None if r is None else r.halted,
+                changed_ts=wall - (now - f.changed_at),
+                halted_at=f.before_halt,
+                forgiven=f.forgiven,
+                decisions=list(f.decisions),
+            )
+        try:
+            save(self.memory, rollouts)
+        except OSError as err:
+            message = f"rollouts: cannot save {self.memory} ({err.strerror}): a restart forgets"
+            if message != self._save_error:
+                log.error("%s", message)
+            self._save_error = message
+            return
+        self._dirty, self._save_error = False, None
 
     def _summary(self, f: _Followed) -> RolloutSummary:
         return since_resume(f.tally.summary(), *f.forgiven)
@@ -271,7 +339,10 @@ class Autopilot:
             if f.meta.rollout is not None and f.meta.rollout.halted:
                 raise OperatorError(f"{slot} {f.meta.version}: the rollout is already halted")
             decision = Decision("halt", reason, halted(f.meta.rollout, reason))
-            return self._applied(slot, decision, _rollout_key(f.meta))
+            try:
+                return self._applied(slot, decision, _rollout_key(f.meta))
+            finally:
+                self._persist()
 
     def resume(self, slot: str) -> Decision:
         """Resume a halted rollout at the share it had (the first step when unknown)."""
@@ -289,9 +360,12 @@ class Autopilot:
                 f"({summary.failed} failures so far set aside)",
                 raised(r, share, None),
             )
-            applied = self._applied(slot, decision, _rollout_key(f.meta))
-            f.forgiven = (summary.failed, summary.attempted)
-            return applied
+            try:
+                applied = self._applied(slot, decision, _rollout_key(f.meta))
+                f.forgiven = (summary.failed, summary.attempted)
+                return applied
+            finally:
+                self._persist()
 
     def _applied(self, slot: str, decision: Decision, expect: tuple[Any, ...]) -> Decision:
         """The operator's ``decision``, signed; OperatorError when the rollout just changed."""
@@ -338,6 +412,7 @@ class Autopilot:
                 # signed; only the poke failed (paho raises RuntimeError when disconnected):
                 # devices see the change at their next poll
                 driver.notes.append(f"the groups were not poked: {err}")
+        self._dirty = True
         if decision.action == "halt":
             f.before_halt = share
         f.meta, f.changed_at = driver.meta, self.clock()
