@@ -2,9 +2,9 @@
 
 ``Browser`` starts ``/usr/bin/chromium --headless`` with a private profile on a free debugging
 port, and :class:`Page` speaks CDP to one tab over a websocket (``websockets``, already in the
-dev lock): navigate, evaluate JavaScript, wait for a condition, take screenshots. Every console
-error, uncaught exception and browser log error (failed loads, Content-Security-Policy
-violations) is collected in ``Page.errors``. Ended by its pid.
+dev lock): navigate, evaluate JavaScript, wait for a condition, resize the viewport, take
+screenshots. Every console error, uncaught exception and browser log error (failed loads,
+Content-Security-Policy violations) is collected in ``Page.errors``. Ended by its pid.
 """
 
 from __future__ import annotations
@@ -91,6 +91,13 @@ class Page:
             time.sleep(0.1)
         raise AssertionError(f"{what or expression} not true after {timeout} s (last {value!r})")
 
+    def set_viewport(self, width: int, height: int) -> None:
+        """Resize the page's viewport as a window resize would (resize events, observers)."""
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
+
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
         path.write_bytes(base64.b64decode(data["data"]))
@@ -155,10 +162,7 @@ class Browser:
                 raise AssertionError(f"chromium not answering after {timeout} s: {self.output()}")
             time.sleep(0.1)
         page = Page(pages[0]["webSocketDebuggerUrl"])
-        page.call(
-            "Emulation.setDeviceMetricsOverride",
-            {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False},
-        )
+        page.set_viewport(self.width, self.height)
         self.pages.append(page)
         return page
 

@@ -152,6 +152,20 @@ def _shot(page: Page, tmp: Path, name: str) -> Path:
     return path
 
 
+def _charts_follow_the_window(page: Page) -> None:
+    """The chart is as wide as its box, narrower and wider again with the window."""
+    canvas = "document.querySelector('#charts canvas').width"
+    box = "document.querySelector('#charts').clientWidth"
+    same = f"{canvas} === {box} && {box}"
+    wide = page.wait_for(same, 10, "the chart as wide as its box")
+    assert wide > 1200, wide  # 1400 px window
+    page.set_viewport(700, 1500)
+    narrow = page.wait_for(f"{same} < 700 && {box}", 10, "the chart following a narrow window")
+    assert 500 < narrow < 700, narrow
+    page.set_viewport(1400, 1500)
+    assert page.wait_for(f"{same} > 1200 && {box}", 10, "the chart following it back") == wide
+
+
 def _card(page: Page, attr: str) -> str:
     return f"document.querySelector('[data-slot=\"classifier\"]')?.getAttribute('{attr}')"
 
@@ -177,6 +191,7 @@ def test_the_page_shows_three_agents_and_a_rollout_that_halts_by_itself(
         shown = page.wait_for(f"{online}.length === 3 && {online}", 30, "three agents online")
         assert sorted(shown) == sorted([*healthy, failing])
         page.wait_for("document.querySelectorAll('#charts .uplot').length === 1", 30, "a chart")
+        _charts_follow_the_window(page)
         page.wait_for(
             "[...document.querySelectorAll('#devices td.num')].some(td => td.textContent !== '-')",
             30,

@@ -188,6 +188,20 @@
   // -- charts --------------------------------------------------------------------------------
 
   const charts = new Map();
+  const CHART_HEIGHT = 220;
+
+  // each chart is as wide as the box that holds the charts, and follows it when the window
+  // (or anything else) resizes it
+  function chartWidth() {
+    return Math.max(280, $("#charts").clientWidth);
+  }
+  const resized = new ResizeObserver(() => {
+    const width = chartWidth();
+    for (const chart of charts.values()) {
+      if (chart.width !== width) chart.setSize({ width: width, height: CHART_HEIGHT });
+    }
+  });
+  resized.observe($("#charts"));
 
   function xRange(u) {
     const t = u.data[0];
@@ -201,7 +215,6 @@
     const names = Object.keys(series).filter((n) => series[n].t.length > 0);
     if (names.length === 0) return;
     if (charts.size === 0) box.replaceChildren();
-    const width = Math.max(320, Math.min(box.clientWidth || 900, 1200));
     for (const name of names) {
       const s = series[name];
       const data = [s.t, s.p50, s.p99, s.rps];
@@ -211,8 +224,8 @@
         box.append(holder);
         chart = new uPlot({
           title: name,
-          width: width,
-          height: 220,
+          width: chartWidth(),
+          height: CHART_HEIGHT,
           // at least the last minute: one point alone would make uPlot span years
           scales: { x: { time: true, range: xRange }, rps: { auto: true } },
           series: [
