@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -35,6 +36,7 @@ from telemetry.payloads import (
     SystemMetrics,
     utc_now,
 )
+from telemetry.quality.drift import compute_reference
 from telemetry.shares import ALL
 from tests.support.broker import Broker
 from tests.support.chromium import CHROMIUM, Browser, Page
@@ -74,7 +76,7 @@ def _agent(tmp: Path, name: str, model: Path, broker: Broker, tuf: TufRepo) -> D
                 "topic_prefix": PREFIX,
             },
             "telemetry": {"metrics_interval_s": 1},
-            "quality": {"publish_interval_s": 1},
+            "quality": {"publish_interval_s": 1, "drift_window": 20},
             "updates": {
                 "repository_url": tuf.url,
                 "trusted_root": str(tuf.trusted_root),
@@ -103,12 +105,17 @@ class Traffic:
             i += 1
             for a in self.agents:
                 n = self.features[a.config["device_id"]]
-                x = [((i * 7 + k) % 10) / 10 for k in range(n)]
+                x = self.inputs(i, n)
                 with contextlib.suppress(OSError):
                     a.infer("classifier", [{"name": "x", "shape": [1, n], "datatype": "FP32",
                                             "data": x}], id=f"r{i}")  # fmt: skip
                     a.request("POST", "/v2/models/classifier/feedback",
                               {"id": f"r{i}", "label": i % 3})  # fmt: skip
+
+    @staticmethod
+    def inputs(i: int, n: int) -> list[float]:
+        """Request ``i``'s ``n`` features: each of 0.0 ... 0.9 once in every 10 requests."""
+        return [((i * 7 + k) % 10) / 10 for k in range(n)]
 
     def close(self) -> None:
         self.stop.set()
@@ -179,6 +186,15 @@ def test_the_page_shows_three_agents_and_a_rollout_that_halts_by_itself(
     (failing,) = ids_by_bucket("classifier", "2", 5000, above=True)  # in at 100 % only
     v1 = classifier(tmp_path / "v1.onnx", seed=0)
     v1_wide = classifier(tmp_path / "v1-wide.onnx", n_features=5, seed=0)  # v2 will not fit it
+    # drift references beside the models: v1's from other inputs than the traffic's (drift),
+    # the wide one's from the traffic's own (none)
+    rng = np.random.default_rng(0)
+    (tmp_path / "v1.ref.json").write_bytes(
+        compute_reference({"x": rng.normal(2.0, 0.5, (1000, 4)).astype(np.float32)}).to_json()
+    )
+    (tmp_path / "v1-wide.ref.json").write_bytes(
+        compute_reference({"x": np.array([Traffic.inputs(i, 5) for i in range(1000)])}).to_json()
+    )
     agents = [_agent(tmp_path, n, v1, broker, tuf_repo) for n in healthy]
     agents.append(_agent(tmp_path, failing, v1_wide, broker, tuf_repo))
     traffic = Traffic(agents, {**dict.fromkeys(healthy, 4), failing: 5})
@@ -204,6 +220,24 @@ def test_the_page_shows_three_agents_and_a_rollout_that_halts_by_itself(
             f"{quality}.every(r => /\\d\\.\\d{{3}} \\/ /.test(r.innerText))",
             30,
             "accuracy / F1 of three devices",
+        )
+        psi = (
+            f"Object.fromEntries({quality}.filter(r => r.cells[2].textContent === '1')"
+            ".map(r => [r.cells[0].textContent, r.cells[6].textContent]))"
+        )
+        shown = page.wait_for(
+            f"Object.values({psi}).filter(t => t !== '-').length === 3 && {psi}",
+            30,
+            "the drift of three devices",
+        )
+        for device in healthy:
+            assert shown[device].endswith(" drifted"), shown  # PSI over 0.2
+            assert float(shown[device].split()[0]) > 0.2, shown
+        assert float(shown[failing]) < 0.2, shown  # its own inputs: no drift
+        page.wait_for(
+            "document.querySelector('#events').innerText.includes('drift: PSI')",
+            10,
+            "the drift event",
         )
         _shot(page, tmp_path, "fleet")
 
