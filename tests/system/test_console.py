@@ -446,6 +446,34 @@ def _metrics(device: str) -> bytes:
 # -- one signer at a time ------------------------------------------------------------------------
 
 
+def _after_the_other_signer(repo: Path, shares: dict[str, int], *command: str) -> str:
+    """Run ``inferctl COMMAND`` while another process holds the signing lock: check that it
+    waits, signing nothing, until that one has signed ``shares``; its output."""
+    before = OperatorRepository(repo).timestamp().version
+    other = Signer(repo, "classifier", shares)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "updater.inferctl", *command],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # until it says it waits (EOF: it did not wait)
+            seen.append(line)
+            if "waiting for" in line:
+                break
+        assert seen and "waiting for" in seen[-1] and ".signing.lock" in seen[-1], seen
+        assert proc.poll() is None
+        assert OperatorRepository(repo).timestamp().version == before  # nothing signed
+        other.sign_and_release()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    finally:
+        other.close()
+    assert OperatorRepository(repo).timestamp().version >= before + 2  # both signed
+    return out
+
+
 def test_inferctl_rollout_waits_for_another_signer_and_keeps_its_change(
     tmp_path: Path, tuf_repo: TufRepo
 ) -> None:
@@ -453,32 +481,34 @@ def test_inferctl_rollout_waits_for_another_signer_and_keeps_its_change(
     same lock) signs: it waits, then changes the shares as they are signed by then."""
     tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2", groups=("fleet",),
                      rollout=Rollout(shares={ALL: 0}))  # fmt: skip
-    before = tuf_repo.repo.targets().version
-    other = Signer(tuf_repo.repo.path, "classifier", {ALL: 1000, "canary": 5000})
-    try:
-        rollout = subprocess.Popen(
-            [sys.executable, "-m", "updater.inferctl", "rollout", "classifier",
-             "--repo", str(tuf_repo.repo.path), "--percent", "20", "--group", "kitchen",
-             "--window", "0", "--no-poke"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert rollout.stderr is not None
-        seen = []
-        for line in rollout.stderr:  # until it says it waits (EOF: it did not wait)
-            seen.append(line)
-            if "waiting for" in line:
-                break
-        assert "waiting for" in seen[-1] and ".signing.lock" in seen[-1], seen
-        assert rollout.poll() is None
-        assert OperatorRepository(tuf_repo.repo.path).targets().version == before  # unsigned
-        other.sign_and_release()
-        out, err = rollout.communicate(timeout=30)
-        assert rollout.returncode == 0, err
-    finally:
-        other.close()
+    out = _after_the_other_signer(
+        tuf_repo.repo.path, {ALL: 1000, "canary": 5000},
+        "rollout", "classifier", "--repo", str(tuf_repo.repo.path), "--percent", "20",
+        "--group", "kitchen", "--window", "0", "--no-poke",
+    )  # fmt: skip
     signed = OperatorRepository(tuf_repo.repo.path).model("classifier")[2].rollout
     assert signed == Rollout(shares={ALL: 1000, "canary": 5000, "kitchen": 2000})
     assert "rollout 10 %" in out, out  # it read the other signer's shares under the lock
+
+
+def test_publishing_and_refreshing_wait_for_another_signer(
+    tmp_path: Path, tuf_repo: TufRepo
+) -> None:
+    """``inferctl model add`` and ``repo refresh`` (cron) sign targets, snapshot and timestamp
+    too: while a console signs a rollout they wait, so neither signs over the other."""
+    repo = tuf_repo.repo.path
+    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2", groups=("fleet",),
+                     rollout=Rollout(shares={ALL: 0}))  # fmt: skip
+    _after_the_other_signer(
+        repo, {ALL: 1000},
+        "model", "add", str(repo), str(classifier(tmp_path / "v3.onnx", seed=3)),
+        "--name", "other", "--version", "3",
+    )  # fmt: skip
+    now = OperatorRepository(repo)
+    assert now.model("classifier")[2].rollout == Rollout(shares={ALL: 1000})
+    assert now.model("other")[2].version == "3"
+    _after_the_other_signer(repo, {ALL: 5000}, "repo", "refresh", str(repo))
+    assert OperatorRepository(repo).model("classifier")[2].rollout == Rollout(shares={ALL: 5000})
 
 
 # -- a restarted console -----------------------------------------------------------------------
