@@ -175,10 +175,11 @@ class RolloutDriver:
         before = self.meta.rollout
         with self.locked():
             self.meta = self.repo.set_rollout(self.meta.name, self.meta.version, rollout)
+            signed = self.repo.targets().version
         was = "100 % (not staged)" if before is None else shares_text(before.shares)
         self.notes.append(
             f"{self.meta.name} {self.meta.version}: rollout {was} -> "
-            f"{shares_text(rollout.shares)}; signed targets v{self.repo.targets().version}"
+            f"{shares_text(rollout.shares)}; signed targets v{signed}"
         )
         if not self.poke:
             return
