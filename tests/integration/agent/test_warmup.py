@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.unit.runtime.test_warmup import bare, reshape_15, vad_feeds, vad_like
+from tests.support.models import reshape_15, run_bare, vad_feeds, vad_like
 
 
 def tensor(name: str, arr: np.ndarray) -> dict[str, object]:
@@ -45,7 +45,7 @@ def test_vad_shaped_and_never_warm_models_serve_with_default_settings(
         got = {
             o["name"]: np.array(o["data"], np.float32).reshape(o["shape"]) for o in body["outputs"]
         }
-        want = bare(vad, feeds)
+        want = run_bare(vad, feeds)
         np.testing.assert_allclose(got["output"], want[0], rtol=1e-6, err_msg=f"frame {step}")
         np.testing.assert_allclose(got["stateN"], want[1], rtol=1e-6)
         state = got["stateN"]

@@ -126,10 +126,11 @@ def test_near_ties_keep_the_configured_setting_or_the_fewest_threads() -> None:
 def test_generated_inputs_are_ones_the_model_takes(tmp_path: Path) -> None:
     """A model that refuses every dynamic dimension at 1 (reflection padding of an audio frame)
     is timed on the shapes its warm-up found, with random floats and its integers kept."""
-    from tests.unit.runtime.test_warmup import _needs_the_premise, vad_like
+    from tests.support.models import reflect_pad_refuses_short_axis, vad_like
 
     path = vad_like(tmp_path / "vad.onnx")
-    _needs_the_premise(path)
+    if not reflect_pad_refuses_short_axis(path):
+        pytest.skip("this onnxruntime pads a length-1 axis by reflection: dims of 1 would run")
     cfg = ModelConfig(name="m", path=str(path))
     result = tune(cfg, path, budget_s=30, search="random", trials=1, runs=3, providers=[])
     for trial in (result.baseline, *result.trials):

@@ -13,13 +13,13 @@ from agent.config import ModelConfig
 from agent.slots import ModelSlot, Prediction
 from runtime.backends import open_backend
 from runtime.errors import BackendError, InputError
-from tests.unit.runtime.test_warmup import cfg, vad_feeds, vad_like
+from tests.support.models import vad_feeds, vad_like
 
 
 def test_requests_get_one_clear_input_error_before_the_run(tmp_path: Path) -> None:
     """The messages a client sees (HTTP and MQTT answer them as 400s); nothing is counted."""
     path = vad_like(tmp_path / "vad.onnx")
-    backend = open_backend(path, cfg(path))
+    backend = open_backend(path, ModelConfig(name="m", path=str(path)))
     feeds = vad_feeds()
     with pytest.raises(InputError, match=r"input 'sr' has datatype INT32, the model expects INT64"):
         backend.run({**feeds, "sr": np.array(16000, np.int32)})

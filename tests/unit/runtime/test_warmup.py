@@ -11,99 +11,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from agent.config import ModelConfig
 from agent.slots import ModelSlot
 from runtime import bundle
 from runtime.backends import open_backend
 from runtime.backends.base import TensorSpec, search_shapes
-
-
-def _save(path: Path, nodes: list[Any], inputs: list[Any], outputs: list[Any], inits=()) -> Path:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-    return path
-
-
-def vad_like(path: Path) -> Path:
-    """Shaped like a popular stateful voice-activity model: audio [batch, samples] padded by
-    reflection (64 each side, so fewer than 65 samples fail), state [2, batch, 128] in and out,
-    and a 0-d int64 sample rate."""
-    return _save(
-        path,
-        [
-            helper.make_node("Pad", ["input", "pads"], ["padded"], mode="reflect"),
-            helper.make_node("ReduceMean", ["padded"], ["m"], axes=[1], keepdims=1),
-            helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
-            helper.make_node("Div", ["srf", "rate"], ["scale"]),
-            helper.make_node("Mul", ["m", "scale"], ["output"]),
-            helper.make_node("Add", ["state", "m"], ["stateN"]),
-        ],
-        [
-            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "samples"]),
-            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 128]),
-            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
-        ],
-        [
-            helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
-            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 128]),
-        ],
-        [
-            numpy_helper.from_array(np.array([0, 64, 0, 64], np.int64), "pads"),
-            numpy_helper.from_array(np.array(16000.0, np.float32), "rate"),
-        ],
-    )
-
-
-def reshape_15(path: Path) -> Path:
-    """``x`` [n] reshaped to [3, 5]: only n = 15 runs, which no power of two is."""
-    return _save(
-        path,
-        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])],
-        [numpy_helper.from_array(np.array([3, 5], np.int64), "shape")],
-    )
-
-
-def vad_feeds(samples: int = 512, sr: int = 16000) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(3)
-    return {
-        "input": rng.normal(size=(1, samples)).astype(np.float32),
-        "state": np.zeros((2, 1, 128), np.float32),
-        "sr": np.array(sr, dtype=np.int64),
-    }
+from tests.support.models import (
+    reflect_pad_refuses_short_axis,
+    reshape_15,
+    run_bare,
+    vad_feeds,
+    vad_like,
+)
 
 
 def cfg(path: Path, **kw: object) -> ModelConfig:
     return ModelConfig(name="m", path=str(path), **kw)  # type: ignore[arg-type]
 
 
-def bare(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
-
-
-def _short_reflect_pad_fails(path: Path) -> bool:
-    """Whether this onnxruntime refuses reflect padding wider than the axis, as current ones do
-    (1.17, the oldest inferd allows, pads anyway: there the VAD shape warms up at dims 1)."""
-    ones = {"input": np.zeros((1, 1), np.float32), "state": np.zeros((2, 1, 128), np.float32)}
-    try:
-        bare(path, {**ones, "sr": np.array(0, np.int64)})
-    except Exception as err:
-        assert "Pad reflect requires axis length >= 2" in str(err)
-        return True
-    return False
-
-
 def _needs_the_premise(path: Path) -> None:
-    if not _short_reflect_pad_fails(path):
+    if not reflect_pad_refuses_short_axis(path):
         pytest.skip(f"onnxruntime {ort.__version__} pads a length-1 axis by reflection")
 
 
@@ -125,7 +55,7 @@ def test_search_finds_a_size_that_runs_keeping_named_batch_dims_together(tmp_pat
     assert shapes == {"input": (1, 128), "state": (2, 1, 128), "sr": ()}
     feeds = vad_feeds()
     out = backend.run(feeds)
-    want = bare(path, feeds)
+    want = run_bare(path, feeds)
     np.testing.assert_allclose(out["output"], want[0], rtol=1e-6)
     np.testing.assert_allclose(out["stateN"], want[1], rtol=1e-6)
 
@@ -216,7 +146,7 @@ def test_configured_warm_up_that_does_not_fit_warns_and_serves(tmp_path: Path) -
         ({"warmup_shapes": {"audio": (1, 512)}}, "warmup_shapes names audio"),
         ({"warmup_inputs": str(tmp_path / "missing.npz")}, "warmup_inputs: "),
     ]
-    if _short_reflect_pad_fails(path):
+    if reflect_pad_refuses_short_axis(path):
         cases.append(({"warmup_shapes": {"input": (1, 8)}}, "Pad reflect"))
     for options, why in cases:
         backend = open_backend(path, cfg(path, **options))

@@ -15,7 +15,7 @@ from agent.slots import ModelSlot
 from agent.updates import LoadedCandidate
 from runtime.errors import ValidationError
 from runtime.tensors import Signature
-from tests.unit.runtime.test_warmup import reshape_15, vad_like
+from tests.support.models import reshape_15, vad_like
 from updater.device.validation import validate
 from updater.meta import ModelMeta
 
