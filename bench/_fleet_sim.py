@@ -121,6 +121,7 @@ class SimDevice:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
 
     @property
     def node(self) -> str:
@@ -135,7 +136,10 @@ class SimDevice:
             return False
         sock = self.client.socket()
         assert sock is not None
-        self.w.sel.register(sock, selectors.EVENT_READ, self)
+        try:
+            self.w.sel.register(sock, selectors.EVENT_READ, self)
+        except KeyError:  # the number of a socket closed under the selector, reused
+            self.w.sel.modify(sock, selectors.EVENT_READ, self)
         return True
 
     def publish(self, leaf: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
@@ -176,6 +180,12 @@ class SimDevice:
         now = time.monotonic()
         self.w.schedule(now + random.uniform(0, self.w.metrics_s), self, "metrics")
         self.w.schedule(now + random.uniform(0, self.w.batch_s), self, "predictions")
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
+        if any(getattr(c, "is_failure", False) for c in codes):
+            self.w.sub_failed += 1
+        else:
+            self.w.subscribed += 1
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, _reason: Any, _p: Any) -> None:
         if self.connected:
@@ -243,12 +253,15 @@ class Worker:
         self.timers: list[tuple[float, int, SimDevice, str]] = []
         self._seq = 0
         self.sent = self.connected = self.refused = self.lost = 0
+        self.subscribed = self.sub_failed = 0
         self.pokes: list[tuple[str, float, bool]] = []
         self.checks: queue.Queue[SimDevice | None] = queue.Queue()
         self.checked = 0
         self.check_errors = 0
         self.devices = [SimDevice(self, d["id"], d["groups"], d["nodes"]) for d in spec["devices"]]
         self.stop = threading.Event()
+        self.retry: list[SimDevice] = []
+        """Devices whose connection failed or was lost: each second they try the next node."""
 
     def system_sample(self) -> SystemMetrics:
         return self._system
@@ -258,19 +271,24 @@ class Worker:
         heapq.heappush(self.timers, (when, self._seq, dev, what))
 
     def storm(self) -> None:
-        """Connect every device as fast as the broker accepts (the loop reads the CONNACKs)."""
-        for dev in self.devices:
-            dev.connect()
+        """Connect every device as fast as the broker accepts, reading CONNACKs in between."""
+        for i, dev in enumerate(self.devices):
+            if not dev.connect():
+                self.retry.append(dev)
+            if i % 50 == 49:
+                self._read(0)
+
+    def _read(self, timeout: float) -> None:
+        for key, _ in self.sel.select(timeout=timeout):
+            dev = key.data
+            if dev.client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                self._drop(dev)
+                self.retry.append(dev)
 
     def run(self) -> None:
         misc_at = time.monotonic() + 1.0
-        retry: list[SimDevice] = []
         while not self.stop.is_set():
-            for key, _ in self.sel.select(timeout=0.05):
-                dev = key.data
-                if dev.client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
-                    self._drop(dev)
-                    retry.append(dev)
+            self._read(0.05)
             for dev in self.devices:
                 if dev.connected and dev.client.want_write():
                     dev.client.loop_write()
@@ -283,10 +301,10 @@ class Worker:
                 for dev in self.devices:
                     if dev.connected:
                         dev.client.loop_misc()
-                again, retry = retry, []
+                again, self.retry = self.retry, []
                 for dev in again:
                     if not dev.connect():
-                        retry.append(dev)
+                        self.retry.append(dev)
 
     def _drop(self, dev: SimDevice) -> None:
         sock = dev.client.socket()
@@ -322,6 +340,8 @@ class Worker:
             "refused": self.refused,
             "lost": self.lost,
             "sent": self.sent,
+            "subscribed": self.subscribed,
+            "sub_failed": self.sub_failed,
             "checked": self.checked,
             "check_errors": self.check_errors,
             "pokes": pokes,
