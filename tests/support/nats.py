@@ -81,10 +81,14 @@ class NatsNode:
 class NatsCluster:
     """``size`` nats-server processes routed to each other, JetStream and MQTT on every one."""
 
-    def __init__(self, workdir: Path, size: int = 3, cluster_name: str = "inferd-test") -> None:
+    def __init__(
+        self, workdir: Path, size: int = 3, cluster_name: str = "inferd-test", mqtt_extra: str = ""
+    ) -> None:
+        """``mqtt_extra``: more settings of the ``mqtt`` block (``consumer_replicas: 1``)."""
         self.workdir = workdir
         self.nodes: list[NatsNode] = []
         ports = [(free_port(), free_port(), free_port(), free_port()) for _ in range(size)]
+        extra = f", {mqtt_extra}" if mqtt_extra else ""
         routes = ", ".join(f"nats-route://127.0.0.1:{p[1]}" for p in ports)
         for i, (client, cluster, mqtt_port, monitor) in enumerate(ports):
             name = f"n{i + 1}"
@@ -105,7 +109,7 @@ class NatsCluster:
                 f'jetstream {{ store_dir: "{store}", max_memory_store: 64MB, '
                 f"max_file_store: 256MB }}\n"
                 f"{routing}"
-                f"mqtt {{ listen: 127.0.0.1:{mqtt_port} }}\n",
+                f"mqtt {{ listen: 127.0.0.1:{mqtt_port}{extra} }}\n",
                 encoding="utf-8",
             )
             self.nodes.append(
