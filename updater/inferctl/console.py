@@ -27,6 +27,7 @@ from typing import Any
 from runtime.errors import OperatorError
 from telemetry.shares import basis_points
 from updater.inferctl.broker import add_broker_args, broker_from_args
+from updater.inferctl.rollout import add_halt_args
 from updater.operator.console.app import ConsoleSettings, run
 from updater.operator.console.rollouts import DEFAULT_STEPS, Policy
 from updater.operator.console.server import is_loopback, parse_listen, read_token
@@ -109,18 +110,7 @@ def register(sub: Any) -> None:
         default=300.0,
         help="seconds a share runs healthy before the next step (default %(default)s)",
     )
-    p.add_argument(
-        "--halt-ratio",
-        type=float,
-        default=0.05,
-        help="halt when failed/attempted exceeds this (default %(default)s)",
-    )
-    p.add_argument(
-        "--min-attempted",
-        type=int,
-        default=5,
-        help="judge the ratio only after this many attempts (default %(default)s)",
-    )
+    add_halt_args(p)
     p.add_argument(
         "--steps",
         default=",".join(f"{s / 100:g}" for s in DEFAULT_STEPS),

@@ -23,6 +23,8 @@ from updater.meta import Rollout
 from updater.operator.repository import OperatorRepository
 from updater.operator.rollout import (
     EXIT_HALTED,
+    HALT_RATIO,
+    MIN_ATTEMPTED,
     RolloutDriver,
     halt_reason,
     halted,
@@ -124,6 +126,23 @@ def _watch(ro: RolloutDriver, args: argparse.Namespace) -> tuple[RolloutSummary,
     return summary, halted_now
 
 
+def add_halt_args(p: Any) -> None:
+    """``--halt-ratio`` and ``--min-attempted``: the halt rule of ``inferctl rollout`` and the
+    console's autopilot."""
+    p.add_argument(
+        "--halt-ratio",
+        type=float,
+        default=HALT_RATIO,
+        help="halt when failed/attempted exceeds this (default %(default)s)",
+    )
+    p.add_argument(
+        "--min-attempted",
+        type=int,
+        default=MIN_ATTEMPTED,
+        help="judge the ratio only after this many attempts (default %(default)s)",
+    )
+
+
 def register(sub: Any) -> None:
     """Add ``inferctl rollout``."""
     p = sub.add_parser(
@@ -140,18 +159,7 @@ def register(sub: Any) -> None:
     p.add_argument("--version", help="default: the newest published version of SLOT")
     p.add_argument("--percent", type=float, help="set the share of devices (0-100)")
     p.add_argument("--group", help="set --percent for this group only (default: all groups)")
-    p.add_argument(
-        "--halt-ratio",
-        type=float,
-        default=0.05,
-        help="halt when failed/attempted exceeds this (default %(default)s)",
-    )
-    p.add_argument(
-        "--min-attempted",
-        type=int,
-        default=5,
-        help="judge the ratio only after this many attempts (default %(default)s)",
-    )
+    add_halt_args(p)
     p.add_argument(
         "--window",
         type=float,

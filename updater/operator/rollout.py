@@ -60,6 +60,10 @@ def halted(current: Rollout | None, reason: str) -> Rollout:
     return Rollout(shares=shares, halted=reason)
 
 
+HALT_RATIO, MIN_ATTEMPTED = 0.05, 5
+"""The halt rule's defaults (``inferctl rollout`` and the console): see :func:`halt_reason`."""
+
+
 def halt_reason(s: RolloutSummary, ratio: float, min_attempted: int) -> str | None:
     """Why the rollout must stop now, or None while it may go on."""
     if s.attempted < max(1, min_attempted) or s.failure_ratio <= ratio:

@@ -38,7 +38,15 @@ from telemetry.shares import ALL, FULL, shares_text
 from updater.meta import ModelMeta, Rollout
 from updater.operator.console.memory import Remembered, load, save
 from updater.operator.repository import OperatorRepository
-from updater.operator.rollout import RolloutDriver, halt_reason, halted, raised, tally_for
+from updater.operator.rollout import (
+    HALT_RATIO,
+    MIN_ATTEMPTED,
+    RolloutDriver,
+    halt_reason,
+    halted,
+    raised,
+    tally_for,
+)
 from updater.operator.signing_lock import signing_lock
 
 log = logging.getLogger(__name__)
@@ -55,8 +63,8 @@ LOCK_TIMEOUT_S = 15.0
 class Policy:
     soak_s: float = 300.0
     """How long a share must run with no failure over the ratio before the next step."""
-    halt_ratio: float = 0.05
-    min_attempted: int = 5
+    halt_ratio: float = HALT_RATIO
+    min_attempted: int = MIN_ATTEMPTED
     steps: tuple[int, ...] = DEFAULT_STEPS
     drive: bool = True
     """False: show the rollouts, decide nothing (halt and resume buttons still work)."""
