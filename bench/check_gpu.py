@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from bench._checks import Check, gated, info, verdict
+from tests.support.daemon import v2_inputs, v2_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "models" / "demo.onnx"
@@ -206,25 +207,6 @@ def nvml_memory() -> dict[str, int] | None:
             pynvml.nvmlShutdown()
     except pynvml.NVMLError:
         return None
-
-
-def v2_inputs(feeds: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    from runtime.tensors import V2_DATATYPES
-
-    return [
-        {"name": k, "shape": list(v.shape), "datatype": V2_DATATYPES[v.dtype.name],
-         "data": v.ravel().tolist()}
-        for k, v in feeds.items()
-    ]  # fmt: skip
-
-
-def v2_outputs(body: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    from runtime.tensors import NUMPY_DTYPES
-
-    return {
-        o["name"]: np.array(o["data"], NUMPY_DTYPES[o["datatype"]]).reshape(o["shape"])
-        for o in body["outputs"]
-    }
 
 
 def label(providers: Sequence[str]) -> str:

@@ -43,7 +43,7 @@ from agent.slots import ModelSlot
 from bench._checks import gated, report
 from runtime.tensors import NUMPY_DTYPES, V2_DATATYPES
 from tests.support import models
-from tests.support.daemon import start_daemon
+from tests.support.daemon import start_daemon, v2_inputs, v2_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,16 +203,7 @@ def cases(tmp: Path) -> dict[str, Case]:
 
 def json_body(feeds: dict[str, np.ndarray]) -> bytes:
     """A v2 JSON request as a numpy-based Python client writes it."""
-    inputs = [
-        {
-            "name": name,
-            "shape": list(x.shape),
-            "datatype": V2_DATATYPES[x.dtype.name],
-            "data": x.ravel().tolist(),
-        }
-        for name, x in feeds.items()
-    ]
-    return json.dumps({"inputs": inputs}).encode()
+    return json.dumps({"inputs": v2_inputs(feeds)}).encode()
 
 
 def binary_body(feeds: dict[str, np.ndarray]) -> tuple[bytes, int]:
@@ -234,10 +225,7 @@ def binary_body(feeds: dict[str, np.ndarray]) -> tuple[bytes, int]:
 
 def json_outputs(body: bytes) -> dict[str, np.ndarray]:
     """The outputs of a v2 JSON response."""
-    return {
-        o["name"]: np.array(o["data"], dtype=NUMPY_DTYPES[o["datatype"]]).reshape(o["shape"])
-        for o in json.loads(body)["outputs"]
-    }
+    return v2_outputs(json.loads(body))
 
 
 def binary_outputs(body: bytes, head_length: int) -> dict[str, np.ndarray]:

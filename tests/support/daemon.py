@@ -2,7 +2,8 @@
 
 ``start_daemon(tmp, config)`` writes the config (a dict; state_dir and api.listen filled in when
 absent), starts the daemon, waits until /v2/health/ready answers and returns a handle;
-``DaemonProc.stop`` sends SIGTERM and returns the exit code.
+``DaemonProc.stop`` sends SIGTERM and returns the exit code. ``v2_inputs`` and ``v2_outputs``
+turn numpy arrays into a v2 JSON request's tensors and a response's tensors back into arrays.
 """
 
 from __future__ import annotations
@@ -14,16 +15,39 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
+from runtime.tensors import NUMPY_DTYPES, V2_DATATYPES
 from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def v2_inputs(feeds: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The v2 JSON ``inputs`` of numpy ``feeds``, as a numpy-based client writes them."""
+    return [
+        {
+            "name": name,
+            "shape": list(x.shape),
+            "datatype": V2_DATATYPES[x.dtype.name],
+            "data": x.ravel().tolist(),
+        }
+        for name, x in feeds.items()
+    ]
+
+
+def v2_outputs(body: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The outputs of a decoded v2 JSON response, as arrays of their datatypes and shapes."""
+    return {
+        o["name"]: np.array(o["data"], dtype=NUMPY_DTYPES[o["datatype"]]).reshape(o["shape"])
+        for o in body["outputs"]
+    }
 
 
 class DaemonProc:
