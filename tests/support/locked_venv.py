@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.daemon import DaemonProc, write_config
-from tests.support.zoo import _NETWORK_WORDS, RegistryUnreachableError
+from tests.support.zoo import cache_base, run_pip
 
 ROOT = Path(__file__).resolve().parents[2]
 PIP_TIMEOUT_S = 1800
@@ -35,11 +35,6 @@ PIP_TIMEOUT_S = 1800
 
 class VenvBuildError(Exception):
     """The venv could not be built for a reason other than the network."""
-
-
-def cache_base() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "inferd"
 
 
 @dataclass(frozen=True)
@@ -148,18 +143,4 @@ class LockedVenv:
 
 
 def _pip(cmd: list[str], what: str) -> None:
-    try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise RegistryUnreachableError(
-            f"registry unreachable: pip install {what} took over {PIP_TIMEOUT_S}s"
-        ) from None
-    out = done.stdout + done.stderr
-    if done.returncode != 0:
-        last = next((ln for ln in reversed(out.splitlines()) if ln.strip()), "")
-        message = f"pip install {what}: {last.strip()}"
-        if any(word in out for word in _NETWORK_WORDS):
-            raise RegistryUnreachableError(f"registry unreachable: {message}")
-        raise VenvBuildError(message)
+    run_pip(cmd, f"pip install {what}", PIP_TIMEOUT_S, VenvBuildError)

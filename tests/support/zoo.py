@@ -103,13 +103,37 @@ class ZooModel:
         return Path(self.member).suffix
 
 
+def cache_base() -> Path:
+    """``$XDG_CACHE_HOME/inferd`` (else ``~/.cache/inferd``): the zoo's and the venvs' cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "inferd"
+
+
 def cache_dir() -> Path:
     """Where wheels and model files are kept across runs."""
     env = os.environ.get("ZOO_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "inferd" / "zoo"
+    return Path(env) if env else cache_base() / "zoo"
+
+
+def run_pip(cmd: list[str], what: str, timeout: float, failure: type[Exception] = ZooError) -> None:
+    """Run pip (``what`` names it in errors): RegistryUnreachableError when it could not reach
+    the registry or took over ``timeout`` s, ``failure`` with pip's last line on any other
+    failure."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise RegistryUnreachableError(
+            f"registry unreachable: {what} took over {timeout:g}s"
+        ) from None
+    out = done.stdout + done.stderr
+    if done.returncode != 0:
+        last = next((ln for ln in reversed(out.splitlines()) if ln.strip()), "")
+        message = f"{what}: {last.strip()}"
+        if "No module named pip" in out:
+            raise RegistryUnreachableError(f"registry unreachable: no pip in {cmd[0]}")
+        if any(word in out for word in _NETWORK_WORDS):
+            raise RegistryUnreachableError(f"registry unreachable: {message}")
+        raise failure(message)
 
 
 def _sha256(path: Path) -> str:
@@ -137,24 +161,7 @@ def download_wheel(wheel: Wheel, cache: Path | None = None) -> Path:
         if wheel.platform is not None:
             cmd += ["--platform", wheel.platform]
         cmd.append(f"{wheel.package}=={wheel.version}")
-        try:
-            done = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False
-            )
-        except subprocess.TimeoutExpired:
-            raise RegistryUnreachableError(
-                f"registry unreachable: pip download {wheel.package}=={wheel.version} "
-                f"took over {PIP_TIMEOUT_S}s"
-            ) from None
-        out = done.stdout + done.stderr
-        if done.returncode != 0:
-            last = next((ln for ln in reversed(out.splitlines()) if ln.strip()), "")
-            what = f"pip download {wheel.package}=={wheel.version}: {last.strip()}"
-            if "No module named pip" in out:
-                raise RegistryUnreachableError(f"registry unreachable: no pip in {sys.executable}")
-            if any(word in out for word in _NETWORK_WORDS):
-                raise RegistryUnreachableError(f"registry unreachable: {what}")
-            raise ZooError(what)
+        run_pip(cmd, f"pip download {wheel.package}=={wheel.version}", PIP_TIMEOUT_S)
         got = Path(tmp) / wheel.filename
         if not got.exists():
             names = ", ".join(p.name for p in Path(tmp).iterdir())
