@@ -8,6 +8,7 @@ turn numpy arrays into a v2 JSON request's tensors and a response's tensors back
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -135,13 +136,19 @@ def write_config(tmp: Path, config: dict[str, Any]) -> tuple[Path, dict[str, Any
 
 
 def start_daemon(
-    tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None, wait: bool = True
+    tmp: Path,
+    config: dict[str, Any],
+    env: Mapping[str, str] | None = None,
+    wait: bool = True,
+    python: str | Path = sys.executable,
+    timeout: float = 20.0,
 ) -> DaemonProc:
-    """Start ``inferd run`` with ``config``; its stderr goes to ``tmp/daemon.log``."""
+    """Start ``inferd run`` with ``config`` in ``python`` (this checkout's code, from its root);
+    its stderr goes to ``tmp/daemon.log``. With ``wait``, ready within ``timeout`` s or ended."""
     path, cfg = write_config(tmp, config)
     log = open(tmp / "daemon.log", "ab")  # noqa: SIM115 - the child keeps it open
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(path)],
+        [str(python), "-m", "agent.cli", "run", "--config", str(path)],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -151,7 +158,12 @@ def start_daemon(
     log.close()
     daemon = DaemonProc(proc, path, cfg, tmp / "daemon.log")
     if wait:
-        daemon.wait_ready()
+        try:
+            daemon.wait_ready(timeout)
+        except AssertionError:
+            with contextlib.suppress(AssertionError):
+                daemon.stop()
+            raise
     return daemon
 
 

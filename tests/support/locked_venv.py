@@ -12,7 +12,6 @@ fails for want of a network raises :class:`RegistryUnreachableError`; any other 
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.daemon import DaemonProc, write_config
+from tests.support.daemon import DaemonProc, start_daemon
 from tests.support.zoo import cache_base, run_pip
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,25 +120,8 @@ class LockedVenv:
     ) -> DaemonProc:
         """``inferd run`` in the venv (as tests.support.daemon.start_daemon does in .venv),
         ready; its output goes to ``tmp/daemon.log``."""
-        path, cfg = write_config(tmp, config)
-        log = open(tmp / "daemon.log", "ab")  # noqa: SIM115 - the child keeps it open
-        proc = subprocess.Popen(
-            [str(self.python()), "-m", "agent.cli", "run", "--config", str(path)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=self.env(env),
-        )
-        log.close()
-        daemon = DaemonProc(proc, path, cfg, tmp / "daemon.log")
-        try:
-            daemon.wait_ready(timeout=timeout)
-        except AssertionError:
-            with contextlib.suppress(AssertionError):
-                daemon.stop()
-            raise
-        return daemon
+        extra = {"PYTHONPATH": str(ROOT), **(env or {})}
+        return start_daemon(tmp, config, extra, python=self.python(), timeout=timeout)
 
 
 def _pip(cmd: list[str], what: str) -> None:
