@@ -1,10 +1,10 @@
 """A real signed TUF repository (``inferctl``'s OperatorRepository) on a real HTTP server.
 
 ``new_repo`` makes a fresh repository with root/targets/snapshot/timestamp keys, served on a
-free port by ``http.server``. The server can misbehave on purpose for attack tests: send
-endless data, drip bytes slowly, or answer a path with other bytes. ``new_device`` builds a
-device: a real ModelSlot serving an ONNX model, adapted and driven by a DeviceUpdater that
-trusts the repository's first root.
+free port by the operator's ``RepositoryServer``. The server can misbehave on purpose for attack
+tests: send endless data, drip bytes slowly, or answer a path with other bytes. ``new_device``
+builds a device: a real ModelSlot serving an ONNX model, adapted and driven by a DeviceUpdater
+that trusts the repository's first root.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,11 @@ from updater.device.config import UpdatesConfig
 from updater.device.updater import DeviceUpdater
 from updater.meta import ModelMeta
 from updater.operator.repository import OperatorRepository
+from updater.operator.serve import RepositoryServer
 
 
-class FaultyServer:
-    """http.server over the repository's public folder, with per-path faults.
+class FaultyServer(RepositoryServer):
+    """The operator's repository server over a repository's public folder, with faults.
 
     ``faults[suffix] = "endless" | "slow" | bytes``: a request whose path ends with ``suffix``
     gets an endless stream, a byte every 50 ms, or those bytes instead of the file.
@@ -39,12 +40,10 @@ class FaultyServer:
     def __init__(self, directory: Path) -> None:
         self.faults: dict[str, Any] = {}
         self.requests: list[str] = []
+        self.stopping = threading.Event()
         server = self
 
         class Handler(SimpleHTTPRequestHandler):
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, directory=str(directory), **kwargs)
-
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -73,18 +72,12 @@ class FaultyServer:
                 except OSError:
                     pass
 
-        self.stopping = threading.Event()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="test-tuf-http")
-        self.thread.start()
+        super().__init__(directory, handler=Handler)
+        self.start()
 
     def stop(self) -> None:
         self.stopping.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
+        super().stop()
 
 
 @dataclass

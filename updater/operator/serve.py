@@ -28,9 +28,15 @@ class _Server(ThreadingHTTPServer):
 class RepositoryServer:
     """Serve ``directory`` on ``host:port`` (port 0 picks a free one) from a named thread."""
 
-    def __init__(self, directory: str | Path, host: str = "127.0.0.1", port: int = 0) -> None:
-        handler = functools.partial(_Handler, directory=str(directory))
-        self.httpd = _Server((host, port), handler)
+    def __init__(
+        self,
+        directory: str | Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        handler: type[SimpleHTTPRequestHandler] = _Handler,
+    ) -> None:
+        """``handler``: another request handler over ``directory`` (tests inject faults)."""
+        self.httpd = _Server((host, port), functools.partial(handler, directory=str(directory)))
         self._thread: threading.Thread | None = None
 
     @property
