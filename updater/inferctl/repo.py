@@ -81,7 +81,8 @@ def _cmd_repo_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bp(pct: float) -> int:
+def percent_bp(pct: float) -> int:
+    """``--percent``/``--rollout`` as basis points; OperatorError (one line) when out of range."""
     try:
         return basis_points(pct)
     except ValueError as err:
@@ -91,6 +92,7 @@ def _bp(pct: float) -> int:
 def _cmd_model_add(args: argparse.Namespace) -> int:
     _quiet_tuf()
     repo = OperatorRepository(args.dir)
+    rollout = None if args.rollout is None else Rollout(shares={ALL: percent_bp(args.rollout)})
     with signing_lock(repo.path):  # not over a console's or inferctl rollout's change
         meta = repo.add_model(
             args.model,
@@ -103,7 +105,7 @@ def _cmd_model_add(args: argparse.Namespace) -> int:
             rtol=args.rtol,
             atol=args.atol,
             reference_stats=args.reference_stats,
-            rollout=None if args.rollout is None else Rollout(shares={ALL: _bp(args.rollout)}),
+            rollout=rollout,
             force=args.force,
         )
     groups = ", ".join(meta.groups) or "all devices"

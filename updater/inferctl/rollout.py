@@ -15,10 +15,10 @@ from typing import Any
 
 import msgspec
 
-from runtime.errors import OperatorError
 from telemetry.fleet.rollout import RolloutSummary, render
-from telemetry.shares import basis_points, shares_text
+from telemetry.shares import shares_text
 from updater.inferctl.broker import add_broker_args, broker_from_args
+from updater.inferctl.repo import percent_bp
 from updater.meta import Rollout
 from updater.operator.repository import OperatorRepository
 from updater.operator.rollout import (
@@ -60,10 +60,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     )
     try:
         if args.percent is not None:
-            try:
-                bp = basis_points(args.percent)
-            except ValueError as err:
-                raise OperatorError(str(err)) from None
+            bp = percent_bp(args.percent)
             ro.change(lambda now: raised(now, bp, args.group))
         if not args.json:
             for note in ro.notes:
