@@ -36,7 +36,9 @@ import onnxruntime as ort
 from bench import serve
 from bench._checks import Check, gated
 from tests.support.daemon import start_daemon
+from tests.support.locked_venv import LockedVenv, VenvBuildError
 from tests.support.net import free_port
+from tests.support.zoo import ZooError
 
 ROOT = Path(__file__).resolve().parents[1]
 MLSERVER_VERSION = "1.7.1"
@@ -74,35 +76,23 @@ class OnnxModel(MLModel):
 """
 
 
-def ensure_venv(venv: Path) -> Path:
-    """MLServer's executable in ``venv``, installing it there first when missing.
-
-    The same onnxruntime and numpy versions as inferd's, so the runtimes under both servers are
-    the same code."""
-    exe = venv / "bin" / "mlserver"
-    if exe.exists():
-        return exe
+def ensure_venv(base: Path) -> Path:
+    """The interpreter of a venv under ``base`` with MLServer, built on first use; the same
+    onnxruntime and numpy versions as inferd's, so the runtimes under both servers are the same
+    code."""
     import numpy as np
 
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    pins = [f"mlserver=={MLSERVER_VERSION}", f"onnxruntime=={ort.__version__}"]
-    pins.append(f"numpy=={np.__version__}")
-    print(f"installing {', '.join(pins)} into {venv}", file=sys.stderr, flush=True)
-    proc = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "--quiet", *pins],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"cannot install MLServer into {venv}:\n{proc.stderr[-3000:]}")
-    return exe
+    pins = (f"mlserver=={MLSERVER_VERSION}", f"onnxruntime=={ort.__version__}")
+    venv = LockedVenv("bench-peers-venv", None, ((*pins, f"numpy=={np.__version__}"),), base)
+    if not venv.ready():
+        print(f"installing MLServer into {venv.path}", file=sys.stderr, flush=True)
+    return venv.python()
 
 
 class MLServer:
     """An ``mlserver start`` process serving ``models`` (name -> ONNX path) in-process."""
 
-    def __init__(self, exe: Path, models: dict[str, Path], tmp: Path) -> None:
+    def __init__(self, python: Path, models: dict[str, Path], tmp: Path) -> None:
         root = tmp / "mlserver"
         root.mkdir()
         (root / "peer_model.py").write_text(_MODEL_CODE)
@@ -131,7 +121,7 @@ class MLServer:
         env = {**os.environ, "PYTHONPATH": str(root)}
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [str(exe), "start", str(root)],
+                [str(python), "-m", "mlserver.cli.main", "start", str(root)],
                 cwd=root,
                 env=env,
                 stdout=out,
@@ -266,13 +256,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument(
-        "--venv", type=Path, default=ROOT / "build" / "bench-peers-venv", help="MLServer's venv"
+        "--venv", type=Path, default=ROOT / "build", help="folder of MLServer's venv (build/)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON results only")
     args = parser.parse_args()
     try:
-        exe = ensure_venv(args.venv)
-    except (RuntimeError, subprocess.CalledProcessError) as err:
+        python = ensure_venv(args.venv)
+    except (ZooError, VenvBuildError, subprocess.CalledProcessError) as err:
         print(f"bench.peers: {err}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -284,7 +274,7 @@ def main() -> int:
         )
         peer = None
         try:
-            peer = MLServer(exe, {k: c.path for k, c in cases.items()}, tmp)
+            peer = MLServer(python, {k: c.path for k, c in cases.items()}, tmp)
             results = measure(
                 cases, {"inferd": daemon.port, "mlserver": peer.port}, args.iterations
             )

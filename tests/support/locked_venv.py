@@ -38,17 +38,17 @@ class VenvBuildError(Exception):
 
 @dataclass(frozen=True)
 class LockedVenv:
-    """A venv from ``requirements`` (a hashed export), then ``extra`` pip installs, if any."""
+    """A venv from ``requirements`` (a hashed export; None: none), then ``extra`` pip installs."""
 
     name: str
-    requirements: Path
+    requirements: Path | None
     extra: tuple[tuple[str, ...], ...] = ()
     """Further ``pip install`` argument lists run after the locked set (not hash-checked)."""
     base: Path = field(default_factory=cache_base)
 
     @property
     def path(self) -> Path:
-        h = hashlib.sha256(self.requirements.read_bytes())
+        h = hashlib.sha256(self.requirements.read_bytes() if self.requirements else b"")
         h.update(f"{sys.version_info.major}.{sys.version_info.minor}".encode())
         h.update(repr(self.extra).encode())
         return self.base / f"{self.name}-{h.hexdigest()[:16]}"
@@ -79,10 +79,12 @@ class LockedVenv:
             pip = [str(tmp / "bin" / "python"), "-m", "pip", "install",
                    "--disable-pip-version-check", "--no-input", "--retries", "1",
                    "--timeout", "30"]  # fmt: skip
-            _pip([*pip, "--require-hashes", "-r", str(self.requirements)], self.requirements.name)
+            if self.requirements is not None:
+                req = str(self.requirements)
+                _pip([*pip, "--require-hashes", "-r", req], self.requirements.name)
             for args in self.extra:
                 _pip([*pip, *args], " ".join(args))
-            (tmp / ".complete").write_text(self.requirements.name + "\n")
+            (tmp / ".complete").write_text(repr(self.extra) + "\n")
             # the venv's python is a symlink and is always run as `python -m`: it can move
             os.replace(tmp, venv)
         finally:
