@@ -47,6 +47,7 @@ from typing import Any
 import msgspec
 
 from bench._checks import Check, gated, info, report
+from runtime.errors import MqttError
 from telemetry.broker import BrokerOptions, connect
 from telemetry.fleet.rollout import RolloutTally
 from telemetry.shares import ALL, bucket
@@ -826,7 +827,12 @@ def run_scale(args: argparse.Namespace, tmp: Path, kind: str) -> dict[str, Any]:
         before = cpu.read()
         checked0 = rep["checked"]
         subscribed_at_poke = rep["subscribed"]  # devices whose subscriptions the broker acked
-        pushed = mon.poke("fleet", push_payload())
+        poke_error = None
+        asked = time.monotonic()
+        try:
+            pushed = mon.poke("fleet", push_payload())
+        except MqttError as err:  # no PUBACK in time: count what arrives all the same
+            pushed, poke_error = asked, str(err)
         arrivals: list[float] = []
         checked = 0
         deadline = pushed + args.timeout
@@ -852,6 +858,7 @@ def run_scale(args: argparse.Namespace, tmp: Path, kind: str) -> dict[str, Any]:
             "repo_requests_per_s": len(gets) / max(1e-9, checks_done),
             "repo_requests_peak_per_s": peak_per_s([g[0] for g in gets]),
             "check_errors": rep["check_errors"],
+            "poke_error": poke_error,
             "subscribed_at_poke": subscribed_at_poke,
             "subscribed_at_end": rep["subscribed"],
             "subscribe_refused": rep["sub_failed"],
