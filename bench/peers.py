@@ -37,7 +37,7 @@ from bench import serve
 from bench._checks import Check, gated
 from tests.support.daemon import start_daemon
 from tests.support.locked_venv import LockedVenv, VenvBuildError
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_serving
 from tests.support.zoo import ZooError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,22 +131,18 @@ class MLServer:
         self._wait_ready(list(models))
 
     def _wait_ready(self, names: list[str], timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
         pending = list(names)
-        while pending:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlserver exited {self.proc.returncode}: {self.tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlserver not ready after {timeout:.0f} s: {self.tail()}")
-            url = f"http://127.0.0.1:{self.port}/v2/models/{pending[0]}/ready"
-            try:
+
+        def ready() -> bool:
+            while pending:
+                url = f"http://127.0.0.1:{self.port}/v2/models/{pending[0]}/ready"
                 with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        pending.pop(0)
-                        continue
-            except OSError:
-                pass
-            time.sleep(0.2)
+                    if resp.status != 200:
+                        return False
+                pending.pop(0)
+            return True
+
+        wait_serving(self.proc, ready, "mlserver", timeout, self.tail, interval=0.2)
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-2000:]

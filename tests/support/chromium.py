@@ -21,7 +21,7 @@ from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_serving
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -148,19 +148,13 @@ class Browser:
 
     def page(self, timeout: float = 30) -> Page:
         """The first tab, once Chromium answers on its debugging port."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"chromium exited {self.proc.returncode}: {self.output()}")
-            try:
-                pages = [t for t in self._targets() if t.get("type") == "page"]
-                if pages:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"chromium not answering after {timeout} s: {self.output()}")
-            time.sleep(0.1)
+        pages: list[dict[str, Any]] = []
+
+        def ready() -> bool:
+            pages[:] = [t for t in self._targets() if t.get("type") == "page"]
+            return bool(pages)
+
+        wait_serving(self.proc, ready, "chromium", timeout, self.output)
         page = Page(pages[0]["webSocketDebuggerUrl"])
         page.set_viewport(self.width, self.height)
         self.pages.append(page)

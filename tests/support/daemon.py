@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import yaml
 
 from runtime.tensors import NUMPY_DTYPES, V2_DATATYPES
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,18 +92,14 @@ class DaemonProc:
         return self.request("POST", f"/v2/models/{model}/infer", {"inputs": inputs, **extra})
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode}: {self.stderr()}")
+        def ready() -> bool:
             try:
-                status, _ = self.request("GET", "/v2/health/ready")
-                if status == 200:
-                    return
+                return self.request("GET", "/v2/health/ready")[0] == 200
             except OSError:
                 self._conn = None
-            time.sleep(0.05)
-        raise AssertionError(f"daemon not ready after {timeout}s: {self.stderr()}")
+                raise
+
+        wait_serving(self.proc, ready, "daemon", timeout, self.stderr, interval=0.05)
 
     def stop(self, timeout: float = 20.0) -> int:
         if self._conn is not None:

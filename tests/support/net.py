@@ -1,9 +1,12 @@
-"""Loopback ports for servers a test or a benchmark starts."""
+"""Loopback ports for servers a test or a benchmark starts, and waits until they answer."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
+from collections.abc import Callable
+from typing import Any
 
 
 def free_port() -> int:
@@ -22,3 +25,27 @@ def wait_port(port: int, timeout: float = 5.0) -> None:
                 return
         time.sleep(0.02)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def wait_serving(
+    proc: subprocess.Popen[Any],
+    ready: Callable[[], bool],
+    what: str,
+    timeout: float,
+    output: Callable[[], str] = str,
+    interval: float = 0.1,
+) -> None:
+    """Poll ``ready`` (an OSError counts as not yet) until it is true; AssertionError naming
+    ``what``, with ``output()`` (the server's log), once ``proc`` exits or after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {proc.returncode}: {output()}")
+        try:
+            if ready():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not ready after {timeout:g} s: {output()}")
+        time.sleep(interval)

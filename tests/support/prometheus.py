@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_serving
 
 BINARY = "/usr/bin/prometheus"
 
@@ -95,18 +94,11 @@ class PrometheusServer:
             raise
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"prometheus exited {self.proc.returncode}: {self.logs()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"prometheus not ready after {timeout}s: {self.logs()}")
+        def ready() -> bool:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
+                return resp.status == 200
+
+        wait_serving(self.proc, ready, "prometheus", timeout, self.logs)
 
     def api(self, path: str, **params: str) -> Any:
         """``data`` of an HTTP API answer (``/api/v1/...``); AssertionError when not success."""
