@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.support.net import free_port, wait_port
+from tests.support.net import end_process, free_port, wait_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -78,14 +78,8 @@ class Broker:
             raise RuntimeError(self.log.read_text(errors="replace")) from None
 
     def _end(self, sig: signal.Signals) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, sig)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            end_process(self.proc, sig)
 
     def save(self) -> None:
         """Make the broker write its persistence file now (SIGUSR1) and wait for it."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
-from tests.support.net import free_port, wait_serving
+from tests.support.net import end_process, free_port, wait_serving
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -166,10 +166,4 @@ class Browser:
     def close(self) -> None:
         for page in self.pages:
             page.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, grace=10)

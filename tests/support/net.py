@@ -1,7 +1,9 @@
-"""Loopback ports for servers a test or a benchmark starts, and waits until they answer."""
+"""Loopback ports for servers a test or a benchmark starts, the wait until they answer, and
+their end (by their own pid only)."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
@@ -49,3 +51,17 @@ def wait_serving(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not ready after {timeout:g} s: {output()}")
         time.sleep(interval)
+
+
+def end_process(
+    proc: subprocess.Popen[Any], sig: signal.Signals = signal.SIGTERM, grace: float = 5.0
+) -> None:
+    """Send ``sig`` to ``proc`` unless it has exited, and wait; SIGKILL after ``grace`` s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

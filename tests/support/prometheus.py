@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.net import free_port, wait_serving
+from tests.support.net import end_process, free_port, wait_serving
 
 BINARY = "/usr/bin/prometheus"
 
@@ -119,10 +119,4 @@ class PrometheusServer:
 
     def stop(self) -> None:
         """SIGTERM to this server's own pid, then wait (SIGKILL after 20 s)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, grace=20)
