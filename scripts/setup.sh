@@ -29,6 +29,25 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   fi
 fi
 
+# --test (the test command): the real peers some tests run, when missing: a headless Chromium
+# (the console page), Prometheus (scraping /metrics) and nats-server (a 3-node MQTT cluster).
+# Best effort: a test whose peer is missing skips and says which package it needs.
+if [ "${1:-}" = "--test" ]; then
+  need_test=()
+  [ -x /usr/bin/chromium ] || need_test+=(chromium)
+  command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || need_test+=(prometheus)
+  command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_test+=(nats-server)
+  if [ "${#need_test[@]}" -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing Debian packages for the tests: ${need_test[*]}" >&2
+    { DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq && \
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+        "${need_test[@]}" >/dev/null; } </dev/null \
+      || echo "warning: could not install ${need_test[*]}; the tests that need them skip" >&2
+  fi
+fi
+
 # Every package comes from the committed lock (requirements/dev.txt, exported from uv.lock by
 # `make lock`), each file checked against its sha256: a clone installs the same versions on any day.
 python3 -c 'import sys; sys.exit(0 if sys.version_info < (3, 14) else 1)' \

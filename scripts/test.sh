@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # make check-latest / check-oldest bring their own unlocked .venv
-[ -n "${SKIP_SETUP:-}" ] || bash scripts/setup.sh
+[ -n "${SKIP_SETUP:-}" ] || bash scripts/setup.sh --test
 export PATH="$PWD/.venv/bin:$PATH"
 # make check-oldest runs the tests only: numpy 1.24's type stubs differ from the locked ones,
 # which says nothing about whether inferd works with it
