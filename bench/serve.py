@@ -104,35 +104,6 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
     return out
 
 
-def vad_like(path: Path) -> Path:
-    """The signature of a popular stateful voice-activity model: ``input`` float [1, 512] audio,
-    ``state`` float [2, 1, 128], ``sr`` int64 0-d sample rate; outputs ``output`` float [1, 1]
-    and ``stateN`` float [2, 1, 128]. A JSON request is about 12-16 KB."""
-    graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", ["input"], ["level"], axes=[1], keepdims=1),
-            helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", ["srf", "tiny"], ["bias"]),
-            helper.make_node("Add", ["level", "bias"], ["logit"]),
-            helper.make_node("Sigmoid", ["logit"], ["output"]),
-            helper.make_node("Add", ["state", "level"], ["mixed"]),
-            helper.make_node("Tanh", ["mixed"], ["stateN"]),
-        ],
-        "vad_like",
-        [
-            helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 512]),
-            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 1, 128]),
-            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
-        ],
-        [
-            helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1]),
-            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, 1, 128]),
-        ],
-        initializer=[numpy_helper.from_array(np.array(1e-6, dtype=np.float32), "tiny")],
-    )
-    return models.save(graph, path)
-
-
 def filetype_like(path: Path, n_classes: int = 128) -> Path:
     """The signature of a file-type classifier: ``bytes`` int32 [1, 2048] (byte values, padded)
     in, ``probs`` float [1, n_classes] out. A JSON request is about 9.4 KB."""
@@ -176,7 +147,7 @@ def cases(tmp: Path) -> dict[str, Case]:
     return {
         "demo": Case(ROOT / "examples/models/demo.onnx", {"x": demo_x}, 300, 150),
         "vad": Case(
-            vad_like(tmp / "vad.onnx"),
+            models.vad_like(tmp / "vad.onnx"),
             {
                 "input": rng.uniform(-1, 1, size=(1, 512)).astype(np.float32),
                 "state": rng.normal(size=(2, 1, 128)).astype(np.float32),
