@@ -263,28 +263,23 @@ class Capture:
         self.client.loop_stop()
 
 
-class EventListener:
+class EventListener(Capture):
     """The devices' events under ``prefix``, as a dashboard sees them on the broker."""
 
     def __init__(self, b: Broker, prefix: str) -> None:
-        self.events: list[dict] = []
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_message = lambda _c, _u, msg: self.events.append(json.loads(msg.payload))
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.on_connect = lambda c, *_: c.subscribe(f"{prefix}/+/events", qos=1)
-        self.client.connect(b.host, b.port)
-        self.client.loop_start()
-        assert subscribed.wait(5), "the broker did not acknowledge the events subscription"
+        super().__init__(b.host, b.port, (f"{prefix}/+/events",))
+        assert self.subscribed, "the broker did not acknowledge the events subscription"
+
+    @property
+    def events(self) -> list[dict]:
+        """Every event so far, decoded, in arrival order."""
+        with self._cond:
+            return [json.loads(m.payload) for m in self.messages]
 
     def states(self, model: str | None = None) -> list[str]:
         """The update states seen so far, of one model or of all."""
         return [
             e["details"].get("state")
-            for e in list(self.events)
+            for e in self.events
             if e["kind"] == "update" and model in (None, e.get("model"))
         ]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
