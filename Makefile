@@ -1,10 +1,15 @@
-.PHONY: setup test lint demo bench bench-peers schemas clean lock check-latest check-oldest check-arm64 check-gpu install uninstall
+.PHONY: setup test coverage lint demo bench bench-peers schemas clean lock check-latest check-oldest check-arm64 check-gpu install uninstall
 
 setup:
 	bash scripts/setup.sh
 
 test:
 	bash scripts/test.sh
+
+# The test suite under coverage (subprocesses too: .coveragerc), its report and the floor;
+# `make test` does the same (COVERAGE=0 bash scripts/test.sh runs without coverage).
+coverage:
+	COVERAGE=1 bash scripts/test.sh
 
 # As root on the device: the service user, /opt/inferd venv, /etc/inferd, the systemd unit.
 # Pass options through, e.g. make install INSTALL_ARGS="--trusted-root root.json".
