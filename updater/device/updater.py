@@ -130,6 +130,17 @@ def _entry(job: Job) -> Entry:
     )
 
 
+def _close_late(value: Any) -> None:
+    """Close what a step that ran past its timeout returned (a candidate, or one in a tuple)."""
+    for item in value if isinstance(value, tuple) else (value,):
+        close = getattr(item, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:
+                log.exception("cannot close a result that came after its timeout")
+
+
 def _job_paths(job: Job) -> list[str]:
     return [job.path, *job.extras] if job.path else list(job.extras)
 
@@ -655,12 +666,21 @@ class SlotJob:
     def _bounded(self, state: State, fn: Callable[[], T]) -> T:
         """Run ``fn`` on its own thread within the state's timeout (loads can hang)."""
         box: dict[str, Any] = {}
+        lock = threading.Lock()
 
         def run() -> None:
             try:
-                box["value"] = fn()
+                value = fn()
             except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
-                box["error"] = err
+                with lock:
+                    box["error"] = err
+                return
+            with lock:
+                late = "abandoned" in box
+                if not late:
+                    box["value"] = value
+            if late:  # nobody will take it: a loaded candidate would hold its memory forever
+                _close_late(value)
 
         t = threading.Thread(
             target=run, name=f"inferd-update-{self.name}-{state.value}", daemon=True
@@ -669,7 +689,11 @@ class SlotJob:
         deadline = time.monotonic() + self.settings.state_timeout_s
         while t.is_alive() and time.monotonic() < deadline and not self._stop.is_set():
             t.join(0.05)
-        if t.is_alive():
+        with lock:
+            hung = "value" not in box and "error" not in box
+            if hung:
+                box["abandoned"] = True
+        if hung:
             self._abandoned.append(t)
             if self._stop.is_set():
                 raise CancelledError(f"stopping during {state.value}")
