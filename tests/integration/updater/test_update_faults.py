@@ -83,6 +83,20 @@ def _hung_threads_end() -> Iterator[None]:
             t.join(60)
 
 
+def _record_loads(device: Device) -> list[Any]:
+    """Every candidate the slot's update job loads (an observer around the real load)."""
+    port = device.updater.jobs[SLOT].slot
+    real, loaded = port.load, []
+
+    def load(path: Path, version: str) -> Any:
+        candidate = real(path, version)
+        loaded.append(candidate)
+        return candidate
+
+    port.load = load  # type: ignore[method-assign]
+    return loaded
+
+
 def _count(device: Device, n: int) -> float:
     outputs, _, _ = device.slot.predict({"n": np.array(n, np.int64)})
     return float(outputs["count"][0])
@@ -136,6 +150,7 @@ def test_a_candidate_hanging_past_the_state_timeout_fails_and_is_not_retried(
     device = update_device(_spin(tmp_path / "v1.onnx"), state_timeout_s=0.5)
     if where == "gate":
         device.slot.config = msgspec.structs.replace(device.slot.config, warmup_runs=0)
+    loaded = _record_loads(device)
     hang = _spin_count(4.0, tmp_path / "v1.onnx")
     tuf_repo.publish(_spin(tmp_path / "v2.onnx"), "2", golden=_golden(tmp_path / "g2.npz", hang))
     start = time.monotonic()
@@ -154,6 +169,10 @@ def test_a_candidate_hanging_past_the_state_timeout_fails_and_is_not_retried(
     assert device.states() == ["checking", "idle"]
     assert not [r for r in tuf_repo.server.requests if "/targets/" in r]
     assert set(_join_hung_threads()) <= {f"{HUNG_THREAD}validating"}  # ended, or still going
+    # a candidate the hung run loaded after all is closed, not left holding its memory (a
+    # load still hanging when the failed job deleted its files fails when it wakes up)
+    assert len(loaded) == (1 if where == "gate" else len(loaded))
+    assert not [c for c in loaded if c.model.acquire()], "a late candidate left open"
     tuf_repo.publish(_spin(tmp_path / "v3.onnx"), "3", golden=_golden(tmp_path / "g3.npz", 10))
     device.check()
     assert device.version == "3"
