@@ -175,22 +175,27 @@ class RepositoryClient:
                 f"updates.trusted_root {self.trusted_root}: {err.strerror or err}"
             ) from err
         with _wrapped(f"trusted root {self.trusted_root}"):
-            bootstrap: bytes | None = trusted
-            cached = self.metadata_dir / "root.json"
-            if cached.exists():
-                have = Metadata.from_file(str(cached)).signed.version
-                # a root installed later by the operator (re-provisioning) wins over the cache
-                if Metadata.from_bytes(trusted).signed.version <= have:
-                    bootstrap = None
-            return Updater(
-                str(self.metadata_dir),
-                self.metadata_url,
-                str(self.download_dir),
-                self.targets_url,
-                fetcher=fetcher,
-                config=UpdaterConfig(app_user_agent="inferd"),
-                bootstrap=bootstrap,
-            )
+            try:
+                bootstrap: bytes | None = trusted
+                cached = self.metadata_dir / "root.json"
+                if cached.exists():
+                    have = Metadata.from_file(str(cached)).signed.version
+                    # a root installed later by the operator (re-provisioning) wins over the cache
+                    if Metadata.from_bytes(trusted).signed.version <= have:
+                        bootstrap = None
+                return Updater(
+                    str(self.metadata_dir),
+                    self.metadata_url,
+                    str(self.download_dir),
+                    self.targets_url,
+                    fetcher=fetcher,
+                    config=UpdaterConfig(app_user_agent="inferd"),
+                    bootstrap=bootstrap,
+                )
+            except OSError as err:  # the trusted root was read above: this is the cache
+                raise StorageError(
+                    f"update metadata in {self.metadata_dir}: {err.strerror or err}"
+                ) from err
 
     def _fetcher(self, deadline: float | None, cancel: threading.Event | None) -> _Fetcher:
         fetcher = _Fetcher(self.tmp_dir, self.socket_timeout)
