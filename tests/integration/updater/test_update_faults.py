@@ -486,6 +486,10 @@ def test_a_job_whose_state_cannot_be_saved_stops_with_one_line_and_finishes_once
     assert error.exc_info is None, "one line, no traceback"
     assert "cannot save update state: No space left on device" in error.getMessage()
     assert _record(device)["state"] == "downloading", "the file keeps the last saved state"
+    (cause,) = [
+        r.getMessage() for r in caplog.records if "update downloading failed" in r.getMessage()
+    ]
+    assert "No space left on device" in cause and "trusted root" not in cause, cause
     assert device.version == "1"
     fillers[0].unlink()
     tuf_repo.publish(classifier(tmp_path / "v3.onnx", seed=3), "3")
