@@ -14,11 +14,13 @@ preflight. Off loopback a bearer token is required as well, unless ``api.insecur
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import logging
 import os
 import re
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
@@ -130,6 +132,30 @@ def allowed_hosts(address: tuple[str, int] | str) -> frozenset[str] | None:
     return frozenset(hosts)
 
 
+def _remove_stale_socket(path: str) -> None:
+    """Remove the socket file a dead server left at ``path``; refuse one a live server answers on
+    (taking it over would leave that server running, unreachable) and anything not a socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, "the path exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # nobody listens: a stale file from a process that died
+        return
+    except TimeoutError:
+        pass  # a server too busy to accept within a second is still a server
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another process is serving on this socket")
+
+
 def _media_type(value: str | None) -> str | None:
     if value is None or value == "application/json":
         return value
@@ -233,8 +259,7 @@ class ApiServer:
         try:
             if isinstance(where, str):
                 Path(where).parent.mkdir(parents=True, exist_ok=True)
-                if os.path.exists(where):
-                    os.unlink(where)
+                _remove_stale_socket(where)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
                     sock.bind(where)

@@ -93,6 +93,33 @@ def test_the_socket_is_0660_and_a_killed_daemons_socket_file_is_replaced(
     assert not sock.exists(), "a clean stop removes the socket file"
 
 
+def test_a_second_daemon_does_not_take_over_a_live_socket_or_a_file(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    """A second daemon on the path of a live one exits with one line and takes nothing away
+    (before, it unlinked the file and the first daemon kept running, unreachable); a path that
+    is a plain file is refused, not deleted."""
+    sock = short_dir / "api.sock"
+    first_dir, second_dir = tmp_path / "a", tmp_path / "b"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    first = start_daemon(first_dir, _config(tmp_path, sock), wait=False)
+    try:
+        _wait_ready(first, sock)
+        second = start_daemon(second_dir, _config(tmp_path, sock), wait=False)
+        assert second.proc.wait(30) != 0
+        assert "another process is serving on this socket" in second.stderr(), second.stderr()
+        assert _get(sock, "/v2/health/ready")[0] == 200, "the first daemon still answers"
+    finally:
+        assert first.stop() == 0, first.stderr()
+    plain = short_dir / "not-a-socket"
+    plain.write_text("keep me")
+    third = start_daemon(second_dir, _config(tmp_path, plain), wait=False)
+    assert third.proc.wait(30) != 0
+    assert "exists and is not a socket" in third.stderr(), third.stderr()
+    assert plain.read_text() == "keep me"
+
+
 def test_the_watchdog_probes_the_unix_socket_and_starves_when_it_is_gone(
     tmp_path: Path, short_dir: Path, notify_socket: tuple[str, NotifyListener]
 ) -> None:
