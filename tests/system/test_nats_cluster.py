@@ -181,11 +181,13 @@ def test_a_fleet_on_a_nats_cluster_survives_losing_a_node(
         late = [f"b{i}" for i in range(60)]
         for rid in late:
             infer(a, rid)
-        assert ops.wait(lambda: on_node(ops, "dev-a", n2), 20), (
+        # the next node, or the one after if the next was still busy with JetStream's new
+        # leaders (the retained status needs them; on a loaded machine that takes seconds)
+        assert ops.wait(lambda: on_node(ops, "dev-a", n2) or on_node(ops, "dev-a", n3), 45), (
             last_status(ops, "dev-a"),
-            a.stderr(),
+            a.stderr()[-2500:],
         )
-        assert ops.wait(lambda: set(records(ops, "dev-a")) >= set(sent + late), 15), (
+        assert ops.wait(lambda: set(records(ops, "dev-a")) >= set(sent + late), 30), (
             sorted(set(sent + late) - set(records(ops, "dev-a"))),
             a.stderr(),
         )
