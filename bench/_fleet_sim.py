@@ -12,6 +12,8 @@ kept      its own MQTT connection (client id ``inferd-{device}``, keepalive, a r
           ``Event``), commands decoded as the link does, and on a group poke the requests a
           no-op TUF refresh makes (``{n+1}.root.json``, 404, then ``timestamp.json``), over HTTP
           to the repository;
+          A device whose connection fails or is lost tries the next node after the link's
+          jittered exponential backoff (``backoff_delay``, 1 s to 60 s).
 dropped   the model (a "request" is a latency drawn at random), the spool (messages go out
           at once: the broker stays up in this benchmark), the signature checks of the TUF
           refresh (each device has its own CPU for those), and a thread per device: one
@@ -45,6 +47,7 @@ import msgspec
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.mqtt.link import backoff_delay
 from telemetry.metrics import MetricsCollector, MetricsPublisher
 from telemetry.payloads import (
     Event,
@@ -97,6 +100,8 @@ class SimDevice:
         self.groups = groups
         self.nodes = nodes
         self.node_index = 0
+        self.attempt = 0
+        self.retry_at = 0.0
         self.root = f"{worker.prefix}/{device_id}"
         self.connected = False
         self.requests = 0
@@ -132,7 +137,7 @@ class SimDevice:
         try:
             self.client.connect(host, int(port), KEEPALIVE_S)
         except OSError:
-            self.node_index += 1  # the next node on the next try, as the link does
+            self.w.backoff(self)
             return False
         sock = self.client.socket()
         assert sock is not None
@@ -170,6 +175,7 @@ class SimDevice:
             self.w.refused += 1
             return
         self.connected = True
+        self.attempt = 0
         subs = [(f"{self.root}/cmd/#", 1)] + [
             (f"{self.w.prefix}/groups/{g}/#", 1) for g in self.groups
         ]
@@ -303,7 +309,7 @@ class Worker:
                         dev.client.loop_misc()
                 again, self.retry = self.retry, []
                 for dev in again:
-                    if not dev.connect():
+                    if now < dev.retry_at or not dev.connect():
                         self.retry.append(dev)
 
     def _drop(self, dev: SimDevice) -> None:
@@ -314,7 +320,13 @@ class Worker:
         for key in list(self.sel.get_map().values()):
             if key.data is dev:
                 self.sel.unregister(key.fileobj)
+        self.backoff(dev)
+
+    def backoff(self, dev: SimDevice) -> None:
+        """The next node, after the link's jittered exponential backoff (1 s to 60 s)."""
         dev.node_index += 1
+        dev.retry_at = time.monotonic() + backoff_delay(dev.attempt, 1.0, 60.0)
+        dev.attempt += 1
 
     def check_loop(self) -> None:
         """The update checks a poke asks for: a no-op TUF refresh's requests."""
