@@ -24,6 +24,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from runtime.errors import MqttError
 
@@ -56,6 +58,10 @@ class BrokerOptions:
     keepalive_s: int = 30
     hosts: tuple[tuple[str, int], ...] = ()
     """Every node of a clustered broker, in the order to try them; empty: ``host``/``port``."""
+    session_expiry_s: int = 0
+    """0: a session that ends with the connection. Above 0: a persistent session under
+    ``client_id`` that the broker keeps this long after a disconnect (in 3.1.1, which has no
+    expiry, a ``clean_session`` false one, kept as long as the broker chooses)."""
 
     def __repr__(self) -> str:
         return f"BrokerOptions(host={self.host!r}, port={self.port}, tls={self.tls})"
@@ -84,7 +90,7 @@ def make_client(opts: BrokerOptions) -> mqtt.Client:
         CallbackAPIVersion.VERSION2,
         client_id=opts.client_id,
         protocol=protocol,
-        clean_session=True if protocol == mqtt.MQTTv311 else None,
+        clean_session=opts.session_expiry_s == 0 if protocol == mqtt.MQTTv311 else None,
     )
     if opts.username is not None:
         client.username_pw_set(opts.username, opts.password)
@@ -162,12 +168,14 @@ def connect(
     *,
     subscriptions: Iterable[tuple[str, int]] = (),
     on_message: Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None] | None = None,
+    on_subscribe: Callable[..., None] | None = None,
     timeout: float = 10.0,
 ) -> mqtt.Client:
     """A connected client with its network loop running; MqttError when refused or unreachable.
 
     ``subscriptions`` (filter, qos) are made on every (re)connect, after ``on_message`` is set,
-    so retained messages they bring are not missed. With several nodes (``opts.hosts``) the
+    so retained messages they bring are not missed; ``on_subscribe`` (paho's callback) hears
+    each one acknowledged or refused. With several nodes (``opts.hosts``) the
     first that answers is used, and a lost connection is retried on the next one, round-robin.
     A broker that refuses MQTT 5 (a 3.1.1-only one: NATS, RabbitMQ) is asked again in 3.1.1.
     """
@@ -181,6 +189,7 @@ def connect(
                     replace(opts.at(node), protocol=protocol),
                     subscriptions,
                     on_message,
+                    on_subscribe,
                     timeout,
                     nodes[i + 1 :] + nodes[: i + 1],
                 )
@@ -201,6 +210,7 @@ def _connect_node(
     opts: BrokerOptions,
     subscriptions: list[tuple[str, int]],
     on_message: Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None] | None,
+    on_subscribe: Callable[..., None] | None,
     timeout: float,
     rotation: tuple[tuple[str, int], ...],
 ) -> mqtt.Client:
@@ -242,8 +252,19 @@ def _connect_node(
     client.on_connect_fail = advance
     if on_message is not None:
         client.on_message = on_message
+    if on_subscribe is not None:
+        client.on_subscribe = on_subscribe
+    props = None
+    if opts.session_expiry_s and opts.protocol == "5":
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = opts.session_expiry_s
     try:
-        client.connect(opts.host, opts.port, keepalive=opts.keepalive_s)
+        if props is not None:  # resume the session kept by the broker, on reconnects too
+            client.connect(
+                opts.host, opts.port, opts.keepalive_s, clean_start=False, properties=props
+            )
+        else:
+            client.connect(opts.host, opts.port, keepalive=opts.keepalive_s)
     except (OSError, ssl.SSLError) as err:
         raise MqttError(f"cannot reach the broker at {opts.where}: {err.strerror or err}") from err
     if len(rotation) > 1:

@@ -180,7 +180,7 @@ def _add_collect(sub: Any) -> None:
     co.add_argument(
         "--session",
         metavar="NAME",
-        help="persistent MQTT 5 session: the broker keeps messages between runs",
+        help="persistent session under this client id: the broker keeps messages between runs",
     )
     co.add_argument(
         "--replay",

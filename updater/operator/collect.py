@@ -5,8 +5,9 @@ Sources, combinable:
 - the broker, live: ``{prefix}/{device}/predictions`` (the devices' sampled prediction records),
   ``{prefix}/{device}/cmd/feedback`` (labels sent to devices over MQTT) and
   ``{prefix}/{device}/feedback`` (labels devices received over HTTP). With ``--session``
-  the subscription is an MQTT 5 persistent session, so the broker queues what arrives between
-  two runs (up to its ``max_queued_messages``) and a nightly ``collect`` misses nothing;
+  the subscription is a persistent session (MQTT 5, or ``clean_session`` false on a 3.1.1-only
+  broker), so the broker queues what arrives between two runs (up to its
+  ``max_queued_messages``) and a nightly ``collect`` misses nothing;
 - replay files: what ``mosquitto_sub -v -t 'inferd/#'`` printed (``topic payload`` lines), or
   JSON lines ``{"topic": ..., "payload": {...}}``.
 
@@ -38,7 +39,7 @@ import numpy as np
 
 from runtime.errors import MqttError, OperatorError
 from runtime.tensors import NUMPY_DTYPES
-from telemetry.broker import BrokerOptions, make_client
+from telemetry.broker import BrokerOptions, connect
 from telemetry.payloads import (
     FeedbackItem,
     FeedbackLog,
@@ -179,33 +180,33 @@ def subscribe(
     ready: Callable[[], None] | None = None,
     stop: threading.Event | None = None,
 ) -> None:
-    """Feed live broker messages into ``collector`` until the duration, count or ``stop``."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
+    """Feed live broker messages into ``collector`` until the duration, count or ``stop``.
 
-    if session is not None and opts.protocol != "5":
-        raise OperatorError("--session needs MQTT 5")
+    The connection is the operator tools' (:func:`telemetry.broker.connect`): the first node of
+    ``opts`` that answers, the next one after a loss, and MQTT 3.1.1 with a broker that refuses
+    MQTT 5 (there a ``session`` is a ``clean_session`` false one). ``ready`` is called once the
+    broker has acknowledged every subscription.
+    """
     stop = stop or threading.Event()
     lock = threading.Lock()
     failure: list[str] = []
-    opts = dataclasses.replace(opts, client_id=session or "")
-    client = make_client(opts)
+    opts = dataclasses.replace(
+        opts,
+        client_id=session or opts.client_id,
+        session_expiry_s=SESSION_EXPIRY_S if session else 0,
+    )
     who = list(devices) or ["+"]
     leaves = ("predictions", "cmd/feedback", "feedback")
     filters = [f"{collector.prefix}/{d}/{leaf}" for d in who for leaf in leaves]
-
-    def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
-        if rc.is_failure:
-            failure.append(f"broker refused the connection: {rc}")
-            stop.set()
-            return
-        c.subscribe([(f, 1) for f in filters])
+    acked = [0]
 
     def on_subscribe(_c: Any, _u: Any, _mid: Any, codes: Any, _p: Any = None) -> None:
         if any(code.is_failure for code in codes):
             failure.append(f"broker refused the subscription: {', '.join(map(str, codes))}")
             stop.set()
-        elif ready is not None:
+            return
+        acked[0] += 1
+        if acked[0] == len(filters) and ready is not None:
             ready()
 
     def on_message(_c: Any, _u: Any, msg: Any) -> None:
@@ -214,27 +215,16 @@ def subscribe(
             if max_records is not None and len(collector.records) >= max_records:
                 stop.set()
 
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
-    props = None
-    if opts.protocol == "5":
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_S if session else 0
     try:
-        if opts.protocol == "5":
-            client.connect(
-                opts.host,
-                opts.port,
-                opts.keepalive_s,
-                clean_start=session is None,
-                properties=props,
-            )
-        else:
-            client.connect(opts.host, opts.port, opts.keepalive_s)
-    except (OSError, MqttError) as err:
-        raise OperatorError(f"cannot connect to {opts.where}: {err}") from err
-    client.loop_start()
+        client = connect(
+            opts,
+            subscriptions=[(f, 1) for f in filters],
+            on_message=on_message,
+            on_subscribe=on_subscribe,
+        )
+    except MqttError as err:
+        nodes = ", ".join(opts.at(node).where for node in opts.nodes)
+        raise OperatorError(f"cannot connect to {nodes}: {err}") from err
     try:
         stop.wait(duration_s)
     finally:

@@ -23,7 +23,7 @@ from telemetry import broker as operator_broker
 from telemetry.broker import BrokerOptions
 from telemetry.payloads import HostFacts, Status, utc_now
 from tests.support.broker import Broker, Capture
-from tests.support.nats import NATS_SERVER, NatsCluster
+from tests.support.nats import NatsCluster
 from tests.support.net import free_port
 
 STARTED = utc_now()
@@ -215,16 +215,6 @@ def test_no_node_answering_is_one_line_naming_them(broker_factory: Callable[...,
         operator_broker.connect(BrokerOptions(host=a[0], port=a[1], hosts=(a, b)), timeout=2)
     assert str(a[1]) in str(info.value) and str(b[1]) in str(info.value)
     assert "\n" not in str(info.value)
-
-
-@pytest.fixture
-def nats_node(tmp_path: Path) -> Iterator[NatsCluster]:
-    if not Path(NATS_SERVER).exists():
-        pytest.skip("nats-server is not installed")
-    single = NatsCluster(tmp_path / "nats", size=1)
-    single.start()
-    yield single
-    single.kill()
 
 
 def test_a_broker_that_refuses_mqtt5_is_spoken_to_in_311(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -46,8 +47,8 @@ def batch(device: str, *records: tuple[str, list[list[float]], float]) -> bytes:
 
 
 class Publisher:
-    def __init__(self, host: str, port: int) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    def __init__(self, host: str, port: int, protocol: int = mqtt.MQTTv5) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
         self.client.connect(host, port)
         self.client.loop_start()
 
@@ -188,6 +189,66 @@ def test_cli_live_stops_after_count(broker, publisher, tmp_path, capsys) -> None
     assert result == [0]
     rows = (out / "dataset.jsonl").read_text().splitlines()
     assert len(rows) >= 2
+
+
+def cli_live(argv: list[str], publisher: Publisher, prefix: str, out: Path) -> list[str]:
+    """Run ``inferctl collect ARGV --count 2`` in a thread, publishing until it ends; its rows."""
+    argv = ["collect", *argv, "--prefix", prefix, "--count", "2", "--duration", "20"]
+    result: list[int] = []
+    cli = threading.Thread(
+        target=lambda: result.append(main([*argv, "--out", str(out)])), name="test-collect-cli"
+    )
+    cli.start()
+    i = 0
+    while cli.is_alive() and i < 500:  # the CLI subscribes at some point; keep publishing
+        publisher.send(f"{prefix}/pi-3/predictions", batch("pi-3", (f"r{i}", [[i, i]], i)))
+        i += 1
+        time.sleep(0.03)
+    cli.join(10)
+    assert result == [0]
+    return (out / "dataset.jsonl").read_text().splitlines()
+
+
+def test_cli_takes_the_next_node_when_the_first_is_down(broker_factory, tmp_path) -> None:
+    down, up = broker_factory(), broker_factory()
+    down.kill()
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    nodes = f"{down.host}:{down.port},{up.host}:{up.port}"
+    publisher = Publisher(up.host, up.port)
+    try:
+        rows = cli_live(["--broker", nodes], publisher, prefix, tmp_path / "live")
+    finally:
+        publisher.close()
+    assert len(rows) >= 2
+
+
+def test_cli_speaks_311_to_a_broker_that_refuses_mqtt5(nats_node, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="telemetry.broker")
+    node = nats_node.nodes[0]
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    publisher = Publisher(node.host, node.port, mqtt.MQTTv311)
+    try:
+        rows = cli_live(["--broker", node.where], publisher, prefix, tmp_path / "live")
+    finally:
+        publisher.close()
+    assert len(rows) >= 2
+    assert f"broker mqtt://{node.where} refused MQTT 5; trying 3.1.1" in caplog.text
+
+
+def test_persistent_session_on_a_broker_that_refuses_mqtt5(nats_node, tmp_path) -> None:
+    node = nats_node.nodes[0]
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    session = f"collect-{uuid.uuid4().hex[:8]}"
+    publisher = Publisher(node.host, node.port, mqtt.MQTTv311)
+    try:
+        first = collect_live(node, prefix, lambda: None, session=session)
+        assert not first.records
+        # collect is not running now: a clean_session false session keeps its messages
+        publisher.send(f"{prefix}/pi-2/predictions", batch("pi-2", ("q", [[0, 1]], 0)))
+        second = collect_live(node, prefix, lambda: None, lambda c: c.records, session=session)
+    finally:
+        publisher.close()
+    assert ("pi-2", "clf", "q") in second.records
 
 
 def test_relative_since_and_bad_times() -> None:
