@@ -22,6 +22,7 @@ pytest_plugins = [
     "tests.fixtures.sdnotify",
     "tests.fixtures.pki",
     "tests.fixtures.zoo",
+    "tests.fixtures.tmpfs",
 ]
 
 TIERS = ("unit", "integration", "system", "security")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,21 +15,14 @@ import pytest
 from tests.support.broker import Broker, Capture
 from tests.support.daemon import running_daemon
 from tests.support.models import classifier
-from tests.support.tmpfs import can_mount, fill, tmpfs
+from tests.support.tmpfs import fill
 
 DEVICE = "disk-device"
 
 
 @pytest.fixture
-def small_state_dir(tmp_path: Path) -> Iterator[Path]:
-    reason = can_mount()
-    if reason is not None:
-        pytest.skip(reason)
-    try:
-        with tmpfs(tmp_path / "state", "4m") as disk:
-            yield disk
-    except RuntimeError as err:
-        pytest.skip(str(err))
+def small_state_dir(tmpfs_factory: Callable[[str, str], Path]) -> Path:
+    return tmpfs_factory("state", "4m")
 
 
 def _spooled_records(state: Path) -> int:

@@ -26,7 +26,7 @@ from onnx import TensorProto
 
 from telemetry.spool import Spool
 from tests.support.models import classifier, elementwise, failing, spin
-from tests.support.tmpfs import can_mount, fill, tmpfs
+from tests.support.tmpfs import fill
 from tests.support.tuf_repo import Device, TufRepo
 
 SLOT = "classifier"  # the slot name tests.support.tuf_repo's devices use
@@ -434,15 +434,8 @@ def test_a_failed_trial_with_no_previous_version_on_disk_reports_and_keeps_servi
 
 
 @pytest.fixture
-def small_state_dir(tmp_path: Path) -> Iterator[Path]:
-    reason = can_mount()
-    if reason is not None:
-        pytest.skip(reason)
-    try:
-        with tmpfs(tmp_path / "state", "2m") as disk:
-            yield disk
-    except RuntimeError as err:
-        pytest.skip(str(err))
+def small_state_dir(tmpfs_factory: Callable[[str, str], Path]) -> Path:
+    return tmpfs_factory("state", "2m")
 
 
 def test_a_job_whose_state_cannot_be_saved_stops_with_one_line_and_finishes_once_it_can(

@@ -4,28 +4,21 @@ has room (acknowledged rows freed, other files deleted)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from telemetry.spool import Kind, Spool, SpoolFullError
-from tests.support.tmpfs import can_mount, fill, tmpfs
+from tests.support.tmpfs import fill
 
 BIG = 1 << 30
 """A spool bound no test reaches: the disk is what fills up."""
 
 
 @pytest.fixture
-def disk(tmp_path: Path) -> Iterator[Path]:
-    reason = can_mount()
-    if reason is not None:
-        pytest.skip(reason)
-    try:
-        with tmpfs(tmp_path / "disk", "1m") as mounted:
-            yield mounted
-    except RuntimeError as err:
-        pytest.skip(str(err))
+def disk(tmpfs_factory: Callable[[str, str], Path]) -> Path:
+    return tmpfs_factory("disk", "1m")
 
 
 def _payloads(spool: Spool) -> list[bytes]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -14,22 +14,15 @@ import pytest
 
 from runtime import durable
 from runtime.errors import StorageError
-from tests.support.tmpfs import can_mount, fill, tmpfs
+from tests.support.tmpfs import fill
 from updater.device.state import State, StateMachine
 from updater.device.store import Entry, ModelStore
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
+def small_disk(tmpfs_factory: Callable[[str, str], Path]) -> Path:
     """A 256 KiB tmpfs: writes past it fail with ENOSPC from the kernel."""
-    reason = can_mount()
-    if reason is not None:
-        pytest.skip(reason)
-    try:
-        with tmpfs(tmp_path / "disk", "256k") as disk:
-            yield disk
-    except RuntimeError as err:
-        pytest.skip(str(err))
+    return tmpfs_factory("disk", "256k")
 
 
 def _leftovers(folder: Path, keep: set[str]) -> list[str]:
