@@ -22,6 +22,7 @@ from paho.mqtt.properties import Properties
 from tests.support.broker import Broker, Capture
 from tests.support.daemon import DaemonProc, start_daemon
 from tests.support.models import classifier
+from tests.support.waits import wait_until
 from updater.inferctl.main import main as inferctl
 
 DEVICE = "dev-deputy"
@@ -31,15 +32,6 @@ def _serving(daemon: DaemonProc) -> str:
     status, body = daemon.request("GET", "/v2/models/classifier")
     assert status == 200, body
     return str(body["versions"][0])
-
-
-def _wait(predicate: Any, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _events(cap: Capture, kind: str) -> list[dict[str, Any]]:
@@ -81,9 +73,12 @@ def test_a_reply_cannot_roll_the_device_back(
         tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
         where = f"{broker.host}:{broker.port}"
         assert inferctl(["push", "--group", "kitchen", "--prefix", prefix, "--broker", where]) == 0
-        assert _wait(lambda: _serving(daemon) == "2"), daemon.stderr()
-        assert _wait(lambda: any(e["details"].get("state") == "committed"
-                                 for e in _events(cap, "update"))), daemon.stderr()  # fmt: skip
+        assert wait_until(lambda: _serving(daemon) == "2", 15), daemon.stderr()
+
+        def committed() -> bool:
+            return any(e["details"].get("state") == "committed" for e in _events(cap, "update"))
+
+        assert wait_until(committed, 15), daemon.stderr()
 
         # The deputy attack: an empty request, answered 400, with the reply aimed at cmd/rollback.
         _send(cap, f"{root}/infer/classifier", b'{"inputs": []}', f"{root}/cmd/rollback")
@@ -128,12 +123,14 @@ def test_a_reply_cannot_roll_the_device_back(
         ).wait_for_publish(5)
         daemon = start_daemon(tmp_path / "d", config)
         failed = lambda: _events(cap, "command-failed")  # noqa: E731
-        assert _wait(lambda: any("retained" in e["message"] for e in failed())), daemon.stderr()
+        assert wait_until(lambda: any("retained" in e["message"] for e in failed()), 15), (
+            daemon.stderr()
+        )
         assert _serving(daemon) == "2"
 
         # An explicit rollback does what it says: the checks above would have seen one.
         _send(cap, f"{root}/cmd/rollback", b'{"model": "classifier"}', "replies/op", b"r2")
-        assert _wait(lambda: _serving(daemon) == "1"), daemon.stderr()
+        assert wait_until(lambda: _serving(daemon) == "1", 15), daemon.stderr()
     finally:
         cap.client.publish(f"{prefix}/groups/kitchen/rollback", b"", qos=1, retain=True)
         code = daemon.stop()

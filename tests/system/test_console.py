@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from tests.support.models import classifier
 from tests.support.net import free_port
 from tests.support.signer import Signer
 from tests.support.tuf_repo import TufRepo
+from tests.support.waits import wait_until
 from tests.system.test_rollout import ids_by_bucket
 from updater.meta import Rollout
 from updater.operator.console.app import ConsoleApp, ConsoleSettings
@@ -335,13 +336,6 @@ def _publisher(b: Broker) -> mqtt.Client:
     return c
 
 
-def _wait(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what} not seen after {timeout} s"
-        time.sleep(0.02)
-
-
 def test_two_consoles_split_the_metrics_but_each_sees_every_device(
     broker: Broker, tuf_repo: TufRepo
 ) -> None:
@@ -367,7 +361,9 @@ def test_two_consoles_split_the_metrics_but_each_sees_every_device(
         for d in devices:
             pub.publish(f"{PREFIX}/{d}/status", _status(d), qos=1, retain=True).wait_for_publish(5)
         for app in apps:
-            _wait(lambda app=app: len(app.state.fleet.devices) == 3, "three devices")
+            assert wait_until(lambda app=app: len(app.state.fleet.devices) == 3), (
+                "three devices not seen"
+            )
 
         def taken() -> list[int]:
             return [app.state.received["metrics"] for app in apps]
@@ -382,7 +378,7 @@ def test_two_consoles_split_the_metrics_but_each_sees_every_device(
             time.sleep(0.05)
         before = taken()
         send(40)
-        _wait(lambda: sum(taken()) - sum(before) == 40, "all 40 metrics")
+        assert wait_until(lambda: sum(taken()) - sum(before) == 40), "all 40 metrics not seen"
         split = [a - b for a, b in zip(taken(), before, strict=True)]
         assert min(split) >= 10, split  # each console took a share of the stream ...
         for app in apps:  # ... and still shows every device: status is not shared
@@ -412,12 +408,14 @@ def test_the_console_rides_out_a_broker_restart(broker: Broker, tuf_repo: TufRep
         connected = lambda: app.snapshot()["console"]["connected"]  # noqa: E731
         assert connected()
         broker.stop()  # a broker without persistence: it comes back with nothing retained
-        _wait(lambda: not connected(), "the page saying the broker is gone")
+        assert wait_until(lambda: not connected()), "the page saying the broker is gone not seen"
         broker.start()
-        _wait(connected, "the reconnect", timeout=30)
+        assert wait_until(connected, 30), "the reconnect not seen"
         pub = _publisher(broker)
         pub.publish(f"{PREFIX}/pi-9/status", _status("pi-9"), qos=1, retain=True)
-        _wait(lambda: "pi-9" in app.state.fleet.devices, "a status after the restart")
+        assert wait_until(lambda: "pi-9" in app.state.fleet.devices), (
+            "a status after the restart not seen"
+        )
     finally:
         if pub is not None:
             pub.disconnect()
@@ -545,7 +543,9 @@ def test_a_restarted_console_goes_on_with_the_soak_and_resumes_at_the_halted_sha
     policy = ("--soak", "8", "--steps", "10,50,100")
     first, url = _console(tmp_path / "first", broker, tuf_repo, *policy)
     try:
-        _wait(lambda: 0 < (_rollout(url)["soak_left_s"] or 0) <= 5, "3 s of the soak", 15)
+        assert wait_until(lambda: 0 < (_rollout(url)["soak_left_s"] or 0) <= 5, 15), (
+            "3 s of the soak not seen"
+        )
     finally:
         first.kill()  # a crash: nothing saved on the way out
         first.communicate(timeout=20)
@@ -554,7 +554,9 @@ def test_a_restarted_console_goes_on_with_the_soak_and_resumes_at_the_halted_sha
     try:
         left = _rollout(url)["soak_left_s"]
         assert left is not None and left <= 5, left  # the soak goes on; 8 s again without memory
-        _wait(lambda: _shares(tuf_repo) == {ALL: 1000}, "the advance to 10 %", left + 5)
+        assert wait_until(lambda: _shares(tuf_repo) == {ALL: 1000}, left + 5), (
+            "the advance to 10 % not seen"
+        )
         # the operator raises it to 30 % by hand; the console follows, then halts it on request
         done = subprocess.run(
             [sys.executable, "-m", "updater.inferctl", "rollout", "classifier",
@@ -563,7 +565,9 @@ def test_a_restarted_console_goes_on_with_the_soak_and_resumes_at_the_halted_sha
             check=False, cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
-        _wait(lambda: _rollout(url)["share_all"] == 3000, "the console following 30 %")
+        assert wait_until(lambda: _rollout(url)["share_all"] == 3000), (
+            "the console following 30 % not seen"
+        )
         _api(url, "/api/rollouts/classifier/halt", post=True)
         assert _rollout(url)["state"] == "halted"
     finally:

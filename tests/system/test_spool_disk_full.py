@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from tests.support.broker import Broker, Capture
 from tests.support.daemon import running_daemon
 from tests.support.models import classifier
 from tests.support.tmpfs import fill
+from tests.support.waits import wait_until
 
 DEVICE = "disk-device"
 
@@ -34,13 +34,6 @@ def _spooled_records(state: Path) -> int:
         return 0
     finally:
         db.close()
-
-
-def _wait(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def _infer(daemon, rid: str) -> None:  # type: ignore[no-untyped-def]
@@ -63,11 +56,13 @@ def test_a_full_disk_keeps_serving_with_one_line_and_loses_no_spooled_record(
     with running_daemon(tmp_path, config) as daemon:
         for i in range(30):
             _infer(daemon, f"before-{i}")
-        _wait(lambda: _spooled_records(small_state_dir) == 30, "30 records spooled")
+        assert wait_until(lambda: _spooled_records(small_state_dir) == 30, 20), "30 records spooled"
         filler = fill(small_state_dir)
         for i in range(30):
             _infer(daemon, f"during-{i}")  # serving does not need the disk
-        _wait(lambda: "predictions: cannot queue" in daemon.stderr(), "the refusal is logged")
+        assert wait_until(lambda: "predictions: cannot queue" in daemon.stderr(), 20), (
+            "the refusal is logged"
+        )
         filler.unlink()
         broker.start()
         capture = Capture(broker.host, broker.port, (f"inferd/{DEVICE}/predictions",))

@@ -10,8 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,17 +25,10 @@ from agent.daemon import Daemon
 from agent.slots import Prediction
 from telemetry.metrics import MetricsCollector
 from tests.support import models
+from tests.support.waits import wait_until
 
 FEATURES, CLASSES = 6, 4
 CLIENTS = 8
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.002)
 
 
 def expected(x: np.ndarray) -> np.ndarray:
@@ -151,7 +143,7 @@ def test_bad_request_gets_its_400_and_its_neighbours_their_answers(daemon: Daemo
                 pool.submit(post, conns[i], "batched", request(x, f"g{i}"))
                 for i, x in enumerate(good)
             ]
-            wait_until(lambda: b.waiting == 3)
+            assert wait_until(lambda: b.waiting == 3)
             bad = np.ones((1, FEATURES + 1), np.float32)
             status, reply = post(conns[3], "batched", request(bad, "bad"))
             assert status == 400
@@ -180,7 +172,7 @@ def test_stopping_the_daemon_answers_every_queued_request(tmp_path: Path, daemon
                 pool.submit(post, conns[i], "batched", request(x, f"q{i}"))
                 for i, x in enumerate(xs)
             ]
-            wait_until(lambda: b.waiting == len(xs))  # all four queued, their window running
+            assert wait_until(lambda: b.waiting == len(xs))  # all four queued, their window running
             daemon.stop()
             results = [f.result(timeout=30) for f in futures]
     finally:

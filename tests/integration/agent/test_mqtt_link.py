@@ -21,6 +21,7 @@ from agent.mqtt.link import SPOOL_FILE, Command, MqttLink, backoff_delay
 from runtime.errors import InferdError
 from telemetry.payloads import HostFacts, Status, utc_now
 from tests.support.broker import Broker, Capture, Cutter
+from tests.support.waits import wait_until
 from tests.unit.telemetry.test_spool import corrupt_pages, spool_with_a_big_row
 
 STARTED = utc_now()
@@ -77,15 +78,6 @@ def make_link(tmp_path: Path) -> Iterator[Callable[..., MqttLink]]:
         assert not t.name.startswith("inferd-mqtt"), f"thread {t.name} left running"
 
 
-def wait(predicate: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def decoded(c: Capture, suffix: str) -> list[dict[str, Any]]:
     return [json.loads(m.payload) for m in c.on(suffix)]
 
@@ -94,7 +86,7 @@ def test_birth_status_is_retained_and_clean_stop_publishes_offline(
     tmp_path: Path, broker: Broker, make_link: Callable[..., MqttLink], capture_factory: Any
 ) -> None:
     link = make_link(link_config(tmp_path, broker))
-    assert wait(lambda: link.connected)
+    assert wait_until(lambda: link.connected)
     assert link.flush(5)
     late = capture_factory(
         broker, "inferd/+/status"
@@ -119,7 +111,7 @@ def test_events_are_durable_and_ordered_across_a_broker_kill(
     b.save()  # the capture's session survives the kill below
     gate = cutter_factory(b)
     link = make_link(link_config(tmp_path, gate))
-    assert wait(lambda: link.connected)
+    assert wait_until(lambda: link.connected)
     for i in range(50):
         link.emit_event("tick", f"n{i}", n=i)
     # Let the broker hand over what it acknowledged: mosquitto keeps undelivered messages in
@@ -127,7 +119,7 @@ def test_events_are_durable_and_ordered_across_a_broker_kill(
     # cut test below covers messages in flight from the agent).
     assert link.flush(5) and cap.wait(lambda: len(cap.on("events")) >= 50)
     b.kill()
-    assert wait(lambda: not link.connected)
+    assert wait_until(lambda: not link.connected)
     for i in range(50, 150):
         link.emit_event("tick", f"n{i}", n=i)
     assert link.spool.pending >= 100
@@ -164,7 +156,7 @@ def test_nothing_is_lost_when_the_network_drops_mid_stream(
     cap = capture_factory(broker, "inferd/dev1/events", "inferd/dev1/predictions")
     cutter = cutter_factory(broker)
     link = make_link(link_config(tmp_path, cutter))
-    assert wait(lambda: link.connected)
+    assert wait_until(lambda: link.connected)
     stop = threading.Event()
     produced: list[str] = []
 
@@ -184,10 +176,10 @@ def test_nothing_is_lost_when_the_network_drops_mid_stream(
     try:
         assert cap.wait(lambda: len(cap.messages) > 300)
         cutter.cut()  # mid-stream: messages in flight lose their acks
-        assert wait(lambda: not link.connected)
+        assert wait_until(lambda: not link.connected)
         time.sleep(0.3)
         cutter.restore()
-        assert wait(lambda: link.connects == 2)
+        assert wait_until(lambda: link.connects == 2)
         time.sleep(0.2)
     finally:
         stop.set()
@@ -218,9 +210,9 @@ def test_status_comes_first_after_reconnect_and_subscriptions_are_restored(
     link = make_link(link_config(tmp_path, gate))
     got: list[str] = []
     link.subscribe("inferd/dev1/hello", lambda m: got.append(m.payload.decode()))
-    assert wait(lambda: link.connected)
+    assert wait_until(lambda: link.connected)
     broker.kill()
-    assert wait(lambda: not link.connected)
+    assert wait_until(lambda: not link.connected)
     for i in range(20):
         link.emit_event("queued", str(i))
     gate.cut()  # the link comes back only once the capture below listens
@@ -230,9 +222,9 @@ def test_status_comes_first_after_reconnect_and_subscriptions_are_restored(
     assert cap.wait(lambda: len(cap.on("events")) == 20 and bool(cap.on("status")), 10)
     topics = [m.topic.rsplit("/", 1)[1] for m in cap.messages]
     assert topics.index("status") < topics.index("events")
-    assert wait(lambda: link.connects == 2)
+    assert wait_until(lambda: link.connects == 2)
     cap.client.publish("inferd/dev1/hello", b"again", qos=1)
-    assert wait(lambda: got == ["again"])
+    assert wait_until(lambda: got == ["again"])
 
 
 def test_commands_dispatch_reply_and_refuse(
@@ -250,7 +242,7 @@ def test_commands_dispatch_reply_and_refuse(
     link.on_command("set-rate", set_rate)
     with pytest.raises(ValueError, match="already"):
         link.on_command("set-rate", set_rate)
-    assert wait(lambda: link.connected)
+    assert wait_until(lambda: link.connected)
     cap = capture_factory(broker, "replies/#", "inferd/dev1/events")
     props = Properties(PacketTypes.PUBLISH)
     props.ResponseTopic = "replies/me"
@@ -263,7 +255,7 @@ def test_commands_dispatch_reply_and_refuse(
     assert reply.properties.CorrelationData == b"c-1"
     # a group command reaches the same handler, marked with its group
     cap.client.publish("inferd/groups/kitchen/set-rate", b'{"rate": 0.25}', qos=1)
-    assert wait(lambda: len(calls) == 2)
+    assert wait_until(lambda: len(calls) == 2)
     assert calls[1].group == "kitchen" and calls[0].group is None
     # refused, unknown and malformed commands answer and leave an event, never silence
     for body, topic in (
@@ -368,7 +360,7 @@ def test_a_dead_forwarder_is_restarted_and_the_link_is_not_healthy_until_then(
 ) -> None:
     cap = capture_factory(broker, "inferd/dev1/events")
     link = make_link(link_config(tmp_path, broker))
-    assert wait(lambda: link.connected) and link.problem() is None
+    assert wait_until(lambda: link.connected) and link.problem() is None
     real_read = link.spool.read
     failures = iter([RuntimeError("a fault no handler expects")])
 
@@ -404,15 +396,15 @@ def test_a_corrupt_spool_row_stops_telemetry_only_until_the_spool_is_replaced(
     corrupt_pages(path, 8, 10)  # garbage over pages of the SQLite file
     cap = capture_factory(broker, "inferd/dev1/events")
     link = make_link(cfg)
-    assert wait(lambda: link.connected)
-    assert wait(lambda: link.spool.resets == 1, 15), "the bad row still blocks the spool"
+    assert wait_until(lambda: link.connected)
+    assert wait_until(lambda: link.spool.resets == 1, 15), "the bad row still blocks the spool"
     link.emit_event("tick", "flows again")
     kinds = lambda: [e["kind"] for e in decoded(cap, "events")]  # noqa: E731
     assert cap.wait(lambda: "tick" in kinds() and "spool-reset" in kinds())
     assert list(path.parent.glob(f"{SPOOL_FILE}.corrupt-*"))
     link.stop(timeout=2)
     again = make_link(cfg)  # after a restart nothing of the bad row is left to block on
-    assert wait(lambda: again.connected)
+    assert wait_until(lambda: again.connected)
     again.emit_event("tick", "after restart")
     assert cap.wait(lambda: kinds().count("tick") == 2)
     assert again.spool.resets == 0

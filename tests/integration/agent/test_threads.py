@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,15 +18,7 @@ from agent.app import build_daemon
 from agent.config import parse_config
 from tests.support.broker import Broker, Capture
 from tests.support.tuf_repo import TufRepo
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+from tests.support.waits import wait_until
 
 
 def test_every_daemon_thread_is_named_inferd_and_stop_joins_them(

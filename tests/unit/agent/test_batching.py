@@ -8,7 +8,6 @@ is awaited on the batcher's own counters (``forming``, ``batches``), never slept
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +23,7 @@ from runtime.errors import BackendError, ConfigError, InputError
 from telemetry.metrics import MetricsCollector
 from telemetry.prediction_log import PredictionLogger
 from tests.support import models
+from tests.support.waits import wait_until
 
 WINDOW_US = 1000
 
@@ -46,15 +46,7 @@ class FakeClock:
         self.now += us * 1000
         seen = self.batcher_reads
         batcher.wake()
-        wait_until(lambda: self.batcher_reads >= seen + 2 or batcher.forming == 0)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.001)
+        assert wait_until(lambda: self.batcher_reads >= seen + 2 or batcher.forming == 0)
 
 
 def two_outputs(path: Path) -> Path:
@@ -148,7 +140,7 @@ def test_batched_results_equal_unbatched_row_for_row(tmp_path: Path, pool) -> No
     futures = []
     for i, x in enumerate(xs):
         futures.append(pool.submit(slot.predict, {"x": x}, None, f"req-{i}"))
-        wait_until(lambda n=i + 1: batcher.forming == n or batcher.batches == 1)
+        assert wait_until(lambda n=i + 1: batcher.forming == n or batcher.batches == 1)
     results = [f.result(timeout=10) for f in futures]
     assert batcher.batches == 1 and slot.current.backend.stats.runs == 1
     for i, (x, (outputs, model, rid)) in enumerate(zip(xs, results, strict=True)):
@@ -174,7 +166,7 @@ def test_each_request_keeps_its_id_latency_metrics_and_prediction_record(
     futures = []
     for i, x in enumerate(xs):
         futures.append(pool.submit(slot.predict, {"x": x}, None, f"id-{i}"))
-        wait_until(lambda n=i + 1: batcher.forming == n or batcher.batches == 1)
+        assert wait_until(lambda n=i + 1: batcher.forming == n or batcher.batches == 1)
         if i < 2:
             clock.now += 100_000  # the next request joins 100 us later
     outputs = [f.result(timeout=10)[0] for f in futures]
@@ -212,10 +204,10 @@ def test_the_window_is_respected_on_the_clock(tmp_path: Path, pool) -> None:
     batcher = batcher_of(slot)
     x = np.ones((1, 4), np.float32)
     first = pool.submit(slot.predict, {"x": x})
-    wait_until(lambda: batcher.forming == 1)
+    assert wait_until(lambda: batcher.forming == 1)
     clock.now += 400_000
     second = pool.submit(slot.predict, {"x": x})
-    wait_until(lambda: batcher.forming == 2)
+    assert wait_until(lambda: batcher.forming == 2)
     clock.advance(WINDOW_US - 400 - 1, batcher)  # 1 us short of the first one's window
     assert not first.done() and not second.done() and batcher.batches == 0
     clock.advance(1, batcher)
@@ -257,8 +249,8 @@ def test_mixed_shapes_dtypes_and_outputs_are_not_merged(tmp_path: Path, pool) ->
     futures = []
     for n, (feeds, names) in enumerate(calls, 1):
         futures.append(pool.submit(slot.predict, feeds, names))
-        wait_until(lambda n=n: batcher.queued + batcher.forming == n)
-    wait_until(lambda: batcher.forming == 2)  # a and a * 3; b and the y-only one wait
+        assert wait_until(lambda n=n: batcher.queued + batcher.forming == n)
+    assert wait_until(lambda: batcher.forming == 2)  # a and a * 3; b and the y-only one wait
     assert batcher.queued == 2
     clock.advance(WINDOW_US, batcher)
     results = [f.result(timeout=10)[0] for f in futures]
@@ -280,7 +272,7 @@ def test_a_bad_input_is_refused_before_it_joins_a_batch(tmp_path: Path, pool) ->
     slot.listeners.append(heard.append)
     batcher = batcher_of(slot)
     good = pool.submit(slot.predict, {"x": np.ones((1, 4), np.float32)})
-    wait_until(lambda: batcher.forming == 1)
+    assert wait_until(lambda: batcher.forming == 1)
     with pytest.raises(InputError, match=r"input 'x' has shape \[1, 5\], the model expects"):
         slot.predict({"x": np.ones((1, 5), np.float32)})
     with pytest.raises(InputError, match="has datatype FP64"):
@@ -309,9 +301,9 @@ def test_a_run_error_fails_that_batch_with_the_runtime_error_and_no_other(
     slot.listeners.append(heard.append)
     batcher = batcher_of(slot)
     ok = pool.submit(slot.predict, {"idx": np.array([1, 2], np.int64)}, None, "ok")
-    wait_until(lambda: batcher.forming == 1)
+    assert wait_until(lambda: batcher.forming == 1)
     bad = pool.submit(slot.predict, {"idx": np.array([9], np.int64)}, None, "bad")
-    wait_until(lambda: batcher.forming == 2)
+    assert wait_until(lambda: batcher.forming == 2)
     clock.advance(WINDOW_US, batcher)
     errors = []
     for future in (ok, bad):
@@ -327,7 +319,7 @@ def test_a_run_error_fails_that_batch_with_the_runtime_error_and_no_other(
     ]
     # the next batch is not touched by the last one's failure
     later = pool.submit(slot.predict, {"idx": np.array([3], np.int64)})
-    wait_until(lambda: batcher.forming == 1)
+    assert wait_until(lambda: batcher.forming == 1)
     clock.advance(WINDOW_US, batcher)
     np.testing.assert_array_equal(later.result(timeout=10)[0]["y"], [30.0])
     stats = slot.current.backend.stats
@@ -346,7 +338,7 @@ def test_swap_during_batching_finishes_queued_requests_on_their_model(tmp_path: 
     queued = []
     for i, x in enumerate(xs):
         queued.append(pool.submit(slot.predict, {"x": x}, None, f"q{i}"))
-        wait_until(lambda n=i + 1: old_batcher.forming == n)
+        assert wait_until(lambda n=i + 1: old_batcher.forming == n)
     new = slot.load(new_path, "2")
     assert slot.swap(new) is old
     results = [f.result(timeout=10) for f in queued]
@@ -355,12 +347,12 @@ def test_swap_during_batching_finishes_queued_requests_on_their_model(tmp_path: 
         assert model is old and model.version == "1"
         np.testing.assert_allclose(out["probs"], want_old.predict({"x": x})[0]["probs"], 1e-6)
     want_old.close()
-    wait_until(lambda: not old_batcher.alive)
+    assert wait_until(lambda: not old_batcher.alive)
     assert old._closed, "the old model closed once its queue was done"
     x = np.ones((1, 4), np.float32)
     after = pool.submit(slot.predict, {"x": x})
     new_batcher = batcher_of(slot)
-    wait_until(lambda: new_batcher.forming == 1)
+    assert wait_until(lambda: new_batcher.forming == 1)
     clock.advance(WINDOW_US, new_batcher)
     assert after.result(timeout=10)[1].version == "2"
     slot.close()
@@ -390,7 +382,7 @@ def test_swaps_under_concurrent_load_lose_no_request(tmp_path: Path, pool) -> No
     for i in range(1, 7):
         slot.swap(slot.load(paths[i % 2], str(i % 2)))
         batchers.append(batcher_of(slot))
-        wait_until(lambda b=batchers[-1]: b.batches >= 3)
+        assert wait_until(lambda b=batchers[-1]: b.batches >= 3)
     stop.set()
     assert sum(f.result(timeout=30) for f in futures) > 0
     slot.close()
@@ -408,7 +400,7 @@ def test_close_drains_the_queue_and_leaves_no_thread(tmp_path: Path, pool) -> No
     queued = []
     for i in range(3):
         queued.append(pool.submit(slot.predict, {"x": np.ones((1, 4), np.float32)}))
-        wait_until(lambda n=i + 1: batcher.forming == n)
+        assert wait_until(lambda n=i + 1: batcher.forming == n)
     slot.close()
     assert all(f.result(timeout=10)[0]["probs"].shape == (1, 3) for f in queued)
     assert not batcher.alive
@@ -440,7 +432,7 @@ def test_a_model_that_mixes_rows_is_served_request_by_request(
     futures = []
     for i, x in enumerate(xs):
         futures.append(pool.submit(slot.predict, {"x": x}))
-        wait_until(lambda n=i + 1: batcher.forming == n)
+        assert wait_until(lambda n=i + 1: batcher.forming == n)
     clock.advance(WINDOW_US, batcher)
     for x, f in zip(xs, futures, strict=True):
         np.testing.assert_array_equal(f.result(timeout=10)[0]["first"], x[:1])
@@ -518,7 +510,7 @@ def test_a_tflite_model_batches_too(tmp_path: Path, pool, tflite_factory) -> Non
     futures = []
     for n, x in enumerate(xs, 1):
         futures.append(pool.submit(slot.predict, {"x": x}))
-        wait_until(lambda n=n: batcher.waiting == n or batcher.batches == 1)
+        assert wait_until(lambda n=n: batcher.waiting == n or batcher.batches == 1)
     for x, f in zip(xs, futures, strict=True):
         want = plain.predict({"x": x})[0]["probs"]
         np.testing.assert_allclose(f.result(timeout=10)[0]["probs"], want, rtol=1e-6)
@@ -557,10 +549,10 @@ def test_several_inputs_stack_together_and_disagreeing_rows_run_alone(tmp_path: 
     ]
     feeds = [{k: v.astype(np.float32) for k, v in f.items()} for f in feeds]
     futures = [pool.submit(slot.predict, feeds[0])]
-    wait_until(lambda: batcher.forming == 1)
+    assert wait_until(lambda: batcher.forming == 1)
     odd = pool.submit(slot.predict, uneven)  # rows disagree: a batch of its own
     futures.append(pool.submit(slot.predict, feeds[1]))
-    wait_until(lambda: batcher.forming == 2 and batcher.queued == 1)
+    assert wait_until(lambda: batcher.forming == 2 and batcher.queued == 1)
     clock.advance(WINDOW_US, batcher)
     for f, fut in zip(feeds, futures, strict=True):
         np.testing.assert_array_equal(fut.result(timeout=10)[0]["y"], f["a"] + f["b"])
