@@ -9,7 +9,6 @@ Every error names the field path (``$.models[0].threads``) and the reason, and i
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import math
 import os
@@ -23,6 +22,7 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from runtime.addresses import is_loopback
 from runtime.errors import ConfigError
 from runtime.options import RuntimeOptions, runtime_for
 from telemetry.broker import parse_node
@@ -468,16 +468,6 @@ def _mentions_password(path: Path) -> bool:
         return False
     mqtt = data.get("mqtt") if isinstance(data, dict) else None
     return isinstance(mqtt, dict) and mqtt.get("password") is not None
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def config_warnings(cfg: Config, files: list[Path]) -> list[str]:

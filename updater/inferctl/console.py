@@ -24,13 +24,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from runtime.addresses import is_loopback
 from runtime.errors import OperatorError
 from telemetry.shares import basis_points
 from updater.inferctl.broker import add_broker_args, broker_from_args
 from updater.inferctl.rollout import add_halt_args
 from updater.operator.console.app import ConsoleSettings, run
 from updater.operator.console.rollouts import DEFAULT_STEPS, Policy
-from updater.operator.console.server import is_loopback, parse_listen, read_token
+from updater.operator.console.server import parse_listen, read_token
 from updater.operator.console.state import Limits
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -30,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
+from runtime.addresses import is_loopback
 from runtime.errors import InferdError, OperatorError
 
 log = logging.getLogger(__name__)
@@ -69,16 +69,6 @@ class ServerLimits:
     """An event stream sends at most this often, however busy the broker."""
     refresh_s: float = 5.0
     """An event stream sends the state at least this often (rollout soak countdowns move)."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (the agent's rule)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
