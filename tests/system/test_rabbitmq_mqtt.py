@@ -21,10 +21,11 @@ from agent.config import Config
 from agent.mqtt.link import Command, MqttLink
 from telemetry import broker as operator_broker
 from telemetry.broker import BrokerOptions
-from tests.integration.agent.test_mqtt_failover import config, status_of, wait
+from tests.integration.agent.test_mqtt_failover import config, status_of
 from tests.support.broker import Cutter
 from tests.support.nats import Watcher
 from tests.support.rabbitmq import EPMD, RABBITMQ_SERVER, RabbitNode
+from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.skipif(
     not Path(RABBITMQ_SERVER).exists() or EPMD is None, reason="rabbitmq-server is not installed"
@@ -72,7 +73,7 @@ def test_the_link_on_rabbitmq(
         link = make_link(config(tmp_path, [f"{gate.host}:{gate.port}"]))
         got: list[Command] = []
         link.on_command("ping", lambda cmd: got.append(cmd) or {})  # type: ignore[func-returns-value]
-        assert wait(lambda: link.connected, 20), caplog.text
+        assert wait_until(lambda: link.connected, 20), caplog.text
         assert "closed an MQTT 5 connection unanswered; trying 3.1.1" in caplog.text
         assert "does not speak MQTT 5; using MQTT 3.1.1" in caplog.text
 
@@ -91,7 +92,7 @@ def test_the_link_on_rabbitmq(
 
         # a live group poke reaches the device
         live.publish("inferd/groups/kitchen/ping", b"{}")
-        assert wait(lambda: len(got) == 1)
+        assert wait_until(lambda: len(got) == 1)
 
         # retained: only an exact-topic subscription gets it
         exact = Watcher(rabbit.host, rabbit.port, "inferd/dev1/status")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from telemetry.payloads import HostFacts, Status, utc_now
 from tests.support.broker import Broker, Capture
 from tests.support.nats import NatsCluster
 from tests.support.net import free_port
+from tests.support.waits import wait_until
 
 STARTED = utc_now()
 
@@ -77,15 +77,6 @@ def make_link() -> Iterator[Callable[[Config], MqttLink]]:
             link.stop(timeout=1)
     for t in threading.enumerate():
         assert not t.name.startswith("inferd-mqtt"), f"thread {t.name} left running"
-
-
-def wait(predicate: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def where(b: Broker) -> str:
@@ -162,7 +153,7 @@ def test_commands_reach_the_device_on_its_new_node(
     got: list[Command] = []
     link.on_command("ping", lambda cmd: got.append(cmd) or {"pong": True})  # type: ignore[func-returns-value]
     cap2 = capture_factory(b2, "inferd/dev1/#")
-    assert wait(lambda: link.connected and link.node == where(b1))
+    assert wait_until(lambda: link.connected and link.node == where(b1))
     b1.kill()
     assert cap2.wait(lambda: online_on(cap2, where(b2)), 15)
     # the birth status goes after the subscriptions: online on b2 means it hears b2's commands
@@ -171,7 +162,9 @@ def test_commands_reach_the_device_on_its_new_node(
     publisher.loop_start()
     try:
         publisher.publish("inferd/groups/kitchen/ping", b"{}", qos=1).wait_for_publish(5)
-        assert wait(lambda: len(got) == 1), "the group poke reached the device on its new node"
+        assert wait_until(lambda: len(got) == 1), (
+            "the group poke reached the device on its new node"
+        )
         assert got[0].group == "kitchen"
     finally:
         publisher.disconnect()
@@ -196,14 +189,14 @@ def test_operator_tools_take_the_first_node_that_answers_and_follow_a_loss(
         assert (client.host, client.port) == (b1.host, b1.port)
         b1.kill()
         # paho's loop reconnects on its own; the rotation aims it at the next live node
-        assert wait(lambda: client.is_connected() and client.port == b2.port, 20)
+        assert wait_until(lambda: client.is_connected() and client.port == b2.port, 20)
         pub = mqtt.Client(CallbackAPIVersion.VERSION2)
         pub.connect(b2.host, b2.port)
         pub.loop_start()
         pub.publish("inferd/x/status", b"{}", qos=1).wait_for_publish(5)
         pub.disconnect()
         pub.loop_stop()
-        assert wait(lambda: "inferd/x/status" in seen), "the subscription was restored on b2"
+        assert wait_until(lambda: "inferd/x/status" in seen), "the subscription was restored on b2"
     finally:
         client.disconnect()
         client.loop_stop()
@@ -236,7 +229,7 @@ def test_a_broker_that_refuses_mqtt5_is_spoken_to_in_311(
         link = make_link(config(tmp_path, [node.where]))
         got: list[Command] = []
         link.on_command("ping", lambda cmd: got.append(cmd) or {"pong": True})  # type: ignore[func-returns-value]
-        assert wait(lambda: link.connected, 15), caplog.text
+        assert wait_until(lambda: link.connected, 15), caplog.text
         assert "does not speak MQTT 5; using MQTT 3.1.1" in caplog.text
         link.emit_event("test", "over 3.1.1", n=1)
 
@@ -244,12 +237,12 @@ def test_a_broker_that_refuses_mqtt5_is_spoken_to_in_311(
             topics = [m.topic for m in seen]
             return "inferd/dev1/status" in topics and "inferd/dev1/events" in topics
 
-        assert wait(status_and_event, 10), [m.topic for m in seen]
+        assert wait_until(status_and_event, 10), [m.topic for m in seen]
         status = json.loads(next(m.payload for m in seen if m.topic.endswith("/status")))
         assert status["broker"] == node.where
         # a command without a response topic (3.1.1 has none) still runs
         watcher.publish("inferd/dev1/cmd/ping", b"{}", qos=1).wait_for_publish(5)
-        assert wait(lambda: len(got) == 1)
+        assert wait_until(lambda: len(got) == 1)
     finally:
         watcher.disconnect()
         watcher.loop_stop()
