@@ -10,6 +10,9 @@ interleaved in rounds so machine noise hits every path alike:
   http      POST /v2/models/{name}/infer with JSON tensors to a real ``inferd run`` process, one
             keep-alive connection, from a lean client (what curl, wrk or a C/Go client costs)
   http_bin  the same with the binary tensor extension (raw bytes in and out)
+  floor     the binary request to a bare httptools server in another process that answers each
+            parsed request with a fixed 2-byte reply: the loopback round trip and wake-ups any
+            Python HTTP server pays on this machine at this minute (reported, not judged)
   http_lib  the JSON request again through Python's http.client, whose own request building and
             response parsing add about 100 us in the *caller*; reported, not judged
 and prints p50/p99 and the overhead against DESIGN section 9:
@@ -26,6 +29,7 @@ import argparse
 import http.client
 import json
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,6 +106,47 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t)
     return out
+
+
+FLOOR_SERVER = """
+import socket, sys, httptools
+class Done:
+    complete = False
+    def on_message_complete(self):
+        self.complete = True
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(8)
+print(srv.getsockname()[1], flush=True)
+reply = b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: 2\\r\\n\\r\\n{}"
+while True:
+    conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    state = Done()
+    parser = httptools.HttpRequestParser(state)
+    while data := conn.recv(65536):
+        parser.feed_data(data)
+        if state.complete:
+            state.complete = False
+            conn.sendall(reply)
+    conn.close()
+"""
+"""The floor: a server that parses each request with httptools and sends a fixed reply."""
+
+
+class FloorServer:
+    """:data:`FLOOR_SERVER` in another process, ended by its pid."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", FLOOR_SERVER], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 def filetype_like(path: Path, n_classes: int = 128) -> Path:
@@ -231,6 +276,8 @@ def bench_model(name: str, case: Case, iterations: int, tmp: Path) -> dict:
     bin_body, head_len = binary_body(feeds)
     conn = http.client.HTTPConnection(daemon.host, daemon.port)
     lean = LeanClient(daemon.host, daemon.port)
+    floor_server = FloorServer()
+    floor = LeanClient("127.0.0.1", floor_server.port)
     path = f"/v2/models/{name}/infer"
 
     def post(payload: bytes, headers: dict[str, str]) -> None:
@@ -244,6 +291,7 @@ def bench_model(name: str, case: Case, iterations: int, tmp: Path) -> dict:
     bin_headers = {"Inference-Header-Content-Length": str(head_len)}
     json_req = lean.prepare(path, body, json_headers)
     bin_req = lean.prepare(path, bin_body, bin_headers)
+    floor_req = floor.prepare(path, bin_body, bin_headers)
 
     def codec() -> object:
         """The JSON work alone: decode the request, encode the bare outputs."""
@@ -256,6 +304,7 @@ def bench_model(name: str, case: Case, iterations: int, tmp: Path) -> dict:
         "inproc": lambda: slot.predict(feeds),
         "http": lambda: lean.send(json_req),
         "http_bin": lambda: lean.send(bin_req),
+        "floor": lambda: floor.send(floor_req),
         "http_lib": lambda: post(body, json_headers),
     }
     samples: dict[str, list[float]] = {k: [] for k in paths}
@@ -272,6 +321,8 @@ def bench_model(name: str, case: Case, iterations: int, tmp: Path) -> dict:
     finally:
         conn.close()
         lean.close()
+        floor.close()
+        floor_server.stop()
         daemon.stop()
         slot.close()
     res: dict[str, float] = {}
@@ -334,7 +385,7 @@ def checks(results: dict) -> list[dict]:
                 f"HTTP v2 infer overhead, binary tensors ({name})",
                 f"p50 <= {r['http_bin_target_us']:.0f} us over bare",
                 f"+{r['http_bin_overhead_p50_us']:.1f} us",
-                bare,
+                f"{bare}; a bare httptools server's round trip p50 {r['floor_p50_us']:.1f} us",
                 r["http_bin_ok"],
             )
         )
@@ -358,7 +409,7 @@ def main() -> int:
     if not args.json:
         print(f"{'model':8} {'path':8} {'p50 us':>9} {'p99 us':>9}")
         for name, r in results.items():
-            for key in ("bare", "codec", "inproc", "http", "http_bin", "http_lib"):
+            for key in ("bare", "codec", "inproc", "http", "http_bin", "floor", "http_lib"):
                 print(f"{name:8} {key:8} {r[key + '_p50_us']:9.1f} {r[key + '_p99_us']:9.1f}")
         print()
     return report(results, checks(results), args.json)
