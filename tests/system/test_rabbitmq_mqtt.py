@@ -21,8 +21,8 @@ from agent.config import Config
 from agent.mqtt.link import Command, MqttLink
 from telemetry import broker as operator_broker
 from telemetry.broker import BrokerOptions
-from tests.integration.agent.test_mqtt_failover import config, status_of
 from tests.support.broker import Cutter
+from tests.support.links import link_config
 from tests.support.nats import Watcher
 from tests.support.rabbitmq import EPMD, RABBITMQ_SERVER, RabbitNode
 from tests.support.waits import wait_until
@@ -40,22 +40,6 @@ def rabbit(tmp_path: Path) -> Iterator[RabbitNode]:
     node.kill()
 
 
-@pytest.fixture
-def make_link() -> Iterator[Callable[[Config], MqttLink]]:
-    links: list[MqttLink] = []
-
-    def make(cfg: Config) -> MqttLink:
-        link = MqttLink(cfg, status_of(cfg))
-        link.start()
-        links.append(link)
-        return link
-
-    yield make
-    for link in links:
-        if link._threads:
-            link.stop(timeout=1)
-
-
 def states(w: Watcher, suffix: str) -> list[dict[str, Any]]:
     return [json.loads(m.payload) for m in w.on(suffix)]
 
@@ -70,7 +54,7 @@ def test_the_link_on_rabbitmq(
     live = Watcher(rabbit.host, rabbit.port, "inferd/#")
     gate = Cutter(rabbit)  # type: ignore[arg-type]  # host/port is all it needs
     try:
-        link = make_link(config(tmp_path, [f"{gate.host}:{gate.port}"]))
+        link = make_link(link_config(tmp_path, [f"{gate.host}:{gate.port}"]))
         got: list[Command] = []
         link.on_command("ping", lambda cmd: got.append(cmd) or {})  # type: ignore[func-returns-value]
         assert wait_until(lambda: link.connected, 20), caplog.text

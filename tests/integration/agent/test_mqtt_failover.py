@@ -7,8 +7,7 @@ a broker that speaks MQTT 3.1.1 only.
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,67 +15,15 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import Config, parse_config
+from agent.config import Config
 from agent.mqtt.link import Command, MqttLink
 from telemetry import broker as operator_broker
 from telemetry.broker import BrokerOptions
-from telemetry.payloads import HostFacts, Status, utc_now
 from tests.support.broker import Broker, Capture
+from tests.support.links import link_config
 from tests.support.nats import NatsCluster
 from tests.support.net import free_port
 from tests.support.waits import wait_until
-
-STARTED = utc_now()
-
-
-def config(tmp_path: Path, hosts: list[str], **mqtt_extra: Any) -> Config:
-    return parse_config(
-        {
-            "device_id": "dev1",
-            "groups": ["kitchen"],
-            "state_dir": str(tmp_path / "state"),
-            "mqtt": {
-                "hosts": hosts,
-                "reconnect_min_s": 0.05,
-                "reconnect_max_s": 0.3,
-                "keepalive_s": 5,
-                **mqtt_extra,
-            },
-        },
-        environ={},
-    )
-
-
-def status_of(cfg: Config) -> Callable[[], Status]:
-    def build() -> Status:
-        return Status(
-            device=cfg.device_id,
-            groups=list(cfg.groups),
-            agent_version="test",
-            started_at=STARTED,
-            host=HostFacts(hostname="h", arch="x86_64", os="Linux", python="3"),
-            models=[],
-        )
-
-    return build
-
-
-@pytest.fixture
-def make_link() -> Iterator[Callable[[Config], MqttLink]]:
-    links: list[MqttLink] = []
-
-    def make(cfg: Config) -> MqttLink:
-        link = MqttLink(cfg, status_of(cfg))
-        link.start()
-        links.append(link)
-        return link
-
-    yield make
-    for link in links:
-        if link._threads:
-            link.stop(timeout=1)
-    for t in threading.enumerate():
-        assert not t.name.startswith("inferd-mqtt"), f"thread {t.name} left running"
 
 
 def where(b: Broker) -> str:
@@ -100,7 +47,7 @@ def test_the_first_node_that_answers_is_used(
 ) -> None:
     dead = f"127.0.0.1:{free_port()}"
     cap = capture_factory(broker, "inferd/dev1/#")
-    link = make_link(config(tmp_path, [dead, where(broker)]))
+    link = make_link(link_config(tmp_path, [dead, where(broker)]))
     assert cap.wait(lambda: online_on(cap, where(broker))), statuses(cap)
     assert link.node == where(broker)
 
@@ -114,7 +61,7 @@ def test_losing_a_node_moves_the_device_to_the_next_with_its_spool_in_order(
     b1, b2 = broker_factory(), broker_factory()
     cap1 = capture_factory(b1, "inferd/dev1/#")
     cap2 = capture_factory(b2, "inferd/dev1/#")
-    link = make_link(config(tmp_path, [where(b1), where(b2)]))
+    link = make_link(link_config(tmp_path, [where(b1), where(b2)]))
     assert cap1.wait(lambda: online_on(cap1, where(b1))), statuses(cap1)
     link.emit_event("test", "before", n=-1)
     assert cap1.wait(lambda: event_numbers(cap1) == [-1])
@@ -149,7 +96,7 @@ def test_commands_reach_the_device_on_its_new_node(
     capture_factory: Any,
 ) -> None:
     b1, b2 = broker_factory(), broker_factory()
-    link = make_link(config(tmp_path, [where(b1), where(b2)]))
+    link = make_link(link_config(tmp_path, [where(b1), where(b2)]))
     got: list[Command] = []
     link.on_command("ping", lambda cmd: got.append(cmd) or {"pong": True})  # type: ignore[func-returns-value]
     cap2 = capture_factory(b2, "inferd/dev1/#")
@@ -226,7 +173,7 @@ def test_a_broker_that_refuses_mqtt5_is_spoken_to_in_311(
     )
     try:
         assert watcher.protocol == mqtt.MQTTv311
-        link = make_link(config(tmp_path, [node.where]))
+        link = make_link(link_config(tmp_path, [node.where]))
         got: list[Command] = []
         link.on_command("ping", lambda cmd: got.append(cmd) or {"pong": True})  # type: ignore[func-returns-value]
         assert wait_until(lambda: link.connected, 15), caplog.text

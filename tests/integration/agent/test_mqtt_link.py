@@ -7,7 +7,7 @@ import logging
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,66 +16,12 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import Config, parse_config
 from agent.mqtt.link import SPOOL_FILE, Command, MqttLink, backoff_delay
 from runtime.errors import InferdError
-from telemetry.payloads import HostFacts, Status, utc_now
-from tests.support.broker import Broker, Capture, Cutter
+from tests.support.broker import Broker, Capture
+from tests.support.links import link_config
 from tests.support.waits import wait_until
 from tests.unit.telemetry.test_spool import corrupt_pages, spool_with_a_big_row
-
-STARTED = utc_now()
-
-
-def link_config(tmp_path: Path, b: Broker | Cutter, **mqtt_extra: Any) -> Config:
-    return parse_config(
-        {
-            "device_id": "dev1",
-            "groups": ["kitchen"],
-            "state_dir": str(tmp_path / "state"),
-            "mqtt": {
-                "host": b.host,
-                "port": b.port,
-                "reconnect_min_s": 0.05,
-                "reconnect_max_s": 0.3,
-                "keepalive_s": 5,
-                **mqtt_extra,
-            },
-        },
-        environ={},
-    )
-
-
-def status_of(cfg: Config) -> Callable[[], Status]:
-    def build() -> Status:
-        return Status(
-            device=cfg.device_id,
-            groups=list(cfg.groups),
-            agent_version="test",
-            started_at=STARTED,
-            host=HostFacts(hostname="h", arch="x86_64", os="Linux", python="3"),
-            models=[],
-        )
-
-    return build
-
-
-@pytest.fixture
-def make_link(tmp_path: Path) -> Iterator[Callable[..., MqttLink]]:
-    links: list[MqttLink] = []
-
-    def make(cfg: Config) -> MqttLink:
-        link = MqttLink(cfg, status_of(cfg))
-        link.start()
-        links.append(link)
-        return link
-
-    yield make
-    for link in links:
-        if link._threads:
-            link.stop(timeout=1)
-    for t in threading.enumerate():
-        assert not t.name.startswith("inferd-mqtt"), f"thread {t.name} left running"
 
 
 def decoded(c: Capture, suffix: str) -> list[dict[str, Any]]:
