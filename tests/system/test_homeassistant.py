@@ -21,7 +21,8 @@ import paho.mqtt.publish as mqtt_publish
 
 from telemetry.payloads import SystemMetrics
 from tests.support.broker import Broker, Capture
-from tests.support.daemon import DaemonProc, start_daemon
+from tests.support.daemon import start_daemon
+from tests.support.mqtt_agent import agent_config, infer
 
 DEVICE = "ha-agent.1"
 NODE = "ha-agent_1"
@@ -35,27 +36,15 @@ VERSION = re.compile(
 )
 
 
-def agent_config(model: Path, b: Broker, state: Path, discovery: bool) -> dict[str, Any]:
-    return {
-        "device_id": DEVICE,
-        "state_dir": str(state),
-        "models": [{"name": "clf", "path": str(model)}],
-        "mqtt": {
-            "enabled": True,
-            "host": b.host,
-            "port": b.port,
-            "reconnect_min_s": 0.05,
-            "reconnect_max_s": 0.5,
-            "homeassistant_discovery": discovery,
-        },
-        "updates": {"enabled": False},
-        "telemetry": {"metrics_interval_s": 0.3},
-    }
-
-
-def infer(d: DaemonProc) -> None:
-    x = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.1] * 4}
-    assert d.infer("clf", [x])[0] == 200
+def ha_config(model: Path, b: Broker, state: Path, discovery: bool) -> dict[str, Any]:
+    return agent_config(
+        model,
+        b,
+        state,
+        device=DEVICE,
+        telemetry={"metrics_interval_s": 0.3},
+        homeassistant_discovery=discovery,
+    )
 
 
 def served(cap: Capture) -> dict[str, Any] | None:
@@ -106,7 +95,7 @@ def test_home_assistant_sees_the_device_and_loses_it_when_the_option_is_off(
     agent_topics = capture_factory(broker, f"inferd/{DEVICE}/#")
     run1 = tmp_path / "run1"
     run1.mkdir()
-    d = start_daemon(run1, agent_config(model, broker, tmp_path / "state", discovery=True))
+    d = start_daemon(run1, ha_config(model, broker, tmp_path / "state", discovery=True))
     try:
         deadline = time.monotonic() + 15
         while not agent_topics.wait(lambda: served(agent_topics) is not None, 0.1):
@@ -144,7 +133,7 @@ def test_home_assistant_sees_the_device_and_loses_it_when_the_option_is_off(
     before = len(ha.messages)
     run2 = tmp_path / "run2"
     run2.mkdir()
-    d2 = start_daemon(run2, agent_config(model, broker, tmp_path / "state", discovery=False))
+    d2 = start_daemon(run2, ha_config(model, broker, tmp_path / "state", discovery=False))
     try:
         cleared = lambda: {m.topic for m in ha.messages[before:] if m.payload == b""}  # noqa: E731
         assert ha.wait(lambda: cleared() == set(found), 10), (cleared(), d2.stderr())

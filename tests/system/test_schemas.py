@@ -13,7 +13,7 @@ import pytest
 from telemetry import schemas
 from tests.support.broker import Broker, Capture
 from tests.support.daemon import start_daemon
-from tests.system.test_telemetry_agent import DEVICE, agent_config, infer, request
+from tests.support.mqtt_agent import DEVICE, agent_config, infer, request
 
 TOPIC_SCHEMAS = {
     "status": "status",

@@ -17,44 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.config import parse_config
 from agent.reporting import Telemetry
 from tests.support.broker import Broker, Capture, Cutter
 from tests.support.daemon import DaemonProc, start_daemon
-
-DEVICE = "agent-t"
-
-
-def agent_config(model: Path, b: Broker | Cutter, state: Path, **mqtt: Any) -> dict[str, Any]:
-    return {
-        "device_id": DEVICE,
-        "state_dir": str(state),
-        "models": [{"name": "clf", "path": str(model)}],
-        "mqtt": {
-            "enabled": True,
-            "host": b.host,
-            "port": b.port,
-            "reconnect_min_s": 0.05,
-            "reconnect_max_s": 0.5,
-            **mqtt,
-        },
-        "updates": {"enabled": False},
-        "telemetry": {
-            "metrics_interval_s": 0.3,
-            "prediction_batch_size": 40,
-            "prediction_batch_ms": 100,
-        },
-    }
-
-
-def infer(d: DaemonProc, rid: str) -> None:
-    status, body = d.infer(
-        "clf", [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.1] * 4}], id=rid
-    )
-    assert status == 200 and body["id"] == rid, body
+from tests.support.mqtt_agent import DEVICE, agent_config, infer, request
 
 
 def records(c: Capture) -> list[str]:
@@ -241,13 +209,6 @@ def live_agent(
     assert cap.wait(lambda: bool(cap.on("/status")), 10)
     yield d, cap
     assert d.stop() == 0, d.stderr()
-
-
-def request(cap: Capture, topic: str, body: bytes, corr: bytes, reply: str = "replies/x") -> None:
-    props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = reply
-    props.CorrelationData = corr
-    cap.client.publish(topic, body, qos=1, properties=props)
 
 
 def replies(cap: Capture, corr: bytes) -> list[Any]:

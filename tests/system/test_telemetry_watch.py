@@ -11,7 +11,7 @@ from pathlib import Path
 from telemetry.fleet.watch import Fleet, render_text
 from tests.support.broker import Broker, Capture
 from tests.support.daemon import start_daemon
-from tests.system.test_telemetry_agent import DEVICE, agent_config, infer
+from tests.support.mqtt_agent import DEVICE, agent_config, infer
 
 ROOT = Path(__file__).resolve().parents[2]
 
