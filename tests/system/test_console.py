@@ -41,12 +41,12 @@ from telemetry.shares import ALL
 from tests.support.broker import Broker
 from tests.support.chromium import CHROMIUM, Browser, Page
 from tests.support.daemon import DaemonProc, start_daemon
+from tests.support.fleet import ids_by_bucket
 from tests.support.models import classifier
 from tests.support.net import free_port
 from tests.support.signer import Signer
 from tests.support.tuf_repo import TufRepo
 from tests.support.waits import wait_until
-from tests.system.test_rollout import ids_by_bucket
 from updater.meta import Rollout
 from updater.operator.console.app import ConsoleApp, ConsoleSettings
 from updater.operator.console.rollouts import Policy

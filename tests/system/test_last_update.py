@@ -24,9 +24,9 @@ from telemetry.payloads import Event, LastUpdate, Status, utc_now
 from telemetry.shares import ALL
 from tests.support.broker import Broker, Capture
 from tests.support.daemon import start_daemon
+from tests.support.fleet import ids_by_bucket, inferctl_process, publisher, send, status_payload
 from tests.support.models import classifier
 from tests.support.tuf_repo import Device, TufRepo
-from tests.system.test_rollout import _inferctl, _publisher, _send, _status, ids_by_bucket
 from updater.device.state import StateMachine, migrate_legacy
 from updater.meta import Rollout
 from updater.operator.rollout import EXIT_HALTED
@@ -122,14 +122,14 @@ def test_rollout_run_after_the_wave_sees_its_failures_and_halts(
     wave: dict, tuf_repo: TufRepo, broker: Broker, capture_factory: Callable[..., Capture]
 ) -> None:
     repo_dir = str(tuf_repo.repo.path)
-    pub = _publisher(broker)
+    pub = publisher(broker)
     for name, dev in wave["devices"].items():
-        _send(pub, f"{PREFIX}/{name}/status", _status_of(name, dev), retain=True)
+        send(pub, f"{PREFIX}/{name}/status", _status_of(name, dev), retain=True)
     pub.disconnect()
     pub.loop_stop()
     cap = capture_factory(broker, f"{PREFIX}/groups/fleet/update")
     # every device has finished and no event will come: only the retained status tells
-    proc = _inferctl("rollout", "classifier", "--repo", repo_dir, "--window", "1",
+    proc = inferctl_process("rollout", "classifier", "--repo", repo_dir, "--window", "1",
                      "--halt-ratio", "0.2", "--min-attempted", "3",
                      "--broker", f"{broker.host}:{broker.port}")  # fmt: skip
     out, err = proc.communicate(timeout=30)
@@ -170,7 +170,7 @@ def test_an_event_newer_than_the_retained_outcome_wins() -> None:
     t = _tally(5)
     before = utc_now() - timedelta(minutes=5)
     withdrawn = LastUpdate(version="2", seq=5, outcome="withdrawn", reason="halted", ts=before)
-    status = msgspec.json.decode(_status("d1", "1", "idle"), type=Status)
+    status = msgspec.json.decode(status_payload("d1", "1", "idle"), type=Status)
     status.models[0].last_update = withdrawn
     t.feed(f"{PREFIX}/d1/status", msgspec.json.encode(status))
     assert t.summary().states == {"withdrawn": 1}
@@ -249,7 +249,7 @@ def test_last_update_is_published_and_survives_a_daemon_restart(
 
 
 def test_payloads_and_state_files_from_before_last_update_still_decode(tmp_path: Path) -> None:
-    old = json.loads(_status("d1", "1", "idle"))
+    old = json.loads(status_payload("d1", "1", "idle"))
     del old["models"][0]["last_update"]
     decoded = msgspec.json.decode(json.dumps(old).encode(), type=Status)
     assert decoded.models[0].last_update is None

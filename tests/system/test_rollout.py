@@ -11,14 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from telemetry.fleet.rollout import RolloutTally, render
-from telemetry.payloads import Event, HostFacts, Offline, SlotStatus, Status, utc_now
+from telemetry.payloads import Event, Offline
 from telemetry.shares import ALL, FULL, bucket, joins, share_of
 from tests.support.broker import Broker, Capture
+from tests.support.fleet import ids_by_bucket, inferctl_process, publisher, send, status_payload
 from tests.support.models import classifier
 from tests.support.tuf_repo import TufRepo
 from updater.inferctl.main import main as inferctl
@@ -27,21 +26,6 @@ from updater.operator.rollout import EXIT_HALTED
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "inferd"
-
-
-def ids_by_bucket(slot: str, version: str, below: int, n: int = 1, above: bool = False) -> list:
-    """Device ids whose bucket is below (or at/above) ``below`` for this slot and version."""
-    out = []
-    for i in range(100_000):
-        name = f"dev-{i}"
-        if (bucket(name, slot, version) >= below) == above:
-            out.append(name)
-            if len(out) == n:
-                return out
-    raise AssertionError("no such id")
-
-
-# -- the hash ---------------------------------------------------------------------------------
 
 
 def test_bucket_is_stable_across_processes_and_salted_by_slot_and_version():
@@ -193,30 +177,6 @@ class Clock:
         return self.now
 
 
-def _status(device: str, version: str, state: str, groups=("fleet",)) -> bytes:
-    return msgspec.json.encode(
-        Status(
-            device=device,
-            groups=list(groups),
-            agent_version="test",
-            started_at=utc_now(),
-            host=HostFacts(hostname=device, arch="x86_64", os="Linux", python="3"),
-            models=[
-                SlotStatus(
-                    name="classifier",
-                    ready=True,
-                    version=version,
-                    runtime="onnxruntime",
-                    providers=["cpu"],
-                    digest=None,
-                    signature_digest=None,
-                    update_state=state,
-                )
-            ],
-        )
-    )
-
-
 def _update(device: str, version: str, seq: int, state: str, message: str = "") -> bytes:
     return msgspec.json.encode(
         Event(
@@ -245,8 +205,8 @@ def test_tally_counts_states_failures_and_eta():
         clock=clock,
     )
     for d in devices:
-        t.feed(f"{PREFIX}/{d}/status", _status(d, "1", "idle"))
-    t.feed(f"{PREFIX}/outsider/status", _status("outsider", "1", "idle", groups=("lab",)))
+        t.feed(f"{PREFIX}/{d}/status", status_payload(d, "1", "idle"))
+    t.feed(f"{PREFIX}/outsider/status", status_payload("outsider", "1", "idle", groups=("lab",)))
     joined = [d for d in devices if joins(shares, d, ("fleet",), "classifier", "2")]
     s = t.summary()
     assert (s.devices, s.online, s.eligible) == (41, 41, 40)
@@ -263,7 +223,7 @@ def test_tally_counts_states_failures_and_eta():
         t.feed(f"{PREFIX}/{d}/events", _update(d, "2", 5, "failed", "candidate does not load"))
     for d in started[2:]:
         t.feed(f"{PREFIX}/{d}/events", _update(d, "2", 5, "committed"))
-        t.feed(f"{PREFIX}/{d}/status", _status(d, "2", "committed"))
+        t.feed(f"{PREFIX}/{d}/status", status_payload(d, "2", "committed"))
     s = t.summary()
     assert s.attempted == len(started)
     assert s.failed == 2 and s.succeeded == len(started) - 2 == s.serving
@@ -296,33 +256,12 @@ def test_tally_without_a_version_follows_the_newest_poke():
     poke = {"model": "classifier", "version": "4", "seq": 9, "groups": [], "rollout": {ALL: 0}}
     t.feed(f"{PREFIX}/groups/fleet/update", json.dumps(poke).encode())
     t.feed(f"{PREFIX}/groups/fleet/update", json.dumps({**poke, "model": "other"}).encode())
-    t.feed(f"{PREFIX}/d1/status", _status("d1", "3", "idle"))
+    t.feed(f"{PREFIX}/d1/status", status_payload("d1", "3", "idle"))
     s = t.summary()
     assert (s.version, s.seq, s.shares, s.joined) == ("4", 9, {ALL: 0}, 0)
 
 
 # -- inferctl rollout against a real broker -------------------------------------------------
-
-
-def _publisher(b: Broker) -> mqtt.Client:
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    c.connect(b.host, b.port)
-    c.loop_start()
-    return c
-
-
-def _send(c: mqtt.Client, topic: str, payload: bytes, retain: bool = False) -> None:
-    c.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
-
-
-def _inferctl(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "updater.inferctl", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 @pytest.fixture
@@ -341,10 +280,10 @@ def test_inferctl_rollout_raises_the_share_signs_pokes_and_tallies(
 ):
     repo_dir = str(staged_repo.repo.path)
     cap = capture_factory(broker, f"{PREFIX}/groups/#")
-    pub = _publisher(broker)
+    pub = publisher(broker)
     devices = [f"pi-{i:02d}" for i in range(30)]
     for d in devices:
-        _send(pub, f"{PREFIX}/{d}/status", _status(d, "1", "idle"), retain=True)
+        send(pub, f"{PREFIX}/{d}/status", status_payload(d, "1", "idle"), retain=True)
     before = staged_repo.repo.timestamp().version
     broker_at = f"{broker.host}:{broker.port}"
     args = ["rollout", "classifier", "--repo", repo_dir, "--percent", "40", "--group", "canary"]
@@ -376,8 +315,8 @@ def test_failure_ratio_over_the_threshold_halts_the_rollout(
     repo_dir = str(staged_repo.repo.path)
     seq = staged_repo.repo.model("classifier")[2].seq
     cap = capture_factory(broker, f"{PREFIX}/groups/fleet/update")
-    pub = _publisher(broker)
-    proc = _inferctl(
+    pub = publisher(broker)
+    proc = inferctl_process(
         "rollout", "classifier", "--repo", repo_dir, "--follow", "--interval", "0.2",
         "--halt-ratio", "0.2", "--min-attempted", "4",
         "--broker", f"{broker.host}:{broker.port}",
@@ -387,13 +326,13 @@ def test_failure_ratio_over_the_threshold_halts_the_rollout(
         assert "classifier 2" in proc.stdout.readline()  # subscribed, first tally printed
         devices = [f"pi-{i}" for i in range(5)]
         for d in devices:
-            _send(pub, f"{PREFIX}/{d}/status", _status(d, "1", "downloading"), retain=True)
-            _send(pub, f"{PREFIX}/{d}/events", _update(d, "2", seq, "downloading"))
+            send(pub, f"{PREFIX}/{d}/status", status_payload(d, "1", "downloading"), retain=True)
+            send(pub, f"{PREFIX}/{d}/events", _update(d, "2", seq, "downloading"))
         # one failure in five is 20 %: not over the ratio yet
-        _send(pub, f"{PREFIX}/pi-0/events", _update("pi-0", "2", seq, "failed", "bad golden"))
+        send(pub, f"{PREFIX}/pi-0/events", _update("pi-0", "2", seq, "failed", "bad golden"))
         time.sleep(1.0)
         assert proc.poll() is None
-        _send(pub, f"{PREFIX}/pi-1/events", _update("pi-1", "2", seq, "rolled_back", "crash"))
+        send(pub, f"{PREFIX}/pi-1/events", _update("pi-1", "2", seq, "rolled_back", "crash"))
         out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
@@ -408,7 +347,7 @@ def test_failure_ratio_over_the_threshold_halts_the_rollout(
     assert json.loads(cap.messages[-1].payload)["halted"] == meta.rollout.halted
 
     # looking again says halted (exit 3) and shows the signed reason
-    again = _inferctl("rollout", "classifier", "--repo", repo_dir, "--window", "0.3",
+    again = inferctl_process("rollout", "classifier", "--repo", repo_dir, "--window", "0.3",
                       "--broker", f"{broker.host}:{broker.port}")  # fmt: skip
     text, _ = again.communicate(timeout=20)
     assert again.returncode == EXIT_HALTED
@@ -433,23 +372,23 @@ def test_rollout_mistakes_are_one_clear_line(staged_repo, capsys):
 
 
 def test_inferctl_watch_rollout_shows_states_failures_and_eta(broker: Broker):
-    pub = _publisher(broker)
+    pub = publisher(broker)
     poke = {"model": "classifier", "version": "2", "seq": 7, "groups": ["fleet"],
             "rollout": {ALL: 5000}, "halted": None, "by": "inferctl rollout"}  # fmt: skip
-    _send(pub, f"{PREFIX}/groups/fleet/update", json.dumps(poke).encode(), retain=True)
+    send(pub, f"{PREFIX}/groups/fleet/update", json.dumps(poke).encode(), retain=True)
     devices = [f"pi-{i:02d}" for i in range(20)]
     for d in devices:
-        _send(pub, f"{PREFIX}/{d}/status", _status(d, "1", "idle"), retain=True)
+        send(pub, f"{PREFIX}/{d}/status", status_payload(d, "1", "idle"), retain=True)
     joined = [d for d in devices if bucket(d, "classifier", "2") < 5000]
-    watch = _inferctl("watch", "--rollout", "classifier", "--json", "--wait", "4",
+    watch = inferctl_process("watch", "--rollout", "classifier", "--json", "--wait", "4",
                       "--broker", f"{broker.host}:{broker.port}")  # fmt: skip
     time.sleep(2.0)  # the watcher has subscribed: events are not retained
     for d in joined[:3]:
-        _send(pub, f"{PREFIX}/{d}/events", _update(d, "2", 7, "downloading"))
-    _send(pub, f"{PREFIX}/{joined[0]}/events", _update(joined[0], "2", 7, "failed", "no"))
+        send(pub, f"{PREFIX}/{d}/events", _update(d, "2", 7, "downloading"))
+    send(pub, f"{PREFIX}/{joined[0]}/events", _update(joined[0], "2", 7, "failed", "no"))
     for d in joined[1:3]:
-        _send(pub, f"{PREFIX}/{d}/events", _update(d, "2", 7, "committed"))
-        _send(pub, f"{PREFIX}/{d}/status", _status(d, "2", "committed"), retain=True)
+        send(pub, f"{PREFIX}/{d}/events", _update(d, "2", 7, "committed"))
+        send(pub, f"{PREFIX}/{d}/status", status_payload(d, "2", "committed"), retain=True)
     out, err = watch.communicate(timeout=20)
     assert watch.returncode == 0, err
     s = json.loads(out)
