@@ -6,34 +6,13 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from runtime import durable
 from runtime.durable import write_atomic
-
-
-@pytest.fixture
-def small_disk(tmpfs_factory: Callable[[str, str], Path]) -> Path:
-    """A 256 KiB tmpfs: writes past it fail with ENOSPC from the kernel."""
-    return tmpfs_factory("disk", "256k")
-
-
-def _leftovers(folder: Path, keep: set[str]) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
-
-
-def _fail(name: str, err: int):  # type: ignore[no-untyped-def]
-    calls: list[object] = []
-
-    def boom(*args: object, **kwargs: object) -> None:
-        calls.append(args)
-        raise OSError(err, os.strerror(err))
-
-    boom.calls = calls  # type: ignore[attr-defined]
-    return boom
+from tests.support.faults import Failing, leftovers
 
 
 def test_a_full_disk_keeps_the_old_file_and_leaves_no_temp_file(small_disk: Path) -> None:
@@ -43,7 +22,7 @@ def test_a_full_disk_keeps_the_old_file_and_leaves_no_temp_file(small_disk: Path
         write_atomic(target, b"x" * (1024 * 1024))
     assert caught.value.errno == errno.ENOSPC
     assert target.read_bytes() == b"old"
-    assert _leftovers(small_disk, {"state.json"}) == []
+    assert leftovers(small_disk, {"state.json"}) == []
     write_atomic(target, b"new")  # the space the failed write took is free again
     assert target.read_bytes() == b"new"
 
@@ -54,14 +33,14 @@ def test_a_failing_replace_or_fsync_keeps_the_old_file_and_removes_the_temp_file
 ) -> None:
     target = tmp_path / "state.json"
     write_atomic(target, b"old")
-    boom = _fail(call, errno.EIO)
+    boom = Failing(errno.EIO)
     monkeypatch.setattr(durable.os, call, boom)
     with pytest.raises(OSError) as caught:
         write_atomic(target, b"new")
     assert caught.value.errno == errno.EIO and boom.calls
     monkeypatch.undo()
     assert target.read_bytes() == b"old"
-    assert _leftovers(tmp_path, {"state.json"}) == []
+    assert leftovers(tmp_path, {"state.json"}) == []
 
 
 def test_a_failing_folder_fsync_after_the_rename_is_reported(
@@ -81,4 +60,4 @@ def test_a_failing_folder_fsync_after_the_rename_is_reported(
     with pytest.raises(OSError, match="Input/output error"):
         write_atomic(target, b"new")
     monkeypatch.undo()
-    assert _leftovers(tmp_path, {"state.json"}) == []
+    assert leftovers(tmp_path, {"state.json"}) == []

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -14,30 +13,10 @@ import pytest
 
 from runtime import durable
 from runtime.errors import StorageError
+from tests.support.faults import Failing, leftovers
 from tests.support.tmpfs import fill
 from updater.device.state import State, StateMachine
 from updater.device.store import Entry, ModelStore
-
-
-@pytest.fixture
-def small_disk(tmpfs_factory: Callable[[str, str], Path]) -> Path:
-    """A 256 KiB tmpfs: writes past it fail with ENOSPC from the kernel."""
-    return tmpfs_factory("disk", "256k")
-
-
-def _leftovers(folder: Path, keep: set[str]) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
-
-
-def _fail(name: str, err: int):  # type: ignore[no-untyped-def]
-    calls: list[object] = []
-
-    def boom(*args: object, **kwargs: object) -> None:
-        calls.append(args)
-        raise OSError(err, os.strerror(err))
-
-    boom.calls = calls  # type: ignore[attr-defined]
-    return boom
 
 
 def test_update_state_that_cannot_be_saved_is_one_line_and_the_file_keeps_the_last_state(
@@ -46,14 +25,14 @@ def test_update_state_that_cannot_be_saved_is_one_line_and_the_file_keeps_the_la
     path = tmp_path / "jobs" / "classifier.json"
     machine = StateMachine(path, clock=lambda: 1000.0)
     machine.transition(State.CHECKING, "check")
-    monkeypatch.setattr(durable.os, "replace", _fail("replace", errno.EIO))
+    monkeypatch.setattr(durable.os, "replace", Failing(errno.EIO))
     with pytest.raises(StorageError) as caught:
         machine.transition(State.IDLE, "up to date")
     monkeypatch.undo()
     assert str(caught.value) == f"{path}: cannot save update state: Input/output error"
     assert msgspec.json.decode(path.read_bytes())["state"] == "checking"
     assert StateMachine(path, clock=lambda: 1.0).state == State.CHECKING
-    assert _leftovers(path.parent, {"classifier.json"}) == []
+    assert leftovers(path.parent, {"classifier.json"}) == []
 
 
 def test_update_state_on_a_full_disk_is_one_line(small_disk: Path) -> None:
