@@ -10,7 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.app import build_daemon
 from agent.batching import Batcher
-from agent.config import parse_config
 from agent.daemon import Daemon
 from agent.slots import Prediction
 from telemetry.metrics import MetricsCollector
@@ -39,9 +37,9 @@ def expected(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
+def daemon(tmp_path: Path, in_process_daemon: Callable[[dict[str, Any]], Daemon]) -> Daemon:
     path = models.classifier(tmp_path / "clf.onnx", FEATURES, CLASSES)
-    config = parse_config(
+    return in_process_daemon(
         {
             "device_id": "batching",
             "state_dir": str(tmp_path / "state"),
@@ -53,14 +51,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
             "api": {"listen": "127.0.0.1:0", "workers": CLIENTS},
             "mqtt": {"enabled": False},
         },
-        environ={},
     )
-    d = build_daemon(config)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
 
 
 def post(conn: http.client.HTTPConnection, model: str, body: dict[str, Any]) -> tuple[int, Any]:

@@ -10,7 +10,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.app import build_daemon
-from agent.config import parse_config
 from agent.daemon import Daemon
 from telemetry.request_histogram import BUCKETS_S
 from tests.support import models, prometheus
@@ -60,9 +58,11 @@ def check_histogram(text: str, **match: str) -> None:
 
 
 @pytest.fixture
-def batching_daemon(tmp_path: Path) -> Iterator[Daemon]:
+def batching_daemon(
+    tmp_path: Path, in_process_daemon: Callable[[dict[str, Any]], Daemon]
+) -> Daemon:
     path = models.classifier(tmp_path / "clf.onnx", FEATURES, CLASSES)
-    config = parse_config(
+    return in_process_daemon(
         {
             "device_id": "prom",
             "state_dir": str(tmp_path / "state"),
@@ -73,14 +73,7 @@ def batching_daemon(tmp_path: Path) -> Iterator[Daemon]:
             "api": {"listen": "127.0.0.1:0", "workers": CLIENTS},
             "mqtt": {"enabled": False},
         },
-        environ={},
     )
-    d = build_daemon(config)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
 
 
 def get_metrics(host: str, port: int) -> str:

@@ -7,14 +7,12 @@ from __future__ import annotations
 import http.client
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.app import build_daemon
-from agent.config import parse_config
 from agent.daemon import Daemon
 from tests.support import models
 from tests.support.prometheus import parse_exposition
@@ -62,9 +60,9 @@ def test_metric_names_are_read_from_promql() -> None:
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Daemon]:
+def agent(tmp_path: Path, in_process_daemon: Callable[[dict[str, Any]], Daemon]) -> Daemon:
     path = models.classifier(tmp_path / "clf.onnx", 4, 3)
-    config = parse_config(
+    return in_process_daemon(
         {
             "device_id": "grafana",
             "state_dir": str(tmp_path / "state"),
@@ -72,14 +70,7 @@ def agent(tmp_path: Path) -> Iterator[Daemon]:
             "api": {"listen": "127.0.0.1:0"},
             "mqtt": {"enabled": False},
         },
-        environ={},
     )
-    d = build_daemon(config)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
 
 
 def request(d: Daemon, method: str, path: str, body: bytes | None = None) -> bytes:
