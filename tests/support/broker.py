@@ -29,6 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.support.net import end_process, free_port, wait_port
+from tests.support.waits import wait_notified
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -241,14 +242,7 @@ class Capture:
             self._cond.notify_all()
 
     def wait(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.05))
-        return True
+        return wait_notified(self._cond, predicate, timeout)
 
     def back(self, subscribed_before: int, timeout: float = 10.0) -> bool:
         """Wait until this capture has reconnected and subscribed again after a broker restart."""

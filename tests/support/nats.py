@@ -22,6 +22,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support.net import free_port
+from tests.support.waits import wait_notified
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
@@ -206,14 +207,7 @@ class Watcher:
             raise RuntimeError(f"no SUBACK from {host}:{port}")
 
     def wait(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.05))
-        return True
+        return wait_notified(self._cond, predicate, timeout)
 
     def on(self, suffix: str) -> list[Seen]:
         with self._cond:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -23,4 +24,20 @@ def wait_until(
             return False
         time.sleep(min(pause, left))
         pause = min(pause * 2, interval)
+    return True
+
+
+def wait_notified(
+    cond: threading.Condition, predicate: Callable[[], bool], timeout: float = 10.0
+) -> bool:
+    """Wait on ``cond`` until ``predicate`` (checked under it) is true (True) or ``timeout`` s
+    have passed (False): for a recorder that notifies ``cond`` when something arrives. Wakes
+    every 50 ms at the latest, so a predicate that turns true without a notify is seen too."""
+    deadline = time.monotonic() + timeout
+    with cond:
+        while not predicate():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            cond.wait(min(left, 0.05))
     return True
