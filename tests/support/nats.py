@@ -7,6 +7,7 @@ nodes are the smallest cluster whose JetStream keeps a quorum when one of them d
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support.net import free_port
+from tests.support.net import end_process, free_port, wait_serving
 from tests.support.waits import wait_notified
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
@@ -61,6 +62,10 @@ class NatsNode:
                 [NATS_SERVER, "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT
             )
 
+    def log_tail(self) -> str:
+        """The last 3000 characters of the node's log."""
+        return self.log.read_text(errors="replace")[-3000:]
+
     def kill(self) -> None:
         """End the node abruptly (SIGKILL): no goodbye to any client or route."""
         self._end(signal.SIGKILL)
@@ -69,14 +74,8 @@ class NatsNode:
         self._end(signal.SIGTERM)
 
     def _end(self, sig: signal.Signals) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, sig)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            end_process(self.proc, sig, grace=10)
 
 
 class NatsCluster:
@@ -123,16 +122,19 @@ class NatsCluster:
             node.start()
         deadline = time.monotonic() + timeout
         for node in self.nodes:
-            while not mqtt_ready(node.host, node.mqtt_port):
-                if not node.alive:
-                    raise RuntimeError(f"{node.name} exited: {node.log.read_text()[-3000:]}")
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(
-                        f"{node.name}: MQTT not ready after {timeout}s: "
-                        + node.log.read_text(errors="replace")[-3000:]
-                    )
-                time.sleep(0.2)
+            assert node.proc is not None
+            try:
+                wait_serving(
+                    node.proc,
+                    functools.partial(mqtt_ready, node.host, node.mqtt_port),
+                    f"nats-server {node.name} (MQTT)",
+                    max(deadline - time.monotonic(), 0.0),
+                    node.log_tail,
+                    interval=0.2,
+                )
+            except AssertionError:
+                self.kill()
+                raise
 
     def kill(self) -> None:
         for node in self.nodes:
