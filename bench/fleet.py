@@ -931,37 +931,16 @@ def record_scale(results: dict[str, Any], rows: list[Check]) -> None:
     """Merge the rows into bench/results.json and results.md (as bench.peers does)."""
     from bench import run
 
-    file = ROOT / "bench" / "results.json"
-    try:
-        old = json.loads(file.read_text())
-    except (OSError, ValueError):
-        old = {}
-    machine = old.get("machine") or {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "cpus": os.cpu_count(),
-        "cpu": run._cpu_model(),
-        "python": sys.version.split()[0],
-        "seconds": 0,
-        "did_not_finish": [],
-    }
-    # runs with other settings (broker, fleet size, queue limit) stay: each run adds its rows
-    names = {c["name"] for c in rows}
-    kept = [
-        c for c in old.get("checks", [])
-        if c.get("bench") != "fleet-scale" or c["name"] not in names
-    ]  # fmt: skip
-    for c in rows:
-        c["bench"] = "fleet-scale"
-    merged = old.get("results", {})
-
     def key(r: dict[str, Any]) -> tuple[Any, ...]:
         return (r["broker"], r["devices"], r.get("max_queued_messages"), r.get("nats_mqtt"))
 
-    new_keys = {key(r) for r in results["runs"]}
-    earlier = merged.get("fleet-scale", {}).get("runs", [])
-    runs = [r for r in earlier if key(r) not in new_keys] + results["runs"]
-    merged["fleet-scale"] = {**results, "runs": runs}
-    run.write_tables(machine, kept + rows, merged)
+    def merge(earlier: dict[str, Any] | None) -> dict[str, Any]:
+        # runs with other settings (broker, fleet size, queue limit) stay: each run adds its rows
+        new_keys = {key(r) for r in results["runs"]}
+        kept = [r for r in (earlier or {}).get("runs", []) if key(r) not in new_keys]
+        return {**results, "runs": kept + results["runs"]}
+
+    run.merge_into_results("fleet-scale", rows, merge, same_names_only=True)
 
 
 def main_scale(args: argparse.Namespace) -> int:

@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -227,25 +226,7 @@ def record(results: dict[str, Any], rows: list[Check]) -> None:
     """Merge the rows into bench/results.json and results.md, keeping the other benchmarks'."""
     from bench import run
 
-    file = ROOT / "bench" / "results.json"
-    try:
-        old = json.loads(file.read_text())
-    except (OSError, ValueError):
-        old = {}
-    machine = old.get("machine") or {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "cpus": os.cpu_count(),
-        "cpu": run._cpu_model(),
-        "python": sys.version.split()[0],
-        "seconds": 0,
-        "did_not_finish": [],
-    }
-    kept = [c for c in old.get("checks", []) if c.get("bench") != "peers"]
-    for c in rows:
-        c["bench"] = "peers"
-    merged = old.get("results", {})
-    merged["peers"] = results
-    run.write_tables(machine, kept + rows, merged)
+    run.merge_into_results("peers", rows, lambda _earlier: results)
 
 
 def main() -> int:

@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,44 @@ def write_tables(machine: dict[str, Any], checks: list[Check], results: dict[str
             f" {shown} |"
         )
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def merge_into_results(
+    bench: str,
+    rows: list[Check],
+    results: Callable[[Any], Any],
+    same_names_only: bool = False,
+) -> None:
+    """Merge one benchmark's rows into results.json and results.md, keeping the others'.
+
+    For a benchmark run on its own (``bench.peers``, ``bench.fleet --devices``): the machine line
+    is kept (or written now if there is none), this benchmark's earlier rows are replaced (with
+    ``same_names_only``, only those named as a new row), and its results become
+    ``results(earlier)``, ``earlier`` being its results as recorded (None when there are none).
+    """
+    file = HERE / "results.json"
+    try:
+        old = json.loads(file.read_text())
+    except (OSError, ValueError):
+        old = {}
+    machine = old.get("machine") or {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "cpus": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "python": sys.version.split()[0],
+        "seconds": 0,
+        "did_not_finish": [],
+    }
+    names = {c["name"] for c in rows}
+    kept = [
+        c for c in old.get("checks", [])
+        if c.get("bench") != bench or (same_names_only and c["name"] not in names)
+    ]  # fmt: skip
+    for c in rows:
+        c["bench"] = bench
+    merged = old.get("results", {})
+    merged[bench] = results(merged.get(bench))
+    write_tables(machine, kept + rows, merged)
 
 
 def main() -> int:
