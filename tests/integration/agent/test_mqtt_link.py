@@ -20,8 +20,8 @@ from agent.mqtt.link import SPOOL_FILE, Command, MqttLink, backoff_delay
 from runtime.errors import InferdError
 from tests.support.broker import Broker, Capture
 from tests.support.links import link_config
+from tests.support.spool import corrupt_pages, spool_with_a_big_row
 from tests.support.waits import wait_until
-from tests.unit.telemetry.test_spool import corrupt_pages, spool_with_a_big_row
 
 
 def decoded(c: Capture, suffix: str) -> list[dict[str, Any]]:

@@ -3,7 +3,6 @@ it does about a full disk and damaged pages."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from runtime.errors import SpoolError
 from telemetry.spool import CORRUPT_LIMIT, Kind, Spool, SpoolFullError
+from tests.support.spool import corrupt_pages, spool_with_a_big_row
 
 MAX = 64 * 1024
 
@@ -147,24 +147,6 @@ def test_a_full_disk_is_a_spool_full_error_and_nothing_is_stored(tmp_path: Path)
             spool.put("t/feedback", b"f" * 50_000, kind=Kind.FEEDBACK)
     assert next(m.payload for m in spool.read(0, 10)) == b"before"
     assert spool.resets == 0  # a full disk is not corruption
-
-
-def corrupt_pages(path: Path, first: int, last: int, page: int = 16384) -> None:
-    """Write garbage over pages ``first..last`` (0-based) of an SQLite file."""
-    data = bytearray(path.read_bytes())
-    assert len(data) >= (last + 1) * page, len(data)
-    for n in range(first, last + 1):
-        data[n * page : (n + 1) * page] = b"\xde\xad\xbe\xef" * (page // 4)
-    path.write_bytes(bytes(data))
-
-
-def spool_with_a_big_row(path: Path) -> None:
-    spool = Spool(path, 1 << 20)
-    spool.put("t/events", b"first")
-    spool.put("t/events", os.urandom(200_000))  # ~13 overflow pages of 16 KB
-    for i in range(5):
-        spool.put("t/events", b"after%d" % i)
-    spool.close()
 
 
 def test_corrupt_pages_found_while_reading_replace_the_spool(tmp_path: Path) -> None:
