@@ -22,9 +22,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from telemetry.broker import BrokerOptions
 from telemetry.payloads import (
@@ -41,7 +39,7 @@ from telemetry.shares import ALL
 from tests.support.broker import Broker
 from tests.support.chromium import CHROMIUM, Browser, Page
 from tests.support.daemon import DaemonProc, start_daemon
-from tests.support.fleet import ids_by_bucket
+from tests.support.fleet import ids_by_bucket, publisher
 from tests.support.models import classifier
 from tests.support.net import free_port
 from tests.support.signer import Signer
@@ -329,31 +327,25 @@ def test_with_a_token_the_browser_signs_in_once(
 # -- two consoles on one broker ----------------------------------------------------------------
 
 
-def _publisher(b: Broker) -> mqtt.Client:
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    c.connect(b.host, b.port)
-    c.loop_start()
-    return c
+def _watching_console(broker: Broker, tuf_repo: TufRepo, client_id: str) -> ConsoleApp:
+    """A console on a free port that only watches (its policy drives no rollout)."""
+    opts = BrokerOptions(host=broker.host, port=broker.port, client_id=client_id)
+    return ConsoleApp(
+        ConsoleSettings(
+            broker=opts,
+            repo=str(tuf_repo.repo.path),
+            listen="127.0.0.1:0",
+            prefix=PREFIX,
+            policy=Policy(drive=False),
+        )
+    )
 
 
 def test_two_consoles_split_the_metrics_but_each_sees_every_device(
     broker: Broker, tuf_repo: TufRepo
 ) -> None:
-    apps = []
-    for i in range(2):
-        opts = BrokerOptions(host=broker.host, port=broker.port, client_id=f"console-{i}")
-        apps.append(
-            ConsoleApp(
-                ConsoleSettings(
-                    broker=opts,
-                    repo=str(tuf_repo.repo.path),
-                    listen="127.0.0.1:0",
-                    prefix=PREFIX,
-                    policy=Policy(drive=False),
-                )
-            )
-        )
-    pub = _publisher(broker)
+    apps = [_watching_console(broker, tuf_repo, f"console-{i}") for i in range(2)]
+    pub = publisher(broker)
     try:
         for app in apps:
             app.start()
@@ -392,16 +384,7 @@ def test_two_consoles_split_the_metrics_but_each_sees_every_device(
 
 @pytest.mark.timeout(60)
 def test_the_console_rides_out_a_broker_restart(broker: Broker, tuf_repo: TufRepo) -> None:
-    opts = BrokerOptions(host=broker.host, port=broker.port, client_id="console-restart")
-    app = ConsoleApp(
-        ConsoleSettings(
-            broker=opts,
-            repo=str(tuf_repo.repo.path),
-            listen="127.0.0.1:0",
-            prefix=PREFIX,
-            policy=Policy(drive=False),
-        )
-    )
+    app = _watching_console(broker, tuf_repo, "console-restart")
     pub = None
     try:
         app.start()
@@ -411,7 +394,7 @@ def test_the_console_rides_out_a_broker_restart(broker: Broker, tuf_repo: TufRep
         assert wait_until(lambda: not connected()), "the page saying the broker is gone not seen"
         broker.start()
         assert wait_until(connected, 30), "the reconnect not seen"
-        pub = _publisher(broker)
+        pub = publisher(broker)
         pub.publish(f"{PREFIX}/pi-9/status", _status("pi-9"), qos=1, retain=True)
         assert wait_until(lambda: "pi-9" in app.state.fleet.devices), (
             "a status after the restart not seen"
