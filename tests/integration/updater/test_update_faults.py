@@ -28,6 +28,7 @@ from telemetry.spool import Spool
 from tests.support.models import classifier, elementwise, failing, spin
 from tests.support.tmpfs import fill
 from tests.support.tuf_repo import Device, TufRepo
+from updater.meta import ModelMeta
 
 SLOT = "classifier"  # the slot name tests.support.tuf_repo's devices use
 HUNG_THREAD = f"inferd-update-{SLOT}-"
@@ -133,6 +134,19 @@ class Watch:
 
     def wait(self, state: str, timeout: float = 30.0) -> None:
         assert self._event(state).wait(timeout), (state, self.device.states())
+
+
+def _in_trial(
+    update_device: Callable[..., Device], tuf_repo: TufRepo, tmp_path: Path, **options: Any
+) -> tuple[Device, Watch, ModelMeta]:
+    """A device on v1 (a 120 s trial window, ``options`` on top) whose updater thread took v2
+    and is in its trial: the device, its watch and v2's metadata."""
+    device = update_device(classifier(tmp_path / "v1.onnx"), trial_window_s=120.0, **options)
+    watch = Watch(device)
+    meta = tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
+    device.updater.start()  # each slot's job on its own thread, as in the daemon
+    watch.wait("trial")
+    return device, watch, meta
 
 
 # -- a candidate that hangs past state_timeout_s -----------------------------------------------
@@ -273,11 +287,7 @@ def test_a_latency_budget_breached_during_the_trial_rolls_back(
 def test_an_operator_rollback_during_the_trial_ends_it_at_once(
     tuf_repo: TufRepo, update_device: Callable[..., Device], tmp_path: Path
 ) -> None:
-    device = update_device(classifier(tmp_path / "v1.onnx"), trial_window_s=120.0)
-    watch = Watch(device)
-    meta = tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
-    device.updater.start()  # each slot's job on its own thread, as in the daemon
-    watch.wait("trial")
+    device, watch, meta = _in_trial(update_device, tuf_repo, tmp_path)
     assert device.version == "2"
     start = time.monotonic()
     device.updater.request_rollback(SLOT)
@@ -300,13 +310,7 @@ def test_a_clean_stop_during_the_trial_is_no_crash_and_the_trial_resumes(
     """SIGTERM in the trial saves ``clean_stop``; the restart does not count it as a crash
     (``crash_loop_restarts: 1`` would roll back at the first one), boots the candidate and
     continues the same trial (same start time) to its end."""
-    device = update_device(
-        classifier(tmp_path / "v1.onnx"), trial_window_s=120.0, crash_loop_restarts=1
-    )
-    watch = Watch(device)
-    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
-    device.updater.start()
-    watch.wait("trial")
+    device, _watch, _meta = _in_trial(update_device, tuf_repo, tmp_path, crash_loop_restarts=1)
     device.updater.stop()
     saved = _record(device)
     assert saved["state"] == "trial" and saved["trial"]["clean_stop"] is True
@@ -338,13 +342,7 @@ def test_an_unclean_restart_in_the_trial_is_counted_where_a_clean_stop_is_not(
 ) -> None:
     """The counterpart of the clean stop: the same restart without ``clean_stop`` saved (the
     process was killed) rolls back with ``crash_loop_restarts: 1``."""
-    device = update_device(
-        classifier(tmp_path / "v1.onnx"), trial_window_s=120.0, crash_loop_restarts=1
-    )
-    watch = Watch(device)
-    tuf_repo.publish(classifier(tmp_path / "v2.onnx", seed=2), "2")
-    device.updater.start()
-    watch.wait("trial")
+    device, _watch, _meta = _in_trial(update_device, tuf_repo, tmp_path, crash_loop_restarts=1)
     saved = _record(device)  # what a SIGKILL leaves: the trial, no clean stop
     device.updater.stop()
     path = device.state_dir / "update" / "jobs" / f"{SLOT}.json"
