@@ -33,6 +33,15 @@ def _f(name: str, shape: list[int | str], dtype: int = TensorProto.FLOAT) -> onn
     return helper.make_tensor_value_info(name, dtype, shape)
 
 
+def _first_3_of_axis_1() -> list[onnx.TensorProto]:
+    """The starts, ends and axes (``s0``, ``s1``, ``ax``) of a Slice that keeps ``[:, 0:3]``."""
+    return [
+        onnx.numpy_helper.from_array(np.array([0], np.int64), "s0"),
+        onnx.numpy_helper.from_array(np.array([3], np.int64), "s1"),
+        onnx.numpy_helper.from_array(np.array([1], np.int64), "ax"),
+    ]
+
+
 def _sum_only(path: Path) -> Path:
     """multi_io without its ``k`` input: a, b -> sum, scaled (= a + a)."""
     graph = helper.make_graph(
@@ -58,11 +67,7 @@ def _double_input(path: Path) -> Path:
         "double",
         [_f("x", ["N", 4], TensorProto.DOUBLE)],
         [_f("probs", ["N", 3])],
-        initializer=[
-            onnx.numpy_helper.from_array(np.array([0], np.int64), "s0"),
-            onnx.numpy_helper.from_array(np.array([3], np.int64), "s1"),
-            onnx.numpy_helper.from_array(np.array([1], np.int64), "ax"),
-        ],
+        initializer=_first_3_of_axis_1(),
     )
     return save(graph, path)
 
@@ -78,11 +83,7 @@ def _extra_input(path: Path) -> Path:
         "extra",
         [_f("x", ["N", 4]), _f("temperature", [1])],
         [_f("probs", ["N", 3])],
-        initializer=[
-            onnx.numpy_helper.from_array(np.array([0], np.int64), "s0"),
-            onnx.numpy_helper.from_array(np.array([3], np.int64), "s1"),
-            onnx.numpy_helper.from_array(np.array([1], np.int64), "ax"),
-        ],
+        initializer=_first_3_of_axis_1(),
     )
     return save(graph, path)
 
