@@ -175,32 +175,35 @@ def test_cli_replays_a_mosquitto_sub_capture_with_since(capsys, tmp_path) -> Non
 def test_cli_live_stops_after_count(broker, publisher, tmp_path, capsys) -> None:
     prefix = f"t-{uuid.uuid4().hex[:8]}"
     out = tmp_path / "live"
-    argv = ["collect", "--broker", f"{broker.host}:{broker.port}", "--prefix", prefix]
-    argv += ["--count", "2", "--duration", "10", "--out", str(out)]
-    result: list[int] = []
-    cli = threading.Thread(target=lambda: result.append(main(argv)), name="test-collect-cli")
-    cli.start()
-    i = 0
-    while cli.is_alive() and i < 200:  # the CLI subscribes at some point; keep publishing
-        publisher.send(f"{prefix}/pi-3/predictions", batch("pi-3", (f"r{i}", [[i, i]], i)))
-        i += 1
-        time.sleep(0.03)
-    cli.join(10)
-    assert result == [0]
-    rows = (out / "dataset.jsonl").read_text().splitlines()
+    rows = cli_live(
+        ["--broker", f"{broker.host}:{broker.port}"],
+        publisher,
+        prefix,
+        out,
+        duration_s=10,
+        sends=200,
+    )
     assert len(rows) >= 2
 
 
-def cli_live(argv: list[str], publisher: Publisher, prefix: str, out: Path) -> list[str]:
-    """Run ``inferctl collect ARGV --count 2`` in a thread, publishing until it ends; its rows."""
-    argv = ["collect", *argv, "--prefix", prefix, "--count", "2", "--duration", "20"]
+def cli_live(
+    argv: list[str],
+    publisher: Publisher,
+    prefix: str,
+    out: Path,
+    duration_s: int = 20,
+    sends: int = 500,
+) -> list[str]:
+    """Run ``inferctl collect ARGV --count 2`` in a thread, publishing (``sends`` batches at the
+    most) until it ends; its rows."""
+    argv = ["collect", *argv, "--prefix", prefix, "--count", "2", "--duration", str(duration_s)]
     result: list[int] = []
     cli = threading.Thread(
         target=lambda: result.append(main([*argv, "--out", str(out)])), name="test-collect-cli"
     )
     cli.start()
     i = 0
-    while cli.is_alive() and i < 500:  # the CLI subscribes at some point; keep publishing
+    while cli.is_alive() and i < sends:  # the CLI subscribes at some point; keep publishing
         publisher.send(f"{prefix}/pi-3/predictions", batch("pi-3", (f"r{i}", [[i, i]], i)))
         i += 1
         time.sleep(0.03)
