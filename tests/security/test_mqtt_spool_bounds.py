@@ -7,7 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,12 @@ SPOOL = 1024 * 1024
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, model_factory: Any) -> Iterator[Daemon]:
+def daemon(
+    tmp_path: Path, model_factory: Any, in_process_daemon: Callable[[dict[str, Any]], Daemon]
+) -> Daemon:
     """An in-process daemon whose broker is down: everything it publishes waits in the spool."""
     model = model_factory("classifier", n_features=4, n_classes=3, seed=2)
-    config = parse_config(
+    return in_process_daemon(
         {
             "device_id": "dev-1",
             "state_dir": str(tmp_path / "state"),
@@ -37,12 +39,7 @@ def daemon(tmp_path: Path, model_factory: Any) -> Iterator[Daemon]:
             "quality": {"publish_interval_s": 3600},
             "models": [{"name": "clf", "path": str(model)}],
         },
-        environ={},
     )
-    d = build_daemon(config)
-    d.start()
-    yield d
-    d.stop()
 
 
 def post(d: Daemon, path: str, body: object) -> tuple[int, dict[str, Any]]:
