@@ -24,14 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench._checks import gated, info, report
 from tests.support import models
-from tests.support.broker import Broker
+from tests.support.broker import Broker, publisher
 from tests.support.daemon import DaemonProc, start_daemon
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,9 +87,7 @@ def post(d: DaemonProc, body: bytes) -> int:
 
 
 def mqtt_burst(broker: Broker, device: str, body: bytes, n: int) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
+    client = publisher(broker)
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.ResponseTopic = "replies/bench"
     infos = [

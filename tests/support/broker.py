@@ -277,3 +277,12 @@ class EventListener(Capture):
             for e in self.events
             if e["kind"] == "update" and model in (None, e.get("model"))
         ]
+
+
+def publisher(b: Broker | Cutter) -> mqtt.Client:
+    """An MQTT 5 client connected to ``b`` with its loop running (``disconnect`` and
+    ``loop_stop`` it at the end)."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect(b.host, b.port)
+    c.loop_start()
+    return c

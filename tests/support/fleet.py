@@ -1,5 +1,5 @@
 """A fleet as the operator tools see it, for system tests of rollouts: device ids by rollout
-bucket, a device's retained status payload, an MQTT publisher and ``inferctl`` as a process."""
+bucket, a device's retained status payload, a QoS 1 send and ``inferctl`` as a process."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ from pathlib import Path
 
 import msgspec
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from telemetry.payloads import HostFacts, SlotStatus, Status, utc_now
 from telemetry.shares import bucket
-from tests.support.broker import Broker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,14 +56,6 @@ def status_payload(
             ],
         )
     )
-
-
-def publisher(b: Broker) -> mqtt.Client:
-    """An MQTT 5 client connected to ``b`` with its loop running (``loop_stop`` it at the end)."""
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    c.connect(b.host, b.port)
-    c.loop_start()
-    return c
 
 
 def send(c: mqtt.Client, topic: str, payload: bytes, retain: bool = False) -> None:

@@ -36,10 +36,10 @@ from telemetry.payloads import (
 )
 from telemetry.quality.drift import compute_reference
 from telemetry.shares import ALL
-from tests.support.broker import Broker
+from tests.support.broker import Broker, publisher
 from tests.support.chromium import CHROMIUM, Browser, Page
 from tests.support.daemon import DaemonProc, start_daemon
-from tests.support.fleet import ids_by_bucket, publisher
+from tests.support.fleet import ids_by_bucket
 from tests.support.models import classifier
 from tests.support.net import free_port
 from tests.support.signer import Signer

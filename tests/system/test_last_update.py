@@ -22,9 +22,9 @@ from telemetry import schemas
 from telemetry.fleet.rollout import RolloutTally
 from telemetry.payloads import Event, LastUpdate, Status, utc_now
 from telemetry.shares import ALL
-from tests.support.broker import Broker, Capture
+from tests.support.broker import Broker, Capture, publisher
 from tests.support.daemon import start_daemon
-from tests.support.fleet import ids_by_bucket, inferctl_process, publisher, send, status_payload
+from tests.support.fleet import ids_by_bucket, inferctl_process, send, status_payload
 from tests.support.models import classifier
 from tests.support.tuf_repo import Device, TufRepo
 from updater.device.state import StateMachine, migrate_legacy

@@ -16,8 +16,8 @@ import pytest
 from telemetry.fleet.rollout import RolloutTally, render
 from telemetry.payloads import Event, Offline
 from telemetry.shares import ALL, FULL, bucket, joins, share_of
-from tests.support.broker import Broker, Capture
-from tests.support.fleet import ids_by_bucket, inferctl_process, publisher, send, status_payload
+from tests.support.broker import Broker, Capture, publisher
+from tests.support.fleet import ids_by_bucket, inferctl_process, send, status_payload
 from tests.support.models import classifier
 from tests.support.tuf_repo import TufRepo
 from updater.inferctl.main import main as inferctl

@@ -19,7 +19,7 @@ from agent.config import Config
 from agent.mqtt.link import Command, MqttLink
 from telemetry import broker as operator_broker
 from telemetry.broker import BrokerOptions
-from tests.support.broker import Broker, Capture
+from tests.support.broker import Broker, Capture, publisher
 from tests.support.links import link_config
 from tests.support.nats import NatsCluster
 from tests.support.net import free_port
@@ -104,18 +104,16 @@ def test_commands_reach_the_device_on_its_new_node(
     b1.kill()
     assert cap2.wait(lambda: online_on(cap2, where(b2)), 15)
     # the birth status goes after the subscriptions: online on b2 means it hears b2's commands
-    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    publisher.connect(b2.host, b2.port)
-    publisher.loop_start()
+    pub = publisher(b2)
     try:
-        publisher.publish("inferd/groups/kitchen/ping", b"{}", qos=1).wait_for_publish(5)
+        pub.publish("inferd/groups/kitchen/ping", b"{}", qos=1).wait_for_publish(5)
         assert wait_until(lambda: len(got) == 1), (
             "the group poke reached the device on its new node"
         )
         assert got[0].group == "kitchen"
     finally:
-        publisher.disconnect()
-        publisher.loop_stop()
+        pub.disconnect()
+        pub.loop_stop()
 
 
 def test_operator_tools_take_the_first_node_that_answers_and_follow_a_loss(
