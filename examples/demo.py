@@ -133,6 +133,11 @@ def inferctl(*args: str) -> str:
     return res.stdout
 
 
+def _ms(value: float | None) -> str:
+    """A latency for people: two decimals, or "-" before the first report."""
+    return "-" if value is None else f"{value:.2f} ms"
+
+
 def http_json(url: str, body: object | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(  # noqa: S310 - the demo only talks to localhost
@@ -418,7 +423,7 @@ def main() -> int:
         model = row["models"]["classifier"]
         print(
             f"the console ({console}/) shows {DEVICE}: online {row['online']}, classifier "
-            f"{model['version']} {model['update_state']}, p50 {model['p50_ms']} ms"
+            f"{model['version']} {model['update_state']}, p50 {_ms(model['p50_ms'])}"
         )
         print("\ndemo complete: everything it started is being stopped")
     return 0
