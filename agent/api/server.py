@@ -31,6 +31,7 @@ from agent.api import v2
 from agent.api.http1 import HttpServer, Limits, Request, Response
 from agent.config import ApiConfig, listen_address
 from agent.slots import ModelSlot
+from runtime.addresses import read_token_file
 from runtime.errors import BackendError, InferdError, InputError, ModelNotFoundError, NotReadyError
 from telemetry.prometheus import CONTENT_TYPE, Family, process_families, render
 from telemetry.request_histogram import RequestHistograms, Totals, add_histogram
@@ -241,18 +242,7 @@ class ApiServer:
 
     def _read_token(self) -> bytes | None:
         path = self.config.token_file
-        if path is None:
-            return None
-        try:
-            token = Path(path).read_bytes().strip()
-        except OSError as err:
-            raise InferdError(f"api.token_file {path}: cannot read: {err.strerror}") from err
-        if len(token) < 16 or not token.isascii() or any(c <= 32 for c in token):
-            raise InferdError(
-                f"api.token_file {path}: the token must be at least 16 printable characters"
-                " without spaces (e.g. the output of: openssl rand -hex 32)"
-            )
-        return token
+        return None if path is None else read_token_file(path, "api.token_file")
 
     def _bind(self) -> socket.socket:
         where = listen_address(self.config.listen)

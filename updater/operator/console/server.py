@@ -26,10 +26,9 @@ from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from pathlib import Path
 from typing import Any, Protocol
 
-from runtime.addresses import is_loopback
+from runtime.addresses import is_loopback, read_token_file
 from runtime.errors import InferdError, OperatorError
 
 log = logging.getLogger(__name__)
@@ -91,16 +90,7 @@ def read_token(path: str | None, listen: str, insecure: bool = False) -> bytes |
                 "send Authorization: Bearer <token>) or --insecure"
             )
         return None
-    try:
-        token = Path(path).read_bytes().strip()
-    except OSError as err:
-        raise ConsoleAuthError(f"--token-file {path}: cannot read: {err.strerror}") from err
-    if len(token) < 16 or not token.isascii() or any(c <= 32 or c == 127 for c in token):
-        raise ConsoleAuthError(
-            f"--token-file {path}: the token must be at least 16 printable characters"
-            " without spaces (e.g. the output of: openssl rand -hex 32)"
-        )
-    return token
+    return read_token_file(path, "--token-file", ConsoleAuthError)
 
 
 def load_static() -> dict[str, bytes]:
