@@ -103,8 +103,6 @@ RESTART_AFTER_S = 1.0
 """A dead forwarder is started again no sooner than this after it died: a fault that recurs at
 once costs a restart a second, not a busy loop."""
 
-"""``emit_event(kind, message, *, level="info", model=None, version=None, **details)``."""
-
 
 @dataclass(frozen=True)
 class Inbound:
