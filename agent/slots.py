@@ -58,7 +58,6 @@ class Prediction:
 
 
 Listener = Callable[[Prediction], None]
-"""``emit_event(kind, message, *, level, model, version, **details)``, as the MQTT link has it."""
 
 # Request ids: 20 random hex digits per process and a 12-digit counter, the length of a uuid4
 # hex and as unique across restarts, at a seventh of uuid4's 2.5 us (next() on a count is
