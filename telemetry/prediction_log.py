@@ -35,7 +35,7 @@ from telemetry.payloads import (
     SetSampling,
     TensorDump,
 )
-from telemetry.prediction import Prediction
+from telemetry.prediction import Prediction, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -281,13 +281,7 @@ class PredictionLogger:
         if rate < 1.0 and (rate <= 0.0 or random.random() >= rate):
             return
         q = self._queue
-        size = 0  # plain loops: a generator per record cost a third of this call
-        for a in p.feeds.values():
-            size += a.nbytes
-        outputs = p.outputs
-        if outputs:
-            for a in outputs.values():
-                size += a.nbytes
+        size = tensor_bytes(p)
         with self._bytes_lock:
             room = len(q) < self.max_queue and self._queued_bytes + size <= self.max_queue_bytes
             if room:

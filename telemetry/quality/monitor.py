@@ -38,7 +38,7 @@ from telemetry.payloads import (
     RegressionQuality,
     Task,
 )
-from telemetry.prediction import Prediction
+from telemetry.prediction import Prediction, tensor_bytes
 from telemetry.quality.drift import DriftError, DriftTracker, ReferenceStats
 from telemetry.quality.feedback import FeedbackError, JoinWindow, Label, parse_feedback, to_label
 from telemetry.quality.scores import interpret, output_rows
@@ -57,15 +57,8 @@ QUEUE_BYTES = 32 * 1024 * 1024
 (counted as evicted). A queue bounded only by count held 10,000 requests' tensors."""
 
 
-def tensor_bytes(p: Prediction) -> int:
-    """Bytes of the arrays a prediction keeps alive while it waits in a queue."""
-    n = sum(a.nbytes for a in p.feeds.values())
-    return n + sum(a.nbytes for a in (p.outputs or {}).values())
-
-
 PublishQuality = Callable[[QualityPayload], None]
 """Sends one quality payload (the agent routes it to ``{prefix}/{device}/quality``)."""
-"""``emit_event(kind, message, *, level, model, version, **details)``: drift started or ended."""
 ReferenceLoader = Callable[[str, str], "ReferenceStats | None"]
 """(model, version) -> the reference statistics shipped with that version, if any."""
 
