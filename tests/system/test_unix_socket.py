@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -59,6 +60,14 @@ def _wait_ready(daemon: DaemonProc, path: Path, timeout: float = 20.0) -> None:
     raise AssertionError(f"not ready on {path}: {daemon.stderr()}")
 
 
+def _exit_code(daemon: DaemonProc, timeout: float = 30.0) -> int | None:
+    """The daemon's exit code, or None if it is still running after ``timeout``."""
+    try:
+        return daemon.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def _config(tmp_path: Path, sock: Path) -> dict[str, object]:
     model = classifier(tmp_path / "m.onnx")
     return {"models": [{"name": "m", "path": str(model)}], "api": {"listen": f"unix:{sock}"}}
@@ -104,19 +113,25 @@ def test_a_second_daemon_does_not_take_over_a_live_socket_or_a_file(
     first_dir.mkdir()
     second_dir.mkdir()
     first = start_daemon(first_dir, _config(tmp_path, sock), wait=False)
+    second: DaemonProc | None = None
     try:
         _wait_ready(first, sock)
         second = start_daemon(second_dir, _config(tmp_path, sock), wait=False)
-        assert second.proc.wait(30) != 0
+        assert _exit_code(second) != 0
         assert "another process is serving on this socket" in second.stderr(), second.stderr()
         assert _get(sock, "/v2/health/ready")[0] == 200, "the first daemon still answers"
     finally:
+        if second is not None:
+            second.stop()  # one that took over (the bug) must not outlive the test
         assert first.stop() == 0, first.stderr()
     plain = short_dir / "not-a-socket"
     plain.write_text("keep me")
     third = start_daemon(second_dir, _config(tmp_path, plain), wait=False)
-    assert third.proc.wait(30) != 0
-    assert "exists and is not a socket" in third.stderr(), third.stderr()
+    try:
+        assert _exit_code(third) != 0
+        assert "exists and is not a socket" in third.stderr(), third.stderr()
+    finally:
+        third.stop()
     assert plain.read_text() == "keep me"
 
 
