@@ -210,15 +210,17 @@ class Metrics(Payload, kw_only=True):
 
 # The prediction record types are made by the hundred thousand per second and never take part in
 # a reference cycle: gc=False keeps them out of the garbage collector's sight (and work).
+# ClassScore and OutputSummary also take positional arguments: the prediction log makes them
+# with map() over the class, without a Python frame per object.
 
 
-class ClassScore(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+class ClassScore(msgspec.Struct, omit_defaults=True, gc=False):
     index: int
     score: float
     label: str | None = None
 
 
-class OutputSummary(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+class OutputSummary(msgspec.Struct, omit_defaults=True, gc=False):
     """A classifier output as top-k per row (first rows only), anything else as min/max/mean."""
 
     shape: list[int]

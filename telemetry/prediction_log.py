@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timezone
+from itertools import repeat
 from typing import Any
 
 import msgspec
@@ -158,26 +159,30 @@ def _summaries_of_stack(
             )
         picked = np.flatnonzero(is_clf)
         if picked.size:
-            # Flat lists and slices: a nested tolist() would allocate a list per row and item,
-            # and allocations are what makes the garbage collector run.
+            # Flat lists, slices and map() over the classes themselves: a nested tolist() would
+            # allocate a list per row and item, a comprehension run a frame per score, and
+            # allocations are what makes the garbage collector run.
             clf_rows = rows[picked]
             k = min(TOP_K, width)
             top = _top_k(clf_rows, k)
             per_item = top.shape[1]
-            names: list[str | None] = [*labels[:width], *[None] * (width - len(labels))]
-            scores = [
-                ClassScore(index=c, score=v, label=names[c])
-                for c, v in zip(
-                    top.reshape(-1).tolist(),
-                    np.take_along_axis(clf_rows, top, -1).reshape(-1).tolist(),
-                    strict=True,
-                )
-            ]
-            top_rows = [scores[o : o + k] for o in range(0, len(scores), k)]
-            for j, i in enumerate(picked.tolist()):
-                out[i] = OutputSummary(
-                    shape=shape, top_k=top_rows[j * per_item : (j + 1) * per_item]
-                )
+            index = top.reshape(-1).tolist()
+            score = np.take_along_axis(clf_rows, top, -1).reshape(-1).tolist()
+            if labels:
+                names: list[str | None] = [*labels[:width], *[None] * (width - len(labels))]
+                scores = list(map(ClassScore, index, score, [names[c] for c in index]))
+            else:
+                scores = list(map(ClassScore, index, score))
+            if per_item == 1:
+                tops = [[scores[o : o + k]] for o in range(0, len(scores), k)]
+            else:
+                rows_k = [scores[o : o + k] for o in range(0, len(scores), k)]
+                tops = [rows_k[o : o + per_item] for o in range(0, len(rows_k), per_item)]
+            summaries = list(map(OutputSummary, repeat(shape, len(tops)), tops))
+            if picked.size == n:
+                return summaries
+            for i, summary in zip(picked.tolist(), summaries, strict=True):
+                out[i] = summary
     rest = np.flatnonzero(~is_clf)
     if rest.size:
         flat = stack.reshape(n, -1) if rest.size == n else stack.reshape(n, -1)[rest]
@@ -266,8 +271,14 @@ class PredictionLogger:
         """Records dropped because the queue was full (the thread fell behind) or because they
         could not be built or queued in the spool."""
         self._refused = False
-        self._queue: deque[tuple[Prediction, int]] = deque()
-        """Queued predictions with their tensor bytes (counted once, on the request path)."""
+        self._queue: deque[Prediction] = deque()
+        self._sizes: deque[int] = deque()
+        """The tensor bytes of queued predictions (counted once, on the request path). Not
+        paired with the predictions in tuples: 50,000 queued tuples are as many objects for the
+        garbage collector to walk. Each listener appends its size before its prediction, so
+        there are always at least as many sizes as predictions to take; with several request
+        threads the sizes taken with a batch may belong to other predictions, but every size
+        is taken once, so the byte count stays exact whenever the queue is quiet."""
         self._wake = threading.Event()
         self._full = threading.Event()
         self._stop = threading.Event()
@@ -289,7 +300,8 @@ class PredictionLogger:
         if not room:
             self.dropped += 1
             return
-        q.append((p, size))
+        self._sizes.append(size)
+        q.append(p)
         n = len(q)
         # Only the first record and a full batch wake the thread: an Event.set() per record
         # would cost more than the rest of this call when the thread is behind.
@@ -356,12 +368,10 @@ class PredictionLogger:
         q = self._queue
         while q:
             # Only this thread takes from the queue, so len(q) items are there to pop.
-            taken = 0
-            batch = []
-            for _ in range(min(self.batch_size, len(q))):
-                p, size = q.popleft()
-                batch.append(p)
-                taken += size
+            take = range(min(self.batch_size, len(q)))
+            batch = [q.popleft() for _ in take]
+            sizes = self._sizes
+            taken = sum([sizes.popleft() for _ in take])
             with self._bytes_lock:
                 self._queued_bytes -= taken
             try:
