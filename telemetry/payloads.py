@@ -224,7 +224,7 @@ class OutputSummary(msgspec.Struct, omit_defaults=True, gc=False):
     """A classifier output as top-k per row (first rows only), anything else as min/max/mean."""
 
     shape: list[int]
-    top_k: list[list[ClassScore]] | None = None
+    top_k: tuple[tuple[ClassScore, ...], ...] | None = None
     min: float | None = None
     max: float | None = None
     mean: float | None = None

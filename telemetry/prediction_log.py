@@ -22,7 +22,8 @@ from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timezone
 from itertools import repeat
-from typing import Any
+from operator import attrgetter, itemgetter
+from typing import Any, cast
 
 import msgspec
 import numpy as np
@@ -54,6 +55,12 @@ Publish = Callable[[bytes, int], object]
 
 _encode = msgspec.json.Encoder().encode
 _UTC = timezone.utc
+_blake2b = hashlib.blake2b
+_dtype_of = attrgetter("dtype")
+_shape_of = attrgetter("shape")
+_feeds_of = attrgetter("feeds")
+_outputs_of = attrgetter("outputs")
+_model_of = attrgetter("model")
 
 
 # --- input digests ------------------------------------------------------------------------------
@@ -73,40 +80,48 @@ def _chunks(arrays: list[np.ndarray]) -> list[Any]:
     return [(a if a.flags.c_contiguous else np.ascontiguousarray(a)).data for a in arrays]
 
 
+def _uniform(dicts: Sequence[Mapping[str, np.ndarray]]) -> bool:
+    """Whether all ``dicts`` have the same names in the same order and one dtype and shape per
+    name: the usual batch of one model, checked by map() in C instead of a key per dict."""
+    if len(set(map(tuple, dicts))) != 1:
+        return False
+    for name in dicts[0]:
+        arrays = list(map(itemgetter(name), dicts))
+        if len(set(map(_dtype_of, arrays))) != 1 or len(set(map(_shape_of, arrays))) != 1:
+            return False
+    return True
+
+
+def _signature_groups(dicts: Sequence[Mapping[str, np.ndarray]]) -> list[list[int]]:
+    """Indices of ``dicts`` grouped by their names, dtypes and shapes."""
+    if _uniform(dicts):
+        return [list(range(len(dicts)))]
+    groups: dict[tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...], list[int]] = {}
+    for i, d in enumerate(dicts):
+        key = tuple([(name, arr.dtype, arr.shape) for name, arr in d.items()])
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
 def input_digests(feeds: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
     """:func:`input_digest` of many requests: inputs of one signature are hashed as a group."""
     out: list[str] = [""] * len(feeds)
-    groups: dict[tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...], list[int]] = {}
-    for i, f in enumerate(feeds):
-        if len(f) == 1:  # most models: no sort, no comprehension
-            for name, arr in f.items():
-                key: tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...] = (
-                    (name, arr.dtype, arr.shape),
-                )
-        else:
-            key = tuple([(name, arr.dtype, arr.shape) for name, arr in sorted(f.items())])
-        group = groups.get(key)
-        if group is None:
-            groups[key] = [i]
-        else:
-            group.append(i)
-    for key, members in groups.items():
-        heads = [f"{name}\0{dtype.str}\0{shape}".encode() for name, dtype, shape in key]
+    for members in _signature_groups(feeds):
+        group = [feeds[i] for i in members]
+        first = group[0]
+        names = sorted(first)
+        heads = [f"{n}\0{first[n].dtype.str}\0{first[n].shape}".encode() for n in names]
         base = hashlib.blake2b(heads[0] if heads else b"", digest_size=8)
-        chunks = [_chunks([feeds[i][name] for i in members]) for name, _, _ in key]
-        if len(chunks) == 1:
-            for i, chunk in zip(members, chunks[0], strict=True):
-                h = base.copy()
-                h.update(chunk)
-                out[i] = h.hexdigest()
-            continue
-        for m, i in enumerate(members):
-            h = base.copy()
-            for j, per_input in enumerate(chunks):
-                if j:
-                    h.update(heads[j])
-                h.update(per_input[m])
-            out[i] = h.hexdigest()
+        hashes = list(map(_blake2b.copy, repeat(base, len(group))))
+        for j, name in enumerate(names):
+            if j:
+                list(map(_blake2b.update, hashes, repeat(heads[j])))
+            list(map(_blake2b.update, hashes, _chunks(list(map(itemgetter(name), group)))))
+        digests = list(map(_blake2b.hexdigest, hashes))
+        if len(members) == len(out):
+            return digests
+        for i, digest in zip(members, digests, strict=True):
+            out[i] = digest
     return out
 
 
@@ -151,32 +166,31 @@ def _summaries_of_stack(
         if labels and width == len(labels):
             is_clf[:] = True
         else:  # without labels, rows that look like probabilities (a softmax output)
-            sums = rows.sum(axis=2, dtype=np.float64)
-            is_clf = (
-                (rows.min(axis=(1, 2)) >= 0)
-                & (rows.max(axis=(1, 2)) <= 1)
-                & (np.abs(sums - 1).max(axis=1) <= 1e-3)
-            )
+            flat = rows.reshape(n, -1)
+            deviation = np.abs(rows.sum(axis=2, dtype=np.float64) - 1).max(axis=1)
+            is_clf = (flat >= 0).all(axis=1) & (flat <= 1).all(axis=1) & (deviation <= 1e-3)
         picked = np.flatnonzero(is_clf)
         if picked.size:
             # Flat lists, slices and map() over the classes themselves: a nested tolist() would
-            # allocate a list per row and item, a comprehension run a frame per score, and
-            # allocations are what makes the garbage collector run.
+            # allocate a list per row and item, and a comprehension run a frame per score.
             clf_rows = rows[picked]
             k = min(TOP_K, width)
             top = _top_k(clf_rows, k)
             per_item = top.shape[1]
             index = top.reshape(-1).tolist()
             score = np.take_along_axis(clf_rows, top, -1).reshape(-1).tolist()
+            # Tuples, not lists: the garbage collector tracks every list it is given, and a
+            # list per row was a third of the time of a classifier's summary.
             if labels:
                 names: list[str | None] = [*labels[:width], *[None] * (width - len(labels))]
-                scores = list(map(ClassScore, index, score, [names[c] for c in index]))
+                scores = tuple(map(ClassScore, index, score, [names[c] for c in index]))
             else:
-                scores = list(map(ClassScore, index, score))
+                scores = tuple(map(ClassScore, index, score))
+            tops: list[tuple[tuple[ClassScore, ...], ...]]
             if per_item == 1:
-                tops = [[scores[o : o + k]] for o in range(0, len(scores), k)]
+                tops = [(scores[o : o + k],) for o in range(0, len(scores), k)]
             else:
-                rows_k = [scores[o : o + k] for o in range(0, len(scores), k)]
+                rows_k = tuple([scores[o : o + k] for o in range(0, len(scores), k)])
                 tops = [rows_k[o : o + per_item] for o in range(0, len(rows_k), per_item)]
             summaries = list(map(OutputSummary, repeat(shape, len(tops)), tops))
             if picked.size == n:
@@ -417,26 +431,38 @@ class PredictionLogger:
 
     def records(self, batch: Sequence[Prediction]) -> list[PredictionRecord]:
         """The log records of ``batch``, in order; see the module docstring."""
-        digests = input_digests([p.feeds for p in batch])
-        outputs: list[dict[str, OutputSummary]] = [{} for _ in batch]
-        groups: dict[tuple[str, str, np.dtype[Any], tuple[int, ...]], tuple[list[int], list[Any]]]
-        groups = {}
-        for i, p in enumerate(batch):
-            if p.outputs:
-                for name, arr in p.outputs.items():
-                    key = (p.model, name, arr.dtype, arr.shape)
-                    group = groups.get(key)
-                    if group is None:
-                        groups[key] = ([i], [arr])
-                    else:
-                        group[0].append(i)
-                        group[1].append(arr)
-        for (model, name, _, shape), (members, arrays) in groups.items():
+        n = len(batch)
+        digests = input_digests(list(map(_feeds_of, batch)))
+        outputs: list[dict[str, OutputSummary] | None] = [None] * n
+        outs = list(map(_outputs_of, batch))
+        if len(set(map(_model_of, batch))) == 1:
+            by_model: dict[str, list[int]] = {batch[0].model: list(range(n))} if n else {}
+        else:
+            by_model = {}
+            for i, p in enumerate(batch):
+                by_model.setdefault(p.model, []).append(i)
+        for model, indices in by_model.items():
             labels = self.labels.get(model, ())
-            for i, summary in zip(
-                members, _summaries_of_group(arrays, list(shape), labels), strict=True
-            ):
-                outputs[i][name] = summary
+            served = [i for i in indices if outs[i]]
+            dicts = cast(list[Mapping[str, np.ndarray]], [outs[i] for i in served])
+            for group in _signature_groups(dicts):
+                members = [served[g] for g in group]
+                same = [dicts[g] for g in group]
+                first = same[0]
+                names = list(first)
+                columns = [
+                    _summaries_of_group(
+                        list(map(itemgetter(name), same)), list(first[name].shape), labels
+                    )
+                    for name in names
+                ]
+                if len(names) == 1:
+                    name = names[0]
+                    for i, summary in zip(members, columns[0], strict=True):
+                        outputs[i] = {name: summary}
+                else:
+                    for i, row in zip(members, zip(*columns, strict=True), strict=True):
+                        outputs[i] = dict(zip(names, row, strict=True))
         fromts = datetime.fromtimestamp
         records = [
             PredictionRecord(
@@ -446,7 +472,7 @@ class PredictionLogger:
                 request_id=p.request_id,
                 latency_ms=p.latency_ns / 1e6,
                 input_digest=digest,
-                outputs=summary,
+                outputs={} if summary is None else summary,
                 error=p.error,
             )
             for p, digest, summary in zip(batch, digests, outputs, strict=True)

@@ -240,15 +240,15 @@ def reference_summary(arr: np.ndarray, labels: list[str]) -> OutputSummary:
         if probs or len(labels) == width:
             return OutputSummary(
                 shape=shape,
-                top_k=[
-                    [
+                top_k=tuple(
+                    tuple(
                         ClassScore(
                             index=i, score=r[i], label=labels[i] if i < len(labels) else None
                         )
                         for i in sorted(range(width), key=lambda i: -r[i])[:TOP_K]  # stable
-                    ]
+                    )
                     for r in rows
-                ],
+                ),
             )
     values = arr.astype(np.float64).ravel()
     return OutputSummary(
