@@ -192,7 +192,10 @@ class QualityMonitor:
         self._labels = dict(labels or {})
         self._clock = clock
         self._monotonic = monotonic
-        self._queue: queue.Queue[tuple[Prediction, int] | None] = queue.Queue(queue_size)
+        # A C SimpleQueue bounded here by count and bytes: queue.Queue's put (a Python
+        # Condition) was half of this listener's 2.8 us on the request path.
+        self._queue: queue.SimpleQueue[tuple[Prediction, int] | None] = queue.SimpleQueue()
+        self.queue_size = queue_size
         self.queue_bytes = queue_bytes
         self._queued_bytes = 0
         self._queue_lock = threading.Lock()
@@ -209,17 +212,12 @@ class QualityMonitor:
         if prediction.error is not None or prediction.outputs is None:
             return
         size = tensor_bytes(prediction)
+        q = self._queue
         with self._queue_lock:
-            room = self._queued_bytes + size <= self.queue_bytes
-            if room:
+            if self._queued_bytes + size <= self.queue_bytes and q.qsize() < self.queue_size:
                 self._queued_bytes += size
-        if room:
-            try:
-                self._queue.put_nowait((prediction, size))
+                q.put((prediction, size))
                 return
-            except queue.Full:
-                with self._queue_lock:
-                    self._queued_bytes -= size
         with self._lock:
             self._state(prediction.model).dropped += 1
 
