@@ -95,9 +95,12 @@ _PACK: dict[str, tuple[str, np.dtype[Any]]] = {
 
 
 _WIRE_DTYPES = {
-    v2: np.dtype(name).newbyteorder("<") for v2, name in NUMPY_DTYPES.items() if name != "str"
+    v2: np.dtype(np.dtype(name).newbyteorder("<").str)
+    for v2, name in NUMPY_DTYPES.items()
+    if name != "str"
 }
-"""v2 datatype -> the little-endian dtype of the binary extension's raw bytes."""
+"""v2 datatype -> the little-endian dtype of the binary extension's raw bytes (through its
+``str``: numpy's own object where that is the native order, so a copy needs no conversion)."""
 _NATIVE_DTYPES = {v2: np.dtype(name) for v2, name in NUMPY_DTYPES.items() if name != "str"}
 """v2 datatype -> numpy's own dtype object: arrays made with it pass the backend's dtype check
 on identity (comparing ``dtype.name`` costs 2.5 us a tensor here)."""
