@@ -864,11 +864,15 @@ class HttpServer:
                     wait = rest_until - now
                     if wait <= 0:  # a slow sender: the I/O thread waits for the rest
                         break
-                if not poller.poll(wait * 1000):
-                    break
+                # A client on this core has usually sent its next request by the time the
+                # worker gets here (it ran when the reply woke it): read before polling.
                 data = conn.recv()
                 if data is None:
-                    break
+                    if not poller.poll(wait * 1000):
+                        break
+                    data = conn.recv()
+                    if data is None:
+                        break
                 conn.feed(data)
         except Exception:
             log.exception("API worker failed on a connection")
