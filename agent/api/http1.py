@@ -99,7 +99,17 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
 class Request:
     """One parsed request. Header names are lower case; repeated headers are joined by ", "."""
 
-    __slots__ = ("body", "context", "headers", "keep_alive", "method", "path", "target", "version")
+    __slots__ = (
+        "body",
+        "context",
+        "headers",
+        "keep_alive",
+        "later",
+        "method",
+        "path",
+        "target",
+        "version",
+    )
 
     def __init__(
         self, method: str, target: str, version: str, headers: dict[str, str], keep_alive: bool
@@ -113,6 +123,9 @@ class Request:
         self.body = b""
         self.context: object = None
         """The application's note on the request (its route), set in ``check``."""
+        self.later: list[Callable[[], None]] = []
+        """Jobs run once the response is sent (whatever it is): bookkeeping a client need not
+        wait for."""
 
 
 class Response:
@@ -524,9 +537,19 @@ class _Connection:
                     keep_alive_10=not close and request is not None and request.version == "1.0",
                 )
             )
+            if request is not None and request.later:
+                self._run_later(request.later)
             if close:
                 self._linger()
         return True
+
+    def _run_later(self, jobs: list[Callable[[], None]]) -> None:
+        for job in jobs:
+            try:
+                job()
+            except Exception:  # bookkeeping: the response is out, the connection goes on
+                log.exception("API job after a response failed")
+        jobs.clear()
 
     def settle(self, fresh: bool) -> None:
         """Between requests (on the I/O thread): close if asked, else start the right clock.

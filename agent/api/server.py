@@ -406,7 +406,8 @@ class ApiServer:
             )
         if kind == "infer":
             raw = request.headers.get(_HEADER_LENGTH_KEY)
-            out, head_len = v2.infer(slot, request.body, int(raw) if raw is not None else None)
+            length = int(raw) if raw is not None else None
+            out, head_len = v2.infer(slot, request.body, length, request.later)
             if head_len is None:
                 return Response(HTTPStatus.OK, out)
             return Response(

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from agent.slots import ModelSlot
+from agent.slots import Later, ModelSlot
 from runtime.backends.base import Backend
 from runtime.errors import InputError, NotReadyError
 from runtime.tensors import NUMPY_DTYPES, V2_DATATYPES
@@ -315,13 +315,15 @@ def encode_infer_response(
 
 
 def infer(
-    slot: ModelSlot, body: bytes, header_length: int | None = None
+    slot: ModelSlot, body: bytes, header_length: int | None = None, later: Later | None = None
 ) -> tuple[bytes, int | None]:
-    """Decode a v2 request for ``slot``, run it, encode the response (HTTP and MQTT share this)."""
+    """Decode a v2 request for ``slot``, run it, encode the response (HTTP and MQTT share this).
+
+    ``later``: see :meth:`ModelSlot.predict`."""
     if not slot.ready:  # 503 before 400: a caller retrying a bad body learns the model is down
         raise NotReadyError(f"model {slot.name!r} is not loaded")
     req = decode_infer_request(body, header_length)
-    outputs, model, rid = slot.predict(req.feeds, req.output_names, req.request_id)
+    outputs, model, rid = slot.predict(req.feeds, req.output_names, req.request_id, later)
     return encode_infer_response(
         slot.name,
         model.version,
