@@ -50,6 +50,7 @@ KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 """RFC 9110's methods: another method is 501 (not implemented), one of these 405 or 404."""
+_METHODS = {m.encode(): m for m in KNOWN_METHODS}
 _BODYLESS = frozenset({"GET", "HEAD"})
 _SINGLE = frozenset(
     {
@@ -64,6 +65,8 @@ _SINGLE = frozenset(
 )
 """Headers that may appear once: two Host or Content-Length headers are how requests get
 smuggled past a proxy that reads the other one."""
+_NAMES: dict[bytes, str] = {}
+"""Header names as sent -> lower-case str: a keep-alive client sends the same few names."""
 _REQUEST_LINE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ \S+ HTTP/\d\.\d\r?$")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _STATUS_LINES = {status: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}
@@ -382,7 +385,11 @@ class _Connection:
         if head_bytes + len(self.url) > limits.max_header_bytes or count > limits.max_headers:
             self.error = self._head_too_large()
             raise _RefusedError
-        key = name.decode("latin-1").lower()
+        key = _NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(name) <= 64 and len(_NAMES) < 1024:  # bounded: clients may send any name
+                _NAMES[name] = key
         text = value.decode("latin-1").rstrip(" \t")  # llhttp skips the leading whitespace
         headers = self.headers
         if key not in headers:
@@ -397,7 +404,8 @@ class _Connection:
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
             self._refuse(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"HTTP/{version} is not supported")
-        method = parser.get_method().decode("ascii", "replace")
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("ascii", "replace")
         if method not in KNOWN_METHODS:
             self._refuse(HTTPStatus.NOT_IMPLEMENTED, f"method {method} is not implemented")
         headers = self.headers
