@@ -20,6 +20,12 @@ and prints p50/p99 and the overhead against DESIGN section 9:
   the binary extension (300 us for the heavy model's 16 KB of raw tensors). The heavy model's
   JSON path is held to 300 us beyond the codec's own cost (see ``cases``).
 Each HTTP path's outputs are first checked equal to the bare runtime's.
+The HTTP rows are bimodal on the 2-core development machine (a Firecracker VM): when the client
+and the API worker thread run on one core, a small binary request's round trip is about 100 us;
+when the scheduler puts them on different cores, the two wake-ups of each exchange cross cores
+and it is 60-80 us more (pinned with taskset; the floor server pinned off the client's core goes
+from 18 to 53-63 us, and unpinned it stays on it). The scheduler picks per block, so one run can
+hold both: compare versions interleaved, and several runs.
 Usage: python -m bench.serve [--iterations N] [--only MODEL ...] [--json]
 """
 
