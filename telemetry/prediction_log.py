@@ -361,26 +361,30 @@ class PredictionLogger:
 
     def _run(self) -> None:
         stop = self._stop
+        q = self._queue
         while not stop.is_set():
             self._wake.wait()
             # Cleared before the flush: a record queued after it sets the flag again. stop()
             # sets _stop before _wake, so the loop condition sees a stop that this clears.
             self._wake.clear()
             deadline = time.monotonic() + self.batch_s
-            while len(self._queue) < self.batch_size and not stop.is_set():
+            while len(q) < self.batch_size and not stop.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._full.wait(left)
                 self._full.clear()
-            self._flush()
-            if self._queue:
+            # When the count was reached, only whole batches go: the records queued meanwhile
+            # wait for their own count or time, instead of leaving at once as a short batch.
+            self._flush(whole=len(q) >= self.batch_size)
+            if q:
                 self._wake.set()
         self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, *, whole: bool = False) -> None:
+        """Publish what is queued (only whole batches when ``whole``)."""
         q = self._queue
-        while q:
+        while len(q) >= (self.batch_size if whole else 1):
             # Only this thread takes from the queue, so len(q) items are there to pop.
             take = range(min(self.batch_size, len(q)))
             batch = [q.popleft() for _ in take]
