@@ -62,6 +62,7 @@ events) and no Maximum Packet Size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -102,6 +103,8 @@ SUPERVISE_S = 1.0
 RESTART_AFTER_S = 1.0
 """A dead forwarder is started again no sooner than this after it died: a fault that recurs at
 once costs a restart a second, not a busy loop."""
+REPLY_WAIT_S = 5.0
+"""How long :meth:`MqttLink.send_reply` waits for the broker to take a reply."""
 
 
 @dataclass(frozen=True)
@@ -326,10 +329,12 @@ class MqttLink:
         correlation_data: bytes | None = None,
         user_properties: Mapping[str, str] | None = None,
         qos: int = 1,
+        wait_s: float = 0.0,
     ) -> bool:
         """Send now, not through the spool (a response matters only while someone waits).
 
-        False when there is no connection: the message is not kept.
+        False when there is no connection: the message is not kept. With ``wait_s``, return
+        once the broker has the message (QoS 1: its PUBACK), or after ``wait_s`` seconds.
         """
         with self._pub_lock:
             client = self._client if self._connected else None
@@ -343,7 +348,12 @@ class MqttLink:
             for key, value in (user_properties or {}).items():
                 props.UserProperty = (key, value)
         info = client.publish(topic, payload, qos=qos, properties=props)
-        return info.rc == mqtt.MQTT_ERR_SUCCESS
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        if wait_s > 0:
+            with contextlib.suppress(ValueError, RuntimeError):  # lost with the connection
+                info.wait_for_publish(wait_s)
+        return True
 
     def reply_refusal(self, topic: str) -> str | None:
         """Why a reply may not be published on ``topic``; None when it may."""
@@ -371,7 +381,13 @@ class MqttLink:
         correlation_data: bytes | None = None,
         user_properties: Mapping[str, str] | None = None,
     ) -> bool:
-        """Send a response now if :meth:`reply_refusal` accepts its topic; False otherwise."""
+        """Send a response now if :meth:`reply_refusal` accepts its topic; False otherwise.
+
+        Returns once the broker has it (at most :data:`REPLY_WAIT_S` later): paho keeps what
+        it has not sent in memory without a bound, and inference replies of megabytes made
+        faster than the connection drains them held hundreds of megabytes. Waiting here makes
+        the requests wait in their bounded queue instead.
+        """
         reason = self.reply_refusal(topic)
         if reason is not None:
             self.refused_replies += 1
@@ -394,7 +410,11 @@ class MqttLink:
                 log.debug("mqtt: refused to reply on %r: %s", shown, reason)
             return False
         return self.send_now(
-            topic, payload, correlation_data=correlation_data, user_properties=user_properties
+            topic,
+            payload,
+            correlation_data=correlation_data,
+            user_properties=user_properties,
+            wait_s=REPLY_WAIT_S,
         )
 
     def problem(self) -> str | None:

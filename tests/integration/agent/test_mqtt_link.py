@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -16,6 +18,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.mqtt import link as link_module
 from agent.mqtt.link import SPOOL_FILE, Command, MqttLink, backoff_delay
 from runtime.errors import InferdError
 from tests.support.broker import Broker, Capture
@@ -354,3 +357,30 @@ def test_a_corrupt_spool_row_stops_telemetry_only_until_the_spool_is_replaced(
     again.emit_event("tick", "after restart")
     assert cap.wait(lambda: kinds().count("tick") == 2)
     assert again.spool.resets == 0
+
+
+def test_a_reply_returns_once_the_broker_has_it(
+    tmp_path: Path,
+    broker_factory: Callable[..., Broker],
+    make_link: Callable[..., MqttLink],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """paho keeps what it has not sent in memory without a bound: MQTT inference replies of
+    megabytes made faster than the connection drained them held hundreds of megabytes. A reply
+    returns once the broker acknowledged it, so the requests wait in their bounded queue."""
+    monkeypatch.setattr(link_module, "REPLY_WAIT_S", 1.0)
+    b = broker_factory()
+    link = make_link(link_config(tmp_path, b))
+    assert wait_until(lambda: link.connected)
+    started = time.monotonic()
+    assert link.send_reply("replies/app/1", b"x" * 100_000)
+    answered = time.monotonic() - started
+    assert b.proc is not None
+    os.kill(b.proc.pid, signal.SIGSTOP)  # up, connected, and not acknowledging
+    try:
+        started = time.monotonic()
+        assert link.send_reply("replies/app/2", b"x" * 100_000)
+        held = time.monotonic() - started
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
+    assert answered < 0.5 and held >= 0.95, (answered, held)
