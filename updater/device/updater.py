@@ -596,6 +596,12 @@ class SlotJob:
         slot = self.slot
         prev = self.store.rollback(job.slot, failed=_entry(job))
         if prev is None:
+            # Nothing was rolled back: the job's outcome says so, not "rolled_back"
+            self._end_job(
+                job,
+                "failed",
+                f"{rec.reason}; no previous version on disk, {job.version} keeps serving",
+            )
             raise UpdateError(f"{job.slot}: no previous version on disk to roll back to")
         serving = slot.serving()
         if serving is None or serving.sha256 != prev.sha256 or serving.path != prev.path:

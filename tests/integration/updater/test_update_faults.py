@@ -422,6 +422,10 @@ def test_a_failed_trial_with_no_previous_version_on_disk_reports_and_keeps_servi
     ]
     assert device.messages("rollback") == []
     assert device.version == "2", "the only model on disk keeps serving"
+    last = device.slot.last_update
+    assert last is not None and (last.version, last.outcome) == ("2", "failed"), last
+    assert last.reason.endswith("no previous version on disk, 2 keeps serving"), last.reason
+    assert _record(device)["last"]["outcome"] == "failed"
     assert _record(device)["failed"] == [meta.seq]
     device.events.clear()
     device.check()
