@@ -274,8 +274,7 @@ class ModelSlot:
                 raise
             finally:
                 tokens.put(None)
-            if self.listeners:
-                self._tell_ok(model, rid, latency, feeds, outputs, later)
+            self._tell(model, rid, latency, feeds, outputs, None, later)
             return outputs, model, rid
         finally:
             model.release()
@@ -300,38 +299,8 @@ class ModelSlot:
         except BackendError as err:
             self._tell(model, rid, err.latency_ns or 0, feeds, None, str(err))
             raise
-        if self.listeners:
-            self._tell_ok(model, rid, latency, feeds, outputs, later)
+        self._tell(model, rid, latency, feeds, outputs, None, later)
         return outputs, model, rid
-
-    def _tell_ok(
-        self,
-        model: LoadedModel,
-        rid: str,
-        latency_ns: int,
-        feeds: Mapping[str, np.ndarray],
-        outputs: Mapping[str, np.ndarray],
-        later: Later | None,
-    ) -> None:
-        ts = time.time()
-        if later is None:
-            self._tell_event(
-                Prediction(self.name, model.version, rid, ts, latency_ns, feeds, outputs)
-            )
-        else:  # even the event is made after the reply
-            version = model.version
-            later.append(partial(self._tell_made, version, rid, ts, latency_ns, feeds, outputs))
-
-    def _tell_made(
-        self,
-        version: str,
-        rid: str,
-        ts: float,
-        latency_ns: int,
-        feeds: Mapping[str, np.ndarray],
-        outputs: Mapping[str, np.ndarray],
-    ) -> None:
-        self._tell_event(Prediction(self.name, version, rid, ts, latency_ns, feeds, outputs))
 
     def _tell(
         self,
@@ -341,15 +310,28 @@ class ModelSlot:
         feeds: Mapping[str, np.ndarray],
         outputs: Mapping[str, np.ndarray] | None,
         error: str | None,
+        later: Later | None = None,
     ) -> None:
+        """Tell the listeners about a request, now or (with ``later``) once its reply is out."""
         if not self.listeners:
             return
-        ts = time.time()
-        self._tell_event(
-            Prediction(self.name, model.version, rid, ts, latency_ns, feeds, outputs, error)
-        )
+        args = (model.version, rid, time.time(), latency_ns, feeds, outputs, error)
+        if later is None:
+            self._tell_now(*args)
+        else:  # even the event is made after the reply
+            later.append(partial(self._tell_now, *args))
 
-    def _tell_event(self, event: Prediction) -> None:
+    def _tell_now(
+        self,
+        version: str,
+        rid: str,
+        ts: float,
+        latency_ns: int,
+        feeds: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray] | None,
+        error: str | None,
+    ) -> None:
+        event = Prediction(self.name, version, rid, ts, latency_ns, feeds, outputs, error)
         for listener in self.listeners:
             try:
                 listener(event)
