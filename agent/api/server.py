@@ -193,6 +193,7 @@ class ApiServer:
                 body_timeout_s=config.body_timeout_s,
                 idle_timeout_s=config.idle_timeout_s,
                 drain_timeout_s=config.drain_timeout_s,
+                busy_poll_s=config.busy_poll_us / 1e6,
             ),
             workers=config.workers,
             server_header=f"inferd/{__version__}",
@@ -472,8 +473,16 @@ class ApiServer:
             "inferd_http_connections_refused_total", "counter", "Connections refused at the cap."
         )
         refused.add(http.rejected_connections)
+        polls = Family(
+            "inferd_http_busy_polls_total",
+            "counter",
+            "Checks for a keep-alive client's next request without sleeping (api.busy_poll_us),"
+            " by whether it came within the window.",
+        )
+        polls.add(http.busy_poll_hits, result="hit")
+        polls.add(http.busy_poll_misses, result="miss")
         models = [ready, served, errors, latency, runs, seconds]
-        out = render([*models, requests, bad, conns, timeouts, refused])
+        out = render([*models, requests, bad, conns, timeouts, refused, polls])
         out += render(process_families(self.thermal))
         for extra in self.metrics_text:
             out += extra()

@@ -48,6 +48,8 @@ def test_example_config_loads_and_documents_every_key() -> None:
         ({"models": [{"name": "a/b", "path": "m.onnx"}]}, "$.models[0]"),
         ({"models": [{"name": "a"}]}, "path"),
         ({"api": {"listen": "localhost"}}, "$.api"),
+        ({"api": {"busy_poll_us": 5000}}, "busy_poll_us must be between 0 and 1000"),
+        ({"api": {"busy_poll_us": -1}}, "busy_poll_us"),
         ({"mqtt": {"port": 70000}}, "port must be 1-65535"),
         ({"mqtt": {"hots": "x"}}, "hots"),
         ({"telemetry": {"prediction_sample_rate": 2}}, "prediction_sample_rate"),
