@@ -128,6 +128,33 @@ def test_runtime_failure_is_backend_error_and_counted(model_factory) -> None:
     assert all(ns > 0 for ns, _ in seen)
 
 
+def test_a_provider_failing_at_run_time_gets_onnxruntimes_fallback(model_factory) -> None:
+    """The backend calls the compiled session directly; a provider's run-time failure (EPFail,
+    injected here: no provider on this machine fails so) still goes through onnxruntime's own
+    wrapper, which moves the session to its fallback providers and runs again."""
+    from runtime.backends.onnx import _EP_FAIL
+
+    path = model_factory("classifier", seed=3)
+    backend = open_backend(path, cfg(path))
+    x = np.ones((2, 4), np.float32)
+    want = backend.run({"x": x})
+    session = backend.session  # type: ignore[attr-defined]
+    compiled = session._sess
+
+    class FailingProvider:
+        def __getattr__(self, name: str) -> object:  # what the wrapper asks of a session
+            return getattr(compiled, name)
+
+        def run(self, *args: object) -> object:
+            raise _EP_FAIL("a provider failed at run time")
+
+    session._sess = FailingProvider()
+    out = backend.run({"x": x})
+    np.testing.assert_array_equal(out["probs"], want["probs"])
+    assert not isinstance(session._sess, FailingProvider), "the session was made again"
+    assert backend.stats.runs == 2 and backend.stats.errors == 0
+
+
 def test_gpu_providers_fall_back_to_cpu_with_one_warning(
     model_factory, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
