@@ -26,6 +26,16 @@ when the scheduler puts them on different cores, the two wake-ups of each exchan
 and it is 60-80 us more (pinned with taskset; the floor server pinned off the client's core goes
 from 18 to 53-63 us, and unpinned it stays on it). The scheduler picks per block, so one run can
 hold both: compare versions interleaved, and several runs.
+The floor is a floor only for exchanges that end within a few microseconds: given any real work
+per request (the demo model's run alone, 20 us in a hot loop; or the tiny JSON decode and
+encode alone), the floor server's round trip goes from about 40 to about 200-230 us on the same
+minute, most likely because the client then falls asleep in recv and its idle virtual CPU has
+to be woken (the floor answers before it gets there).
+A minimal single-thread server doing exactly inferd's work (httptools, ``decode_infer_request``,
+``session.run``, ``encode_infer_response``; no threads, no listeners) measured within 15 % of
+``inferd run``, either way, on the demo, VAD and file-type requests (2026-11-30): what the
+HTTP rows hold beyond the floor is mostly that wake-up and the work itself, not the server
+around it.
 Usage: python -m bench.serve [--iterations N] [--only MODEL ...] [--json]
 """
 
