@@ -120,3 +120,17 @@ def test_a_shape_no_array_can_have_is_refused(binary: bool) -> None:
     shape = [0, 2**62]  # zero values, but numpy refuses the dimension
     with pytest.raises(InputError, match="is beyond what an array can have"):
         _decode_binary("FP32", b"", shape) if binary else _decode("FP32", [], shape=shape)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id": "\xba", "inputs": []}',
+        b'{"inputs": [{"name": "\xff\xfe", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+    ],
+)
+def test_invalid_utf8_is_malformed_json_not_a_crash(body: bytes) -> None:
+    """msgspec before 0.23 raised UnicodeDecodeError here (a 500 from the fuzz test under
+    ``make check-oldest``); the bound in pyproject.toml keeps it a DecodeError, so a 400."""
+    with pytest.raises(InputError, match="Invalid UTF-8"):
+        decode_infer_request(body)
