@@ -3,7 +3,8 @@
 ``start_daemon(tmp, config)`` writes the config (a dict; state_dir and api.listen filled in when
 absent), starts the daemon, waits until /v2/health/ready answers and returns a handle;
 ``DaemonProc.stop`` sends SIGTERM and returns the exit code. ``v2_inputs`` and ``v2_outputs``
-turn numpy arrays into a v2 JSON request's tensors and a response's tensors back into arrays.
+turn numpy arrays into a v2 JSON request's tensors and a response's tensors back into arrays;
+``infer_demo`` sends one request with an id to the demo model on an open connection.
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ def v2_inputs(feeds: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
         }
         for name, x in feeds.items()
     ]
+
+
+def infer_demo(conn: http.client.HTTPConnection, request_id: str) -> tuple[int, Any]:
+    """POST one JSON request with ``request_id`` to the demo model (as ``demo``) on ``conn``
+    (kept alive); (status, decoded body)."""
+    body = {"id": request_id, "inputs": v2_inputs({"x": np.zeros((1, 8), np.float32)})}
+    headers = {"Content-Type": "application/json"}
+    conn.request("POST", "/v2/models/demo/infer", json.dumps(body).encode(), headers)
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
 
 
 def v2_outputs(body: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -4,17 +4,16 @@ listener that fails or is slow never costs the client its reply."""
 from __future__ import annotations
 
 import http.client
-import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from agent.daemon import Daemon
 from agent.slots import Prediction
+from tests.support.daemon import infer_demo
 
 ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "examples" / "models" / "demo.onnx"
@@ -33,17 +32,6 @@ def daemon(tmp_path: Path, in_process_daemon: Callable[[dict[str, Any]], Daemon]
     )
 
 
-def infer(conn: http.client.HTTPConnection, request_id: str) -> tuple[int, dict[str, Any]]:
-    x = np.zeros((1, 8), np.float32)
-    body = {
-        "id": request_id,
-        "inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": x.ravel().tolist()}],
-    }
-    conn.request("POST", "/v2/models/demo/infer", json.dumps(body).encode())
-    resp = conn.getresponse()
-    return resp.status, json.loads(resp.read())
-
-
 def test_the_reply_does_not_wait_for_listeners(daemon: Daemon) -> None:
     release = threading.Event()
     told: list[Prediction] = []
@@ -58,7 +46,7 @@ def test_the_reply_does_not_wait_for_listeners(daemon: Daemon) -> None:
     host, port = daemon.api.address[:2]  # type: ignore[misc]
     conn = http.client.HTTPConnection(host, port, timeout=5)
     try:
-        status, body = infer(conn, "r-1")
+        status, body = infer_demo(conn, "r-1")
         assert status == 200 and body["id"] == "r-1"
         assert not told
         release.set()
@@ -83,7 +71,7 @@ def test_a_failing_listener_costs_neither_reply_nor_connection(daemon: Daemon) -
     conn = http.client.HTTPConnection(host, port, timeout=5)
     try:
         for i in range(4):  # one keep-alive connection throughout
-            status, body = infer(conn, f"r-{i}")
+            status, body = infer_demo(conn, f"r-{i}")
             assert status == 200 and body["id"] == f"r-{i}"
         # a request's listeners run before its connection reads the next request
         assert told[:3] == ["r-0", "r-1", "r-2"]

@@ -5,33 +5,23 @@ and every request is still answered once, in order."""
 from __future__ import annotations
 
 import http.client
-import json
 import select
 import socket
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from agent.api import http1
-from tests.security.rawhttp import ROOT, serving
-
-X = np.load(ROOT / "examples/models/demo.golden.npz")["x"][:1]
-BODY = {"inputs": [{"name": "x", "shape": list(X.shape), "datatype": "FP32"}]}
+from tests.security.rawhttp import serving
+from tests.support.daemon import infer_demo
 
 
 def infer(conn: http.client.HTTPConnection, request_id: str) -> str:
-    body = {"id": request_id, **BODY}
-    body["inputs"] = [{**BODY["inputs"][0], "data": X.ravel().tolist()}]
-    conn.request(
-        "POST", "/v2/models/demo/infer", json.dumps(body), {"Content-Type": "application/json"}
-    )
-    resp = conn.getresponse()
-    data = json.loads(resp.read())
-    assert resp.status == 200, data
-    return str(data["id"])
+    status, body = infer_demo(conn, request_id)
+    assert status == 200, body
+    return str(body["id"])
 
 
 def test_back_to_back_requests_are_answered_in_order_and_the_spins_pay(tmp_path: Path) -> None:
