@@ -8,6 +8,7 @@ listens, and stop in reverse order before the API drains.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -31,6 +32,21 @@ if TYPE_CHECKING:
     from agent.updates import UpdateComponent
 
 log = logging.getLogger(__name__)
+
+
+def freeze_startup_objects() -> None:
+    """Move everything allocated so far out of the cyclic garbage collector's sight.
+
+    Modules, config, models and the started components live as long as the daemon; left in the
+    collector's oldest generation, every full collection walked them all again: 9-16 ms with
+    every request thread stopped, twice in two seconds under load with the prediction log on
+    (queued predictions age into that generation fast). Frozen, a full collection walks only
+    what was allocated since (3 ms there). Collected first, so no garbage is frozen with them.
+    Called by :meth:`Daemon.run` (the process's main loop), not by :meth:`Daemon.start`: a test
+    that starts daemons in its own process would freeze its own objects.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class Component(Protocol):
@@ -171,6 +187,7 @@ class Daemon:
         pinger = WatchdogPinger(self.notifier, self.health.problem, self.status_line)
         try:
             self.start()
+            freeze_startup_objects()
             self.notifier.ready(self.status_line())
             pinger.start()
             while not self._stop.is_set():
