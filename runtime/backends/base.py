@@ -11,7 +11,9 @@ measured 25 us over a 7.8 us ``session.run`` while it checked and timed everythi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import hashlib
 import logging
 import threading
 import time
@@ -308,9 +310,63 @@ class Backend(ABC):
         reflection, an image with a minimum size). Failure is a warning, never an unloaded model.
         With TensorRT every shape tried builds an engine: there, ship golden inputs or set
         ``warmup_shapes`` (not yet measured on a GPU here).
+
+        A process that dies in a warm-up run (a native crash in the runtime) leaves that run's
+        inputs in the slot's cache dir: the next start serves the model without warming it up
+        and says why, where it would otherwise crash again at every restart.
         """
         if runs <= 0:
             return
+        marker = self._warmup_marker()
+        if marker is not None:
+            try:
+                died_on = marker.read_text(encoding="utf-8", errors="replace").strip()
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                log.warning("%s: cannot read %s: %s", self.options.name, marker, err.strerror)
+            else:
+                self._warmup_failed(
+                    f"not tried: a process ended during this model's last warm-up, on"
+                    f" {died_on or 'unknown inputs'} (a crash in the runtime?); delete {marker}"
+                    " to try again",
+                    hint=False,
+                )
+                return
+        try:
+            self._warm_up(runs, marker)
+        finally:
+            if marker is not None:
+                with contextlib.suppress(OSError):
+                    marker.unlink(missing_ok=True)
+
+    def _warmup_marker(self) -> Path | None:
+        """Where the inputs of the warm-up run under way are written, so that a start after the
+        process died in one (a runtime's native crash: SIGFPE, SIGSEGV) skips the warm-up
+        instead of crashing again and again under systemd's restarts; None without a cache
+        dir. Named after the model file's path, size and modification time."""
+        if self.cache_dir is None:
+            return None
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        key = f"{self.path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()
+        return self.cache_dir / f"warmup-{hashlib.sha256(key).hexdigest()[:16]}.running"
+
+    def _warm_runs(self, feeds: Feeds, runs: int, marker: Path | None, source: str) -> None:
+        """``runs`` warm-up runs of ``feeds``, their shapes written to ``marker`` first."""
+        if marker is not None:
+            shapes = ", ".join(f"{n}{list(a.shape)}" for n, a in feeds.items())
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"{source} {shapes}\n", encoding="utf-8")
+            except OSError as err:  # a full or read-only disk: warm up without the guard
+                log.debug("%s: cannot write %s: %s", self.options.name, marker, err.strerror)
+        for _ in range(runs):
+            self._warm_run(feeds)
+
+    def _warm_up(self, runs: int, marker: Path | None) -> None:
         try:
             given = self._given_warmup_feeds()
         except InferdError as err:
@@ -320,8 +376,7 @@ class Backend(ABC):
             source, feeds = given
             try:
                 self.check_feeds(feeds)
-                for _ in range(runs):
-                    self._warm_run(feeds)
+                self._warm_runs(feeds, runs, marker, source)
             except Exception as err:  # noqa: BLE001 - any failure only means "not warmed up"
                 self._warmup_failed(f"{source}: {one_line(err)}")
             else:
@@ -330,8 +385,7 @@ class Backend(ABC):
         first_error = None
         for feeds in search_shapes(self.inputs):
             try:
-                for _ in range(runs):
-                    self._warm_run(feeds)
+                self._warm_runs(feeds, runs, marker, "search")
             except Exception as err:  # noqa: BLE001 - try the next shape
                 first_error = first_error or one_line(err)
                 continue
@@ -366,13 +420,13 @@ class Backend(ABC):
         expects failures and reports them once)."""
         self._run(feeds, None)
 
-    def _warmup_failed(self, why: str) -> None:
+    def _warmup_failed(self, why: str, hint: bool = True) -> None:
         self.warmup_error = f"warm-up failed: {why}"
         log.warning(
-            "%s: %s; the model serves, its first requests pay for initialisation"
-            " (set warmup_inputs or warmup_shapes, or warmup_runs: 0)",
+            "%s: %s; the model serves, its first requests pay for initialisation%s",
             self.options.name,
             self.warmup_error,
+            " (set warmup_inputs or warmup_shapes, or warmup_runs: 0)" if hint else "",
         )
 
     def _given_warmup_feeds(self) -> tuple[str, dict[str, np.ndarray]] | None:

@@ -7,6 +7,10 @@ The models are built here with onnx.helper and run by the real onnxruntime.
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +163,55 @@ def test_warmup_options_are_checked_in_config() -> None:
         ModelConfig(name="m", path="m.onnx", warmup_shapes={"x": (1, -1)})
     with pytest.raises(ValueError, match="not both"):
         ModelConfig(name="m", path="m.onnx", warmup_inputs="w.npz", warmup_shapes={"x": (1,)})
+
+
+def test_a_process_that_dies_in_a_warm_up_run_does_not_die_again_at_its_restart(
+    tmp_path: Path,
+) -> None:
+    """A runtime that crashes natively on a probe (onnxruntime 1.19-1.20 died of SIGFPE on the
+    zoo's OCR angle classifier) kills the daemon, and systemd restarts it into the same crash;
+    the next start serves the model unwarmed and says on which inputs the last one died."""
+    path = vad_like(tmp_path / "vad.onnx")
+    _needs_the_premise(path)
+    cache = tmp_path / "cache" / "m"
+    code = f"""
+        import os
+        from pathlib import Path
+        from agent.config import ModelConfig
+        from runtime.backends import open_backend
+        from runtime.backends.onnx import OnnxBackend
+
+        def crash_on_the_third_size(self, feeds):
+            if feeds["input"].shape[1] == 4:
+                os.abort()  # dies as a native crash does: no finally, no atexit
+            raise RuntimeError("too short")
+
+        OnnxBackend._warm_run = crash_on_the_third_size
+        p = {str(path)!r}
+        open_backend(p, ModelConfig(name="m", path=p), Path({str(cache)!r}))
+        """
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=Path(__file__).resolve().parents[3],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGABRT, proc.stderr
+    (marker,) = cache.glob("warmup-*.running")
+
+    backend = open_backend(path, cfg(path), cache)
+    assert backend.warmup_source is None
+    assert backend.warmup_error is not None
+    assert "not tried" in backend.warmup_error
+    assert "on search input[1, 4], state[2, 1, 128], sr[] (" in backend.warmup_error
+    assert str(marker) in backend.warmup_error
+    feeds = vad_feeds()
+    np.testing.assert_allclose(backend.run(feeds)["output"], run_bare(path, feeds)[0], rtol=1e-6)
+    assert marker.exists(), "skipped until the operator clears it or the model file changes"
+
+    marker.unlink()
+    backend = open_backend(path, cfg(path), cache)
+    assert backend.warmup_error is None and backend.warmup_source == "search"
+    assert list(cache.glob("warmup-*.running")) == [], "a finished warm-up leaves no marker"
