@@ -4,13 +4,10 @@ model and component again with all request threads stopped."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
+from tests.support.child import run_python
 
 
 def test_run_freezes_what_start_made_before_it_says_ready(
@@ -43,14 +40,7 @@ def test_run_freezes_what_start_made_before_it_says_ready(
         daemon.run()
         print(seen[0])
         """
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     frozen = int(proc.stdout.strip().splitlines()[-1])
     # the imported modules alone (numpy, onnxruntime, msgspec) are some 45,000 objects

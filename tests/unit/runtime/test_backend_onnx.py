@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import subprocess
-import sys
-import textwrap
 import threading
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from agent.slots import ModelSlot
 from runtime.backends import backend_class, open_backend
 from runtime.errors import BackendError, BackendUnavailableError, InputError, ModelLoadError
 from tests.support import models
+from tests.support.child import run_python
 
 
 def cfg(path: Path, **kw: object) -> ModelConfig:
@@ -262,14 +260,7 @@ def test_a_loaded_model_costs_little_more_than_its_weights(tmp_path: Path) -> No
         keep += [open_backend({str(path)!r}, RuntimeOptions()) for _ in range(3)]
         print(json.dumps((rss() - before) / 3))
         """
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=Path(__file__).resolve().parents[3],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     per_model = float(proc.stdout.strip().splitlines()[-1])
     weights = 1024 * 1024 * 4

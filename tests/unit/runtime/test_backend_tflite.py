@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -18,14 +15,13 @@ from agent.slots import ModelSlot
 from runtime.backends import open_backend
 from runtime.errors import BackendError, InputError, ModelLoadError
 from tests.support import tflite_models as tm
+from tests.support.child import run_python
 
 HAVE_LITERT = importlib.util.find_spec("ai_edge_litert") is not None
 HAVE_TFLITE_RUNTIME = importlib.util.find_spec("tflite_runtime") is not None
 pytestmark = pytest.mark.skipif(
     not (HAVE_LITERT or HAVE_TFLITE_RUNTIME), reason="no TFLite runtime (the tflite extra)"
 )
-
-REPO = Path(__file__).resolve().parents[3]
 
 
 def cfg(path: Path, **kw: object) -> ModelConfig:
@@ -280,19 +276,8 @@ def test_slot_swaps_tflite_models_under_load_without_failures(tflite_factory) ->
     assert old is not None and "_idle" not in vars(old.backend), "the old model was closed"
 
 
-def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_no_tflite_runtime_is_backend_unavailable_naming_the_extra() -> None:
-    proc = _python(
+    proc = run_python(
         """
         import sys
         sys.modules["ai_edge_litert"] = None  # makes `import ai_edge_litert...` fail
@@ -316,7 +301,7 @@ def test_falls_back_to_tflite_runtime_when_litert_is_absent(tflite_factory) -> N
     # The device has only tflite-runtime: here its module name carries the LiteRT interpreter
     # (the same Python API), so the fallback import path is exercised with a real runtime.
     path = tflite_factory("add_mul")
-    proc = _python(
+    proc = run_python(
         """
         import sys, types
         import numpy as np

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from agent.slots import ModelSlot
 from runtime import bundle
 from runtime.backends import open_backend
 from runtime.backends.base import TensorSpec, search_shapes
+from tests.support.child import run_python
 from tests.support.models import (
     reflect_pad_refuses_short_axis,
     reshape_15,
@@ -190,14 +188,7 @@ def test_a_process_that_dies_in_a_warm_up_run_does_not_die_again_at_its_restart(
         p = {str(path)!r}
         open_backend(p, ModelConfig(name="m", path=p), Path({str(cache)!r}))
         """
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=Path(__file__).resolve().parents[3],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_python(code)
     assert proc.returncode == -signal.SIGABRT, proc.stderr
     (marker,) = cache.glob("warmup-*.running")
 
