@@ -180,6 +180,7 @@ class Telemetry:
         """SIGHUP: a new metrics interval and sample rate take effect now."""
         self.metrics.set_interval(config.telemetry.metrics_interval_s)
         self.predictions.set_sampling(config.telemetry.prediction_sample_rate)
+        self.link.reconfigure(config)
         self.link.emit_event("config-reloaded", "configuration reloaded")
 
     def start(self) -> None:

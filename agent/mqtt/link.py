@@ -288,6 +288,16 @@ class MqttLink:
         )
         self.spool.put(self.topic("events"), msgspec.json.encode(event))
 
+    def reconfigure(self, config: Config) -> None:
+        """SIGHUP: the config now in effect (only live keys differ). Home Assistant's discovery
+        configs carry the metrics interval (``expire_after``): when it changed they go out
+        again, or HA would mark the metrics stale between two reports at a longer interval."""
+        old, self.config = self.config, config
+        if config.mqtt.homeassistant_discovery and (
+            old.telemetry.metrics_interval_s != config.telemetry.metrics_interval_s
+        ):
+            publish_discovery(config, self.spool.put_latest)
+
     def publish_status(self) -> None:
         """Queue the current retained status, replacing an unsent older one."""
         try:

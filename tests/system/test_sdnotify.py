@@ -309,18 +309,33 @@ def test_sighup_changes_the_metrics_interval_of_the_running_telemetry(
     broker: Broker,
     capture_factory: Callable[..., Capture],
 ) -> None:
-    """A live key reaches the real telemetry component: metrics speed up without a restart."""
+    """A live key reaches the real telemetry component: metrics speed up without a restart,
+    and Home Assistant hears the new interval (its sensors' ``expire_after``)."""
     path, listener = notify_socket
     config = _spin_config(spin_model())
-    config["mqtt"] = {"enabled": True, "host": broker.host, "port": broker.port}
+    config["mqtt"] = {
+        "enabled": True,
+        "host": broker.host,
+        "port": broker.port,
+        "homeassistant_discovery": True,
+    }
     # Long: the new interval must cut the wait under way short, not take effect after it.
     config["telemetry"] = {"metrics_interval_s": 300.0}
     config["updates"] = {"enabled": False}
     capture = capture_factory(broker, "inferd/test-device/#")
+    discovery = capture_factory(broker, "homeassistant/#")
+
+    def metrics_expire_after() -> set[int]:
+        """expire_after of the metrics sensors, from the last config heard of each."""
+        configs = [json.loads(m.payload) for m in discovery.on("/config") if m.payload]
+        last = {c["unique_id"]: c for c in configs if c["state_topic"].endswith("/metrics")}
+        return {c["expire_after"] for c in last.values()}
+
     daemon = _start(tmp_path, config, path)
     try:
         listener.wait_for("READY", timeout=30)
         assert capture.wait(lambda: capture.on("/status") != [], 10), daemon.stderr()
+        assert discovery.wait(lambda: metrics_expire_after() == {900}, 10)  # 3 x 300 s
         before = len(capture.on("/metrics"))
 
         config = json.loads(json.dumps(daemon.config))
@@ -337,5 +352,7 @@ def test_sighup_changes_the_metrics_interval_of_the_running_telemetry(
         assert capture.wait(
             lambda: any(b"config-reloaded" in m.payload for m in capture.on("/events")), 10
         )
+        # three intervals of 0.1 s, rounded up to HA's whole seconds
+        assert discovery.wait(lambda: metrics_expire_after() == {1}, 10), metrics_expire_after()
     finally:
         assert daemon.stop() == 0, daemon.stderr()
