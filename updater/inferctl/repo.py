@@ -35,7 +35,6 @@ from updater.meta import Rollout
 from updater.operator.push import collect_status, poke, poke_topic
 from updater.operator.repository import ROLES, OperatorRepository
 from updater.operator.serve import RepositoryServer
-from updater.operator.signing_lock import signing_lock
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +92,20 @@ def _cmd_model_add(args: argparse.Namespace) -> int:
     _quiet_tuf()
     repo = OperatorRepository(args.dir)
     rollout = None if args.rollout is None else Rollout(shares={ALL: percent_bp(args.rollout)})
-    with signing_lock(repo.path):  # not over a console's or inferctl rollout's change
-        meta = repo.add_model(
-            args.model,
-            name=args.name,
-            version=args.version,
-            groups=args.group or (),
-            golden=args.golden,
-            latency_budget_ms=args.latency_budget_ms,
-            runtime=args.runtime,
-            rtol=args.rtol,
-            atol=args.atol,
-            reference_stats=args.reference_stats,
-            rollout=rollout,
-            force=args.force,
-        )
+    meta = repo.add_model(
+        args.model,
+        name=args.name,
+        version=args.version,
+        groups=args.group or (),
+        golden=args.golden,
+        latency_budget_ms=args.latency_budget_ms,
+        runtime=args.runtime,
+        rtol=args.rtol,
+        atol=args.atol,
+        reference_stats=args.reference_stats,
+        rollout=rollout,
+        force=args.force,
+    )
     groups = ", ".join(meta.groups) or "all devices"
     staged = "" if meta.rollout is None else f", staged at {shares_text(meta.rollout.shares)}"
     _out(f"published {meta.name} {meta.version} (seq {meta.seq}) for {groups}{staged}")
@@ -127,8 +125,7 @@ def _cmd_model_list(args: argparse.Namespace) -> int:
 def _cmd_repo_refresh(args: argparse.Namespace) -> int:
     _quiet_tuf()
     repo = OperatorRepository(args.dir, args.root_key_dir)
-    with signing_lock(repo.path):
-        roles = repo.refresh()
+    roles = repo.refresh()
     expires = repo.timestamp().expires
     _out(f"re-signed {', '.join(roles)}; timestamp expires {expires:%Y-%m-%d %H:%M}Z")
     return 0
@@ -152,8 +149,7 @@ def _cmd_repo_serve(args: argparse.Namespace) -> int:
 def _cmd_rotate_key(args: argparse.Namespace) -> int:
     _quiet_tuf()
     repo = OperatorRepository(args.repo, args.root_key_dir)
-    with signing_lock(repo.path):
-        keyids = repo.rotate_key(args.role)
+    keyids = repo.rotate_key(args.role)
     _out(
         f"{args.role}: new key(s) {', '.join(k[:16] for k in keyids)}; root v{repo.root().version}"
     )

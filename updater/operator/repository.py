@@ -14,12 +14,13 @@ Only ``repository/`` is served. All metadata handling, signing and verification 
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import msgspec
 from securesystemslib.signer import CryptoSigner, Signer
@@ -53,6 +54,7 @@ from updater.meta import (
     meta_to_custom,
 )
 from updater.operator.evaluate import open_model, run_model
+from updater.operator.signing_lock import signing_lock
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +84,28 @@ def _label(what: str, value: str) -> str:
     return value
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _signs(
+    method: Callable[Concatenate[OperatorRepository, _P], _R],
+) -> Callable[Concatenate[OperatorRepository, _P], _R]:
+    """Run a method that reads and re-signs metadata under the repository's signing lock, so
+    that whoever calls it (``inferctl``, the console, a script importing this class) never
+    signs over another process's change. The lock is reentrant in its thread."""
+
+    @functools.wraps(method)
+    def locked(repo: OperatorRepository, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with signing_lock(repo.path):
+            return method(repo, *args, **kwargs)
+
+    return locked
+
+
 class OperatorRepository(Repository):
-    """A TUF repository folder that ``inferctl`` edits; every change is signed and published."""
+    """A TUF repository folder that ``inferctl`` edits; every change is signed and published
+    under its signing lock (:mod:`updater.operator.signing_lock`)."""
 
     def __init__(self, path: str | Path, root_key_dir: str | Path | None = None) -> None:
         self.path = Path(path)
@@ -231,11 +253,13 @@ class OperatorRepository(Repository):
 
     # -- operations -------------------------------------------------------------------------
 
+    @_signs
     def publish(self, force: bool = False) -> None:
         """Sign a new snapshot (when targets changed) and a new timestamp."""
         changed, _ = self.do_snapshot(force=force)
         self.do_timestamp(force=force or changed)
 
+    @_signs
     def refresh(self, timestamp_expires: datetime | None = None) -> list[str]:
         """Re-sign the timestamp (cron), and any online role within half its expiry period.
 
@@ -271,6 +295,7 @@ class OperatorRepository(Repository):
                 out.append((path, target, meta))
         return sorted(out, key=lambda t: t[2].seq)
 
+    @_signs
     def add_model(
         self,
         model_file: str | Path,
@@ -391,6 +416,7 @@ class OperatorRepository(Repository):
             raise OperatorError(f"{what} is not published")
         return found[-1]
 
+    @_signs
     def set_rollout(self, name: str, version: str | None, rollout: Rollout | None) -> ModelMeta:
         """Re-sign a published version with new rollout shares (None: every device).
 
@@ -417,6 +443,7 @@ class OperatorRepository(Repository):
             raise OperatorError(f"cannot store {path}: {err.strerror}") from err
         return target
 
+    @_signs
     def rotate_key(self, role: str) -> list[str]:
         """Replace every key of ``role`` with a new one (same count and threshold).
 

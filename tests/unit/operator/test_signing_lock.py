@@ -57,3 +57,30 @@ def test_another_process_holding_it_is_a_one_line_error_and_its_death_frees_it(
         other.close()  # killed while holding it: the kernel releases it
     with signing_lock(repo.path, timeout=2):
         pass
+
+
+def test_the_repository_class_used_directly_waits_for_another_signer(
+    repo: OperatorRepository, tmp_path: Path
+):
+    """A script that imports OperatorRepository, not only inferctl, never signs over a change
+    another process is making."""
+    other = Signer(repo.path, "classifier", {ALL: 5000})
+    added = threading.Event()
+
+    def add() -> None:
+        repo.add_model(classifier(tmp_path / "v2.onnx", seed=1), name="classifier", version="2")
+        added.set()
+
+    t = threading.Thread(target=add, name="test-direct-signer")
+    t.start()
+    try:
+        assert not added.wait(1.0), "add_model signed while another process held the lock"
+        other.sign_and_release()
+        assert added.wait(30)
+    finally:
+        other.close()
+        t.join(30)
+    metas = {m.version: m for _, _, m in OperatorRepository(repo.path).models()}
+    assert set(metas) == {"1", "2"}
+    rollout = metas["1"].rollout
+    assert rollout is not None and rollout.shares == {ALL: 5000}, "the other's change is kept"
