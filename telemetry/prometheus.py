@@ -6,11 +6,9 @@ functions, so every label value is escaped the same way and each family appears 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 CONTENT_TYPE = "text/plain; version=0.0.4"
@@ -59,9 +57,9 @@ def render(families: Iterable[Family]) -> str:
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def process_families(thermal: Path | None) -> list[Family]:
-    """The process's CPU time and RSS (the standard ``process_*`` names) and the CPU temperature
-    (from ``thermal``, a sysfs ``temp`` file in millidegrees; absent when there is none)."""
+def process_families(temperature: float | None) -> list[Family]:
+    """The process's CPU time and RSS (the standard ``process_*`` names) and the CPU
+    ``temperature`` in C (absent when None)."""
     cpu = Family("process_cpu_seconds_total", "counter", "User and system CPU time of inferd.")
     t = os.times()
     cpu.add(f"{t.user + t.system:.2f}")
@@ -72,7 +70,6 @@ def process_families(thermal: Path | None) -> list[Family]:
     except (OSError, ValueError, IndexError):
         pass  # not Linux: the family is left out
     temp = Family("inferd_cpu_temperature_celsius", "gauge", "CPU temperature of the device.")
-    if thermal is not None:
-        with contextlib.suppress(OSError, ValueError):
-            temp.add(int(thermal.read_text(encoding="ascii").strip()) / 1000.0)
+    if temperature is not None:
+        temp.add(temperature)
     return [cpu, rss, temp]

@@ -78,6 +78,29 @@ def thermal_zone(root: Path = THERMAL_ROOT) -> Path | None:
     return zones[0] / "temp" if zones else None
 
 
+def cpu_temperature(thermal: Path | None) -> float | None:
+    """CPU temperature in C from ``thermal`` (a sysfs ``temp`` file in millidegrees, see
+    :func:`thermal_zone`), else from psutil's sensors, else None."""
+    if thermal is not None:
+        milli = _read_number(thermal)
+        if milli is not None:
+            return milli / 1000.0
+    sensors = getattr(psutil, "sensors_temperatures", None)
+    if sensors is None:
+        return None
+    try:
+        readings = sensors()
+    except (OSError, RuntimeError):
+        return None
+    for name in _CPU_SENSORS:
+        if readings.get(name):
+            return float(readings[name][0].current)
+    for entries in readings.values():
+        if entries:
+            return float(entries[0].current)
+    return None
+
+
 class ResourceSampler:
     """Takes a :class:`SystemMetrics` sample; CPU percentages cover the time since the last one."""
 
@@ -118,22 +141,5 @@ class ResourceSampler:
         return SystemMetrics(**out)
 
     def temperature(self) -> float | None:
-        """CPU temperature in C from sysfs, else from psutil's sensors, else None."""
-        if self._thermal is not None:
-            milli = _read_number(self._thermal)
-            if milli is not None:
-                return milli / 1000.0
-        sensors = getattr(psutil, "sensors_temperatures", None)
-        if sensors is None:
-            return None
-        try:
-            readings = sensors()
-        except (OSError, RuntimeError):
-            return None
-        for name in _CPU_SENSORS:
-            if readings.get(name):
-                return float(readings[name][0].current)
-        for entries in readings.values():
-            if entries:
-                return float(entries[0].current)
-        return None
+        """CPU temperature in C; see :func:`cpu_temperature`."""
+        return cpu_temperature(self._thermal)

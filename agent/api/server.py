@@ -35,7 +35,7 @@ from runtime.addresses import read_token_file
 from runtime.errors import BackendError, InferdError, InputError, ModelNotFoundError, NotReadyError
 from telemetry.prometheus import CONTENT_TYPE, Family, process_families, render
 from telemetry.request_histogram import RequestHistograms, Totals, add_histogram
-from telemetry.resources import THERMAL_ROOT, thermal_zone
+from telemetry.resources import THERMAL_ROOT, cpu_temperature, thermal_zone
 
 log = logging.getLogger(__name__)
 
@@ -483,7 +483,7 @@ class ApiServer:
         polls.add(http.busy_poll_misses, result="miss")
         models = [ready, served, errors, latency, runs, seconds]
         out = render([*models, requests, bad, conns, timeouts, refused, polls])
-        out += render(process_families(self.thermal))
+        out += render(process_families(cpu_temperature(self.thermal)))
         for extra in self.metrics_text:
             out += extra()
         return out
