@@ -19,6 +19,13 @@ Every SQLite error becomes a :class:`~runtime.errors.SpoolError`. Corruption (a 
 file that is no longer a database) repeated :data:`CORRUPT_LIMIT` times in a row moves the file
 aside (kept for inspection) and starts an empty spool, reported through ``on_reset``: telemetry
 then flows again instead of stopping at the damaged row after every restart.
+
+A full disk refuses new messages (:class:`~runtime.errors.SpoolFullError`) and loses none. It
+must not also refuse the deletes that make room (SQLite writes a delete to its write-ahead log
+first), so the spool stops taking messages that need new disk space at :data:`DISK_FLOOR_BYTES`
+free (the pages acknowledged messages freed are still used), and when something else fills the
+disk it gives up :data:`RESERVE_BYTES` it keeps in a file beside it; the file comes back once
+the disk has room again.
 """
 
 from __future__ import annotations
@@ -26,12 +33,14 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runtime.errors import SpoolError
 
@@ -41,6 +50,15 @@ _ROW_OVERHEAD = 64
 """Bytes counted per row on top of topic and payload (row header, index entry)."""
 CORRUPT_LIMIT = 3
 """Corruption errors in a row after which the spool file is moved aside and started afresh."""
+DISK_FLOOR_BYTES = 1024 * 1024
+"""Below this much free disk space, a message that needs new space (more than the spool's free
+pages hold) is refused as if the disk were full: the spool never fills its own disk to the last
+byte, where even deleting acknowledged messages fails."""
+RESERVE_BYTES = 256 * 1024
+"""Disk space kept in ``<spool>.reserve`` for deleting acknowledged messages on a full disk
+(an acknowledgement's delete writes a few 16 KB pages to the write-ahead log)."""
+RESERVE_RETRY_S = 60.0
+"""How often, at most, a put tries to make the reserve again after it was used."""
 _SQLITE_CORRUPT = 11
 _SQLITE_FULL = 13
 _SQLITE_NOTADB = 26
@@ -167,7 +185,10 @@ class Spool:
         self._over_warned = False
         self._full_reported = False
         self._reset_aside: tuple[Path, str] | None = None
+        self._reserve = self.path.with_name(self.path.name + ".reserve")
+        self._reserve_retry_at = 0.0
         self._db = self._open()
+        self._keep_reserve()
         with self._lock:
             try:
                 self._load_counts()
@@ -265,6 +286,66 @@ class Spool:
             raise
         return db
 
+    # --- the reserve ------------------------------------------------------------------------
+
+    def _keep_reserve(self) -> None:
+        """Make the reserve file when it is missing and the disk has room for it; never raises."""
+        self._reserve_retry_at = time.monotonic() + RESERVE_RETRY_S
+        if self._reserve.exists():
+            return
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except FileExistsError:
+            pass
+        except OSError:  # no room yet: none rather than a part of one
+            with contextlib.suppress(OSError):
+                self._reserve.unlink()
+
+    def _check_room(self, size: int) -> None:
+        """SpoolFullError unless the disk keeps :data:`DISK_FLOOR_BYTES` free or the spool's
+        free pages hold a row of ``size`` bytes; with the lock held."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return  # SQLite reports what goes wrong
+        if st.f_bavail * st.f_frsize >= DISK_FLOOR_BYTES:
+            return
+        page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0]) * page
+        if free < size + 2 * page:  # the row's pages and a split leaf
+            raise SpoolFullError(
+                f"spool {self.path}: cannot store a message: the disk is full"
+                f" (under {DISK_FLOOR_BYTES // 1024} KB free)"
+            )
+
+    def _delete(self, sql: str, params: Iterable[object]) -> list[Any]:
+        """Run a DELETE (its RETURNING rows); on a full disk, give up the reserve and try once
+        more. With the lock held."""
+        args = tuple(params)
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as err:
+            if _code(err) != _SQLITE_FULL or not self._reserve.exists():
+                raise self._failed(err, "delete messages") from err
+            try:
+                self._reserve.unlink()
+            except OSError:
+                raise self._failed(err, "delete messages") from err
+            log.warning(
+                "spool %s: the disk is full; its %d KB reserve is freed so that acknowledged"
+                " messages can still be deleted (new messages wait for room)",
+                self.path,
+                RESERVE_BYTES // 1024,
+            )
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as err:
+            raise self._failed(err, "delete messages") from err
+
     # --- errors -------------------------------------------------------------------------------
 
     def _failed(self, err: sqlite3.Error, doing: str) -> SpoolError:
@@ -319,6 +400,7 @@ class Spool:
                 try:
                     stored, full = self._admit(size, kind, records, force, drops)
                     if stored:
+                        self._check_room(size)
                         cur = self._db.execute(
                             "INSERT INTO stream"
                             " (topic, payload, qos, retain, records, kind, size)"
@@ -341,6 +423,8 @@ class Spool:
             self.on_full(self.refused_kept)
         if stored and self.on_put is not None:
             self.on_put()
+        if time.monotonic() >= self._reserve_retry_at:
+            self._keep_reserve()
         return stored
 
     def _admit(
@@ -415,8 +499,9 @@ class Spool:
         """Queue the newest message for ``topic``, replacing an unsent older one."""
         try:
             with self._lock:
-                self.latest_seq += 1
                 try:
+                    self._check_room(_size(topic, payload))
+                    self.latest_seq += 1
                     old = self._db.execute(
                         "SELECT LENGTH(topic) + LENGTH(payload) FROM latest WHERE topic = ?",
                         (topic,),
@@ -479,14 +564,11 @@ class Spool:
         marks = ",".join("?" * len(ids))
         try:
             with self._lock:
-                try:
-                    rows = self._db.execute(
-                        f"DELETE FROM stream WHERE id IN ({marks})"  # noqa: S608 - only '?' marks
-                        " RETURNING size, kind",
-                        ids,
-                    ).fetchall()
-                except sqlite3.Error as err:
-                    raise self._failed(err, "delete messages") from err
+                rows = self._delete(
+                    f"DELETE FROM stream WHERE id IN ({marks})"  # noqa: S608 - only '?' marks
+                    " RETURNING size, kind",
+                    ids,
+                )
                 self._messages -= len(rows)
                 for size, kind in rows:
                     nbytes = size + _ROW_OVERHEAD
@@ -508,11 +590,14 @@ class Spool:
                         " WHERE topic = ? AND seq = ?",
                         (topic, seq),
                     ).fetchone()
-                    if row is None:
-                        return
-                    self._db.execute("DELETE FROM latest WHERE topic = ? AND seq = ?", (topic, seq))
                 except sqlite3.Error as err:
                     raise self._failed(err, "delete messages") from err
+                if row is None:
+                    return
+                self._delete(
+                    "DELETE FROM latest WHERE topic = ? AND seq = ?",
+                    (topic, seq),
+                )
                 self._latest_count -= 1
                 self._bytes -= row[0] + _ROW_OVERHEAD
         finally:
