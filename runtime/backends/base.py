@@ -320,7 +320,9 @@ class Backend(ABC):
         marker = self._warmup_marker()
         if marker is not None:
             try:
-                died_on = marker.read_text(encoding="utf-8", errors="replace").strip()
+                # one line, bounded: it goes into a log line and an event
+                died_on = marker.read_text(encoding="utf-8", errors="replace")[:300]
+                died_on = died_on.strip().splitlines()[0] if died_on.strip() else ""
             except FileNotFoundError:
                 pass
             except OSError as err:

@@ -206,3 +206,17 @@ def test_a_process_that_dies_in_a_warm_up_run_does_not_die_again_at_its_restart(
     backend = open_backend(path, cfg(path), cache)
     assert backend.warmup_error is None and backend.warmup_source == "search"
     assert list(cache.glob("warmup-*.running")) == [], "a finished warm-up leaves no marker"
+
+
+def test_what_a_warm_up_marker_holds_is_quoted_in_one_bounded_line(tmp_path: Path) -> None:
+    """The marker's text goes into a log line and an event: whatever is in the file (written
+    by another process, damaged), the warning stays one line of bounded length."""
+    path = reshape_15(tmp_path / "m.onnx")
+    cache = tmp_path / "cache"
+    marker = open_backend(path, cfg(path), cache)._warmup_marker()
+    assert marker is not None and not marker.exists()
+    marker.write_text("search x[1, 15]\nINJECTED: a second line\n" + "y" * 10_000)
+    backend = open_backend(path, cfg(path), cache)
+    error = backend.warmup_error
+    assert error is not None and "on search x[1, 15] (" in error
+    assert "\n" not in error and "INJECTED" not in error and len(error) < 600
