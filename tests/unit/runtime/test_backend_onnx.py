@@ -239,14 +239,17 @@ def test_swap_under_concurrent_load_fails_no_request(model_factory) -> None:
     assert old._closed, "the retired model is closed once its requests finish"
 
 
-def test_a_loaded_model_costs_little_more_than_its_weights(tmp_path: Path) -> None:
+def test_a_loaded_model_costs_what_the_runtime_keeps_and_no_more(tmp_path: Path) -> None:
     # Loading frees as much as it keeps (the parsed file); without the heap trimmed after each
-    # load, glibc kept those pages and each 4 MB model cost 8-9.3 MB of RSS.
+    # load, glibc kept those pages and each 4 MB model cost the daemon 8-10.7 MB of RSS where
+    # onnxruntime 1.32 keeps 4.1 MB. The floor is measured, not assumed: onnxruntime 1.21
+    # itself keeps 8.6 MB of such a model (make check-oldest).
     if not hasattr(ctypes.CDLL(None), "malloc_trim"):
         pytest.skip("not glibc: the heap is not trimmed")
     path = models.classifier(tmp_path / "m.onnx", n_features=1024, n_classes=1024)
     code = f"""
-        import json
+        import ctypes, json, sys
+        import numpy as np, onnxruntime as ort
         from runtime.backends import open_backend
         from runtime.options import RuntimeOptions
 
@@ -255,13 +258,29 @@ def test_a_loaded_model_costs_little_more_than_its_weights(tmp_path: Path) -> No
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
 
-        keep = [open_backend({str(path)!r}, RuntimeOptions())]
+        def bare():  # what the runtime itself keeps: a session, run, the heap trimmed
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = so.inter_op_num_threads = 1
+            s = ort.InferenceSession({str(path)!r}, so)
+            s.run(None, {{"x": np.zeros((1, 1024), np.float32)}})
+            ctypes.CDLL(None).malloc_trim(0)
+            return s
+
+        def daemon():
+            return open_backend({str(path)!r}, RuntimeOptions())
+
+        one = daemon if sys.argv[1] == "daemon" else bare
+        keep = [one()]
         before = rss()
-        keep += [open_backend({str(path)!r}, RuntimeOptions()) for _ in range(3)]
+        keep += [one() for _ in range(3)]
         print(json.dumps((rss() - before) / 3))
         """
-    proc = run_python(code)
-    assert proc.returncode == 0, proc.stderr
-    per_model = float(proc.stdout.strip().splitlines()[-1])
-    weights = 1024 * 1024 * 4
-    assert per_model < 1.3 * weights, f"{per_model / 2**20:.1f} MB per 4 MB model"
+    per_model = {}
+    for which in ("daemon", "bare"):  # each in its own process
+        proc = run_python(code, which)
+        assert proc.returncode == 0, proc.stderr
+        per_model[which] = float(proc.stdout.strip().splitlines()[-1])
+    # glibc places a session in steps of about 1.4 MB: 1.3x leaves room for one step
+    assert per_model["daemon"] <= 1.3 * per_model["bare"], {
+        k: f"{v / 2**20:.1f} MB" for k, v in per_model.items()
+    }
