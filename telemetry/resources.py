@@ -69,7 +69,8 @@ def _read_number(path: Path) -> float | None:
 
 
 def thermal_zone(root: Path = THERMAL_ROOT) -> Path | None:
-    """The sysfs temperature file of the CPU zone (or the first zone), if the kernel has one."""
+    """The sysfs temperature file of the CPU zone (or the first zone), if the kernel has one
+    (no ``root``: none)."""
     zones = sorted(root.glob("thermal_zone*"))
     for zone in zones:
         kind = (zone / "type").read_text(encoding="ascii", errors="replace").strip().lower()
@@ -107,7 +108,7 @@ class ResourceSampler:
     def __init__(self, disk_path: str | Path, *, thermal_root: Path = THERMAL_ROOT) -> None:
         self.disk_path = Path(disk_path)
         self.process = psutil.Process(os.getpid())
-        self._thermal = thermal_zone(thermal_root) if thermal_root.is_dir() else None
+        self._thermal = thermal_zone(thermal_root)
         self._jetson = next((p for p in JETSON_GPU_LOAD if p.exists()), None)
         self._nvml = _Nvml()
         # Prime the CPU counters: the first real sample then covers one interval.
@@ -128,7 +129,7 @@ class ResourceSampler:
         out["memory_percent"] = float(mem.percent)
         with contextlib.suppress(psutil.Error):
             out["process_rss_bytes"] = int(self.process.memory_info().rss)
-        temp = self.temperature()
+        temp = cpu_temperature(self._thermal)
         if temp is not None:
             out["temperature_c"] = temp
         with contextlib.suppress(OSError):
@@ -139,7 +140,3 @@ class ResourceSampler:
             if load is not None:
                 out["gpu_util_percent"] = load / 10.0  # the Jetson reports per mille
         return SystemMetrics(**out)
-
-    def temperature(self) -> float | None:
-        """CPU temperature in C; see :func:`cpu_temperature`."""
-        return cpu_temperature(self._thermal)

@@ -35,7 +35,7 @@ from runtime.addresses import read_token_file
 from runtime.errors import BackendError, InferdError, InputError, ModelNotFoundError, NotReadyError
 from telemetry.prometheus import CONTENT_TYPE, Family, process_families, render
 from telemetry.request_histogram import RequestHistograms, Totals, add_histogram
-from telemetry.resources import THERMAL_ROOT, cpu_temperature, thermal_zone
+from telemetry.resources import cpu_temperature, thermal_zone
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class ApiServer:
         self.thermal: Path | None = None
         """The sysfs ``temp`` file read for ``inferd_cpu_temperature_celsius`` (tests set one)."""
         with contextlib.suppress(OSError):  # an unreadable zone costs the gauge, not the start
-            self.thermal = thermal_zone() if THERMAL_ROOT.is_dir() else None
+            self.thermal = thermal_zone()
         self.ready_checks: list[Callable[[], str | None]] = []
         """Other parts' readiness: each returns None when fine, else what is wrong (e.g. the
         MQTT link's telemetry forwarder being restarted)."""
